@@ -1,0 +1,138 @@
+"""Config schema checks and derived numbers, run on the composed config before any weights load."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from dpo.data.sources import bundled_path
+from dpo.losses import check_loss_params, get_loss
+
+
+class ConfigError(ValueError):
+    """A composed config that cannot run; the message names the key."""
+
+
+# The keys each section of ours must have; a typo in an experiment file fails here, by name.
+SECTION_KEYS: dict[str, set[str]] = {
+    "data": {
+        "train_path",
+        "val_path",
+        "fields",
+        "batch_size",
+        "micro_batch_size",
+        "eval_batch_size",
+        "max_length",
+        "max_prompt_length",
+        "truncation_side",
+        "shuffle",
+        "num_workers",
+    },
+    "model": {"pretrained", "revision", "dtype", "trust_remote_code", "architecture", "tokenizer"},
+    "model.tokenizer": {"pretrained", "bpe_vocab_size"},
+    "data.fields": {"prompt", "chosen", "rejected"},
+    "optim": {"optimizer", "warmup_steps", "decay"},
+}
+REFERENCE_CHOICES = ("copy", "none")
+_SECRET = re.compile(r"api_?key|secret|password|credential|^(hf_|auth_|access_)?token$", re.IGNORECASE)
+
+
+def register_resolvers() -> None:
+    """``${bundled:NAME}`` resolves to a data file shipped in ``dpo/data/files``."""
+    if not OmegaConf.has_resolver("bundled"):
+        OmegaConf.register_new_resolver("bundled", bundled_path)
+
+
+register_resolvers()
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the global batch is spread: ``batch_size = micro_batch_size * world_size * accumulate``."""
+
+    world_size: int
+    micro_batch_size: int
+    accumulate_grad_batches: int
+
+
+def plan_batch(batch_size: int, micro_batch_size: int, devices: Any, num_nodes: int) -> BatchPlan:
+    """Derive gradient accumulation from the global batch (pairs per optimizer step).
+
+    Raises:
+        ConfigError: when the numbers don't divide, naming them.
+    """
+    if not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"trainer.devices must be a positive integer to plan the batch, got {devices!r}")
+    world = devices * num_nodes
+    per_step = micro_batch_size * world
+    if batch_size < 1 or micro_batch_size < 1 or batch_size % per_step:
+        raise ConfigError(
+            f"data.batch_size={batch_size} must be a positive multiple of data.micro_batch_size="
+            f"{micro_batch_size} x world size {world} (trainer.devices={devices} x "
+            f"trainer.num_nodes={num_nodes}) = {per_step}"
+        )
+    return BatchPlan(world, micro_batch_size, batch_size // per_step)
+
+
+def _check_keys(cfg: DictConfig, section: str) -> None:
+    node = OmegaConf.select(cfg, section)
+    if node is None:
+        raise ConfigError(f"missing config section {section!r}")
+    have, want = set(node.keys()), SECTION_KEYS[section]
+    if unknown := sorted(have - want):
+        raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; valid keys: {sorted(want)}")
+    if missing := sorted(want - have):
+        raise ConfigError(f"missing key(s) {[f'{section}.{k}' for k in missing]}")
+
+
+def loss_params(cfg: DictConfig) -> dict[str, Any]:
+    """The loss's hyperparameters: every key of ``cfg.loss`` except ``name`` and ``nll_weight``."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}
+
+
+def validate(cfg: DictConfig) -> BatchPlan:
+    """Check the composed config; return the batch plan. Loads nothing.
+
+    Checks: no ``???`` left; known keys in our sections; loss name and parameters; a reference
+    when the loss needs one; prompt length below total length; batch divisibility.
+    """
+    if missing := OmegaConf.missing_keys(cfg):
+        raise ConfigError(f"required config value(s) not set: {sorted(missing)}")
+    for section in SECTION_KEYS:
+        _check_keys(cfg, section)
+    for key in ("name", "nll_weight"):
+        if key not in cfg.loss:
+            raise ConfigError(f"missing key 'loss.{key}'")
+    try:
+        spec = get_loss(cfg.loss.name)
+        check_loss_params(cfg.loss.name, loss_params(cfg))
+    except (KeyError, ValueError) as e:
+        raise ConfigError(str(e.args[0])) from None
+    if cfg.reference not in REFERENCE_CHOICES:
+        raise ConfigError(f"reference={cfg.reference!r}; choose from {REFERENCE_CHOICES}")
+    if spec.needs_reference and cfg.reference == "none":
+        raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
+    data = cfg.data
+    if not 0 < data.max_prompt_length < data.max_length:
+        raise ConfigError(
+            f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
+        )
+    if spec.needs_pairs and data.fields.rejected is None:
+        raise ConfigError(f"loss {cfg.loss.name!r} needs pairs but data.fields.rejected is null")
+    if "accumulate_grad_batches" in cfg.trainer:
+        raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
+    return plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+
+
+def redact(container: Any) -> Any:
+    """A copy of a plain config container with values of secret-looking keys replaced."""
+    if isinstance(container, dict):
+        return {
+            k: "<redacted>" if _SECRET.search(str(k)) and v is not None else redact(v) for k, v in container.items()
+        }
+    if isinstance(container, list):
+        return [redact(v) for v in container]
+    return container

@@ -1,0 +1,95 @@
+"""Per-sequence log-probabilities of response tokens under a causal LM.
+
+Shapes: ``N`` rows (``2B`` when chosen and rejected are stacked), ``T`` tokens, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class SequenceLogps(NamedTuple):
+    """Log-probabilities of the masked (response) tokens of each row.
+
+    Attributes:
+        sum: (N,) sum over response tokens of log p(token | prefix).
+        mean: (N,) ``sum / n_tokens``; 0 for a row with no response token.
+        n_tokens: (N,) number of response tokens scored, as float.
+    """
+
+    sum: Tensor
+    mean: Tensor
+    n_tokens: Tensor
+
+
+IGNORE_INDEX = -100
+"""Label value of positions that are not scored (prompt and padding), as in Hugging Face."""
+
+
+def token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Log-probability of each scored next token, computed in fp32.
+
+    Logits are upcast to fp32 before the log-softmax: a bf16 log-softmax over a large vocabulary
+    loses enough precision to turn small reward margins into noise.
+
+    Args:
+        logits: (N, T, V) model outputs; position t predicts token t + 1.
+        labels: (N, T) the input tokens, with ``IGNORE_INDEX`` on positions not to score.
+
+    Returns:
+        ``(logps, mask)``, both (N, T - 1): log p(labels[:, t + 1] | prefix), zeroed where the label
+        is ignored, and the boolean mask of scored positions.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (N, T)")
+    labels = labels[:, 1:]  # (N, T-1)
+    mask = labels != IGNORE_INDEX
+    targets = labels.masked_fill(~mask, 0).unsqueeze(-1)  # (N, T-1, 1)
+    logps = torch.gather(logits[:, :-1].float().log_softmax(-1), 2, targets).squeeze(-1)
+    return logps * mask, mask
+
+
+def sequence_logps(logits: Tensor, labels: Tensor) -> SequenceLogps:
+    """Sum and per-token mean of response-token log-probs for each row.
+
+    Args:
+        logits: (N, T, V) model outputs.
+        labels: (N, T) input tokens with ``IGNORE_INDEX`` on prompt and padding. The first token
+            can never be scored (nothing predicts it).
+
+    Returns:
+        ``SequenceLogps`` of (N,) tensors. A row with no response token gives 0, never NaN.
+    """
+    logps, mask = token_logps(logits, labels)
+    total = logps.sum(-1)
+    n_tokens = mask.sum(-1).to(total.dtype)
+    return SequenceLogps(sum=total, mean=total / n_tokens.clamp(min=1.0), n_tokens=n_tokens)
+
+
+def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, labels: Tensor) -> Tensor:
+    """Exact KL(policy || reference) of next-token distributions, summed over response positions.
+
+    At every scored position the full-vocabulary KL ``sum_v p(v) (log p(v) - log q(v))`` is taken
+    and summed over the row's response positions, teacher-forced on the given tokens. fp32.
+
+    Args:
+        policy_logits: (N, T, V).
+        reference_logits: (N, T, V).
+        labels: (N, T) as in :func:`sequence_logps`.
+
+    Returns:
+        (N,) summed KL per row; 0 for a row with no response token.
+    """
+    if policy_logits.shape != reference_logits.shape:
+        raise ValueError(
+            f"policy logits {tuple(policy_logits.shape)} and reference logits {tuple(reference_logits.shape)} differ"
+        )
+    if policy_logits.shape[:2] != labels.shape:
+        raise ValueError(f"logits {tuple(policy_logits.shape)} and labels {tuple(labels.shape)} disagree on (N, T)")
+    logp = policy_logits[:, :-1].float().log_softmax(-1)  # (N, T-1, V)
+    logq = reference_logits[:, :-1].float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (N, T-1)
+    return (kl * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)

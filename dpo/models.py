@@ -1,0 +1,179 @@
+"""Loading and building policies and tokenizers, and exporting the trained policy.
+
+A model comes either from the Hugging Face hub / a local directory (``model.pretrained``) or is
+built with random weights from a transformers config (``model.architecture``), which is what the
+offline tests and the default run use. ``trust_remote_code`` is off unless the config asks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL_EOS = "<|endoftext|>"
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer that cannot be loaded; the message says what to set instead."""
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint accepts a TCP connection (no HTTP retries, fails in seconds)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _is_cached(name: str, revision: str | None) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(name, "config.json", revision=revision)
+    return isinstance(found, str)
+
+
+def hub_kwargs(name: str, revision: str | None = None, what: str = "model") -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for ``name``, failing fast when it can't be had.
+
+    A local directory loads as is. A hub id loads from the hub when it is reachable, from the
+    local cache (``local_files_only``) when it is not, and otherwise raises at once instead of
+    letting the HTTP client retry for half a minute.
+    """
+    if Path(name).expanduser().is_dir():
+        return {}
+    if _hub_reachable():
+        return {"revision": revision}
+    if _is_cached(name, revision):
+        return {"revision": revision, "local_files_only": True}
+    raise ModelLoadError(
+        f"cannot load {what} {name!r}: it is not a local directory, not in the Hugging Face cache, "
+        "and the hub is unreachable (offline or HF_HUB_OFFLINE=1). Download it where you have "
+        f"internet (`hf download {name}`), or set model.pretrained to a local directory."
+    )
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Set every dropout probability to 0 (DPO's log-ratios must be deterministic)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE trained on ``texts`` in about a second, with no download.
+
+    ``<|endoftext|>`` serves as EOS, BOS and padding, as in GPT-2. Training is deterministic for
+    the same texts and vocabulary size.
+    """
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[SPECIAL_EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=SPECIAL_EOS, bos_token=SPECIAL_EOS, pad_token=SPECIAL_EOS
+    )
+
+
+def load_tokenizer(
+    pretrained: str | None,
+    *,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    corpus: list[str] | None = None,
+    bpe_vocab_size: int = 1024,
+) -> PreTrainedTokenizerBase:
+    """The tokenizer at ``pretrained``, or a BPE trained on ``corpus`` when ``pretrained`` is None.
+
+    A tokenizer without a pad token pads with EOS (padding is masked everywhere).
+    """
+    if pretrained is None:
+        if not corpus:
+            raise ModelLoadError("no tokenizer: set model.tokenizer.pretrained or give a corpus")
+        tokenizer = train_bpe_tokenizer(corpus, bpe_vocab_size)
+    else:
+        kwargs = hub_kwargs(pretrained, revision, what="tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **kwargs)
+    if tokenizer.eos_token_id is None:
+        raise ModelLoadError(f"tokenizer {pretrained!r} has no EOS token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_policy(
+    pretrained: str | None,
+    *,
+    architecture: dict[str, Any] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    revision: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The causal LM at ``pretrained``, or one built with random weights from ``architecture``.
+
+    Args:
+        pretrained: hub id or local directory; None to build from ``architecture``.
+        architecture: a transformers config as a dict with ``model_type`` (e.g. ``gpt2``).
+        tokenizer: sets vocabulary size and BOS/EOS/pad ids of a model built from ``architecture``.
+        revision: hub revision.
+        dtype: parameter dtype name (``float32``, ``bfloat16``).
+        trust_remote_code: allow model code from the hub; off unless the user asks.
+    """
+    torch_dtype = getattr(torch, dtype)
+    if pretrained is not None:
+        kwargs = hub_kwargs(pretrained, revision, what="model")
+        model = AutoModelForCausalLM.from_pretrained(
+            pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+        )
+    else:
+        if not architecture or "model_type" not in architecture:
+            raise ModelLoadError("model.architecture needs a model_type when model.pretrained is null")
+        arch = dict(architecture)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        if tokenizer is not None:
+            config.vocab_size = len(tokenizer)
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    disable_dropout(model)
+    return model
+
+
+def export_pretrained(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """Save model (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained(path)`` works."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    if not any(path.glob("*.safetensors")):
+        raise RuntimeError(f"export to {path} wrote no safetensors file")
+    return path

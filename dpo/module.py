@@ -1,0 +1,175 @@
+"""The Lightning system: a trainable policy and a frozen reference, trained with a preference loss."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from dpo.data.collate import PreferenceBatch
+from dpo.logprobs import SequenceLogps, sequence_kl, sequence_logps
+from dpo.losses import PairLogps, compute_loss, get_loss
+
+REFERENCE_PREFIX = "reference."
+
+# The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+
+def warmup_schedule(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:
+    """Learning-rate multiplier: linear warmup over ``warmup_steps``, then ``decay``.
+
+    ``constant`` keeps 1 after warmup (the paper: RMSprop, 150 warmup steps); ``linear`` and
+    ``cosine`` decay to 0 at ``total_steps``. Step 0 already gets ``1 / (warmup_steps + 1)``, as in
+    the official DPO repo, so the first update is never a no-op.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if decay == "linear":
+        return 1.0 - progress
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"optim.decay must be constant, linear or cosine, got {decay!r}")
+
+
+class DPOModule(LightningModule):
+    """Policy plus frozen reference trained with a registered loss from :mod:`dpo.losses`.
+
+    The reference starts from the same weights as the policy, stays in eval mode with no grad,
+    is left out of the optimizer and out of checkpoints. Losses that need no reference
+    (``LossSpec.needs_reference`` False) are run with ``reference=None``, and none is ever built.
+
+    Args:
+        policy: the causal LM to train.
+        reference: the frozen reference, or None for a reference-free loss.
+        loss: registered loss name.
+        loss_params: the loss's hyperparameters (e.g. ``{"beta": 0.1}``).
+        nll_weight: weight of the chosen-response NLL term added to the loss (RPO); 0 disables it.
+        optimizer: Hydra config of the optimizer, ``_partial_: true``, called with the parameters.
+        warmup_steps: linear warmup steps of the learning rate.
+        decay: schedule after warmup (``constant``, ``linear``, ``cosine``).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: nn.Module | None,
+        loss: str,
+        loss_params: dict[str, Any],
+        optimizer: dict[str, Any],
+        nll_weight: float = 0.0,
+        warmup_steps: int = 0,
+        decay: str = "constant",
+    ) -> None:
+        super().__init__()
+        spec = get_loss(loss)
+        if spec.needs_reference and reference is None:
+            raise ValueError(f"loss {loss!r} needs a reference model")
+        if not spec.needs_reference and reference is not None:
+            raise ValueError(f"loss {loss!r} uses no reference model; don't build one")
+        self.save_hyperparameters(ignore=["policy", "reference"])
+        self.policy = policy
+        self.reference = reference
+        if reference is not None:
+            reference.eval()
+            reference.requires_grad_(False)
+        self.loss_name = loss
+        self.loss_params = dict(loss_params)
+        self.pairs = spec.needs_pairs
+
+    def train(self, mode: bool = True) -> DPOModule:
+        """Switch the policy's mode; the reference stays in eval mode always."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    @staticmethod
+    def _forward(model: nn.Module, batch: PreferenceBatch) -> Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def split(self, logps: SequenceLogps) -> PairLogps:
+        """Cut stacked rows into chosen and rejected: rows ``[:B]`` are chosen, ``[B:]`` rejected.
+
+        The order is fixed by :func:`dpo.data.collate.collate`. For SFT batches (no rejected
+        rows) every row is chosen and the rejected fields are empty.
+        """
+        n = logps.sum.shape[0]
+        b = n // 2 if self.pairs else n
+        return PairLogps(logps.sum[:b], logps.sum[b:], logps.n_tokens[:b], logps.n_tokens[b:])
+
+    def shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
+        """Policy forward, reference forward without grad, loss, metrics. Returns the mean loss."""
+        policy_logits = self._forward(self.policy, batch)  # (2B, T, V)
+        policy = self.split(sequence_logps(policy_logits, batch["labels"]))
+        reference = reference_logits = None
+        if self.reference is not None:
+            with torch.no_grad():
+                reference_logits = self._forward(self.reference, batch)
+                reference = self.split(sequence_logps(reference_logits, batch["labels"]))
+        out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.hparams.nll_weight)
+        loss = out.losses.mean()
+
+        b = policy.chosen.shape[0]
+        metrics = {
+            f"{stage}/loss": loss.detach(),
+            f"{stage}/logps/chosen": policy.chosen.detach().mean(),
+            f"{stage}/logps_per_token/chosen": policy.chosen_mean.detach().mean(),
+            f"{stage}/length/chosen": policy.chosen_tokens.mean(),
+        }
+        if self.pairs:
+            metrics |= {
+                f"{stage}/logps/rejected": policy.rejected.detach().mean(),
+                f"{stage}/logps_per_token/rejected": policy.rejected_mean.detach().mean(),
+                f"{stage}/length/rejected": policy.rejected_tokens.mean(),
+                f"{stage}/rewards/chosen": out.chosen_rewards.mean(),
+                f"{stage}/rewards/rejected": out.rejected_rewards.mean(),
+                f"{stage}/rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+                f"{stage}/rewards/margin": (out.chosen_rewards - out.rejected_rewards).mean(),
+            }
+        if reference_logits is not None:
+            # KL(policy || reference) of next-token distributions along the chosen responses.
+            kl = sequence_kl(policy_logits[:b].detach(), reference_logits[:b], batch["labels"][:b])
+            metrics[f"{stage}/kl/chosen"] = kl.mean()
+            metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
+        on_step = stage == "train"
+        kwargs = {"on_step": on_step, "on_epoch": not on_step, "batch_size": b, "sync_dist": not on_step}
+        bar = {f"{stage}/loss", f"{stage}/rewards/accuracy"}
+        self.log_dict({k: v for k, v in metrics.items() if k in bar}, prog_bar=True, **kwargs)
+        self.log_dict({k: v for k, v in metrics.items() if k not in bar}, **kwargs)
+        return loss
+
+    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "train")
+
+    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+        return self.shared_step(batch, "val")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.policy.parameters())
+        total = self.trainer.estimated_stepping_batches if self.hparams.decay != "constant" else 0
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: warmup_schedule(step, self.hparams.warmup_steps, int(total), self.hparams.decay),
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Drop the reference's weights: it is rebuilt from the same source on resume."""
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Put the current reference's weights back so strict loading still checks the policy."""
+        if self.reference is not None:
+            ref = {REFERENCE_PREFIX + k: v for k, v in self.reference.state_dict().items()}
+            checkpoint["state_dict"].update(ref)

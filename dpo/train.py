@@ -1,0 +1,197 @@
+"""`dpo-train`: compose the config, validate it, fit, export, summarise.
+
+dpo-train                                   # the offline default: DPO on the bundled reviews
+dpo-train loss=ipo_sum loss.beta=0.5        # another loss
+dpo-train -m loss.beta=0.05,0.1,1,5         # a sweep (one run folder per job)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from dpo.config import ConfigError, loss_params, redact, validate
+from dpo.data.datamodule import PreferenceDataModule
+from dpo.data.sources import FieldMap, read_local
+from dpo.log import get_logger
+from dpo.losses import get_loss
+from dpo.models import export_pretrained, load_policy, load_tokenizer
+from dpo.module import DPOModule
+
+log = get_logger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _sanitize_wandb_env() -> None:
+    # wandb rejects an empty WANDB_MODE with a validation error; treat it as unset.
+    if os.environ.get("WANDB_MODE") == "":
+        del os.environ["WANDB_MODE"]
+        log.warning("WANDB_MODE was set but empty; ignoring it (logger.wandb.offline decides)")
+
+
+def _finish_wandb(failed: bool) -> None:
+    """Close a wandb run this job opened, so the next job of a multirun starts clean."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1 if failed else 0)
+
+
+def build_datamodule(cfg: DictConfig, tokenizer: Any, pairs: bool, micro_batch_size: int) -> PreferenceDataModule:
+    """The data module described by ``cfg.data``, for ``pairs`` (DPO) or chosen-only rows (SFT)."""
+    d = cfg.data
+    return PreferenceDataModule(
+        tokenizer=tokenizer,
+        train_path=d.train_path,
+        val_path=d.val_path,
+        fields=FieldMap(**d.fields),
+        batch_size=micro_batch_size,
+        eval_batch_size=d.eval_batch_size,
+        max_length=d.max_length,
+        max_prompt_length=d.max_prompt_length,
+        truncation_side=d.truncation_side,
+        pairs=pairs,
+        shuffle=d.shuffle,
+        seed=cfg.seed,
+        num_workers=d.num_workers,
+    )
+
+
+def build_tokenizer(cfg: DictConfig) -> Any:
+    """The configured tokenizer; with no pretrained one, a BPE trained on the training file."""
+    m = cfg.model
+    source = m.tokenizer.pretrained or m.pretrained
+    corpus = None
+    if source is None:
+        rows = read_local(cfg.data.train_path, FieldMap(**cfg.data.fields), pairs=False)
+        corpus = [t for r in rows for t in (r.prompt, r.chosen, r.rejected) if t]
+    return load_tokenizer(
+        source,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        corpus=corpus,
+        bpe_vocab_size=m.tokenizer.bpe_vocab_size,
+    )
+
+
+def make_reference(policy: Any) -> Any:
+    """The frozen reference: a copy of the initial policy, so both start from identical weights."""
+    return copy.deepcopy(policy)
+
+
+def _metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one training job described by a composed config; return the final validation metrics.
+
+    Order matters: the config is validated, then data is read, checked and tokenized, and only
+    then are weights loaded, so bad input fails before any expensive work.
+    """
+    plan = validate(cfg)
+    _sanitize_wandb_env()
+    started = time.time()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    OmegaConf.save(OmegaConf.create(redact(resolved)), out_dir / "config.yaml")
+    pl.seed_everything(cfg.seed, workers=True)
+
+    spec = get_loss(cfg.loss.name)
+    tokenizer = build_tokenizer(cfg)
+    datamodule = build_datamodule(cfg, tokenizer, spec.needs_pairs, plan.micro_batch_size)
+    datamodule.setup("fit")
+
+    m = cfg.model
+    arch = OmegaConf.to_container(m.architecture, resolve=True) if m.architecture is not None else None
+    policy = load_policy(
+        m.pretrained,
+        architecture=arch,
+        tokenizer=tokenizer,
+        revision=m.revision,
+        dtype=m.dtype,
+        trust_remote_code=m.trust_remote_code,
+    )
+    reference = make_reference(policy) if spec.needs_reference else None
+    module = DPOModule(
+        policy,
+        reference,
+        loss=cfg.loss.name,
+        loss_params=loss_params(cfg),
+        nll_weight=cfg.loss.nll_weight,
+        optimizer=OmegaConf.to_container(cfg.optim.optimizer, resolve=True),
+        warmup_steps=cfg.optim.warmup_steps,
+        decay=cfg.optim.decay,
+    )
+
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, logger=loggers, callbacks=callbacks, accumulate_grad_batches=plan.accumulate_grad_batches
+    )
+    for logger in loggers:
+        logger.log_hyperparams(redact(resolved))
+
+    failed = True
+    try:
+        before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
+        export_dir = None
+        if trainer.is_global_zero:
+            export_dir = export_pretrained(policy, tokenizer, out_dir / "hf")
+        failed = False
+    finally:
+        _finish_wandb(failed)
+    _summary(cfg, trainer, datamodule, before, after, export_dir, out_dir, time.time() - started)
+    return after
+
+
+def _summary(cfg, trainer, datamodule, before, after, export_dir, out_dir, seconds) -> None:
+    ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
+    params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
+    lines = [
+        "=" * 72,
+        f"dpo-train finished: loss={cfg.loss.name}({params}) steps={trainer.global_step} time={seconds:.0f}s",
+        f"held-out pairs: {len(datamodule.datasets['val'])} from {cfg.data.val_path}",
+    ]
+    for key, label in (
+        ("val/rewards/accuracy", "reward accuracy"),
+        ("val/rewards/margin", "reward margin"),
+        ("val/loss", "loss"),
+        ("val/logps_per_token/chosen", "chosen log-prob/token"),
+        ("val/kl/chosen", "KL(policy||ref) on chosen"),
+    ):
+        if key in after:
+            lines.append(f"  {label:<28} {before.get(key, float('nan')):>9.4f} -> {after[key]:>9.4f}")
+    lines += [
+        f"checkpoint: {ckpt or '-'}",
+        f"hf export:  {export_dir or '-'}",
+        f"logs:       {out_dir} (config.yaml, csv/metrics.csv" + (", wandb/" if "wandb" in cfg.logger else "") + ")",
+        "=" * 72,
+    ]
+    log.info("\n".join(lines))
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    try:
+        metrics = train(cfg)
+    except ConfigError as e:
+        log.error(f"config error: {e}")
+        raise
+    return metrics.get(cfg.optimized_metric)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Configs: every experiment and loss composes and runs; bad configs fail by key before weights load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+import dpo.train
+from conftest import FAST, compose_config, shrink
+from dpo.config import ConfigError, plan_batch
+from dpo.data.sources import DataError
+from dpo.train import CONF_DIR, train
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+LOSS_CONFIGS = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
+
+
+def run_fast(tmp_path, overrides, exported_tiny=None):
+    cfg = shrink(compose_config([*FAST, "trainer.max_steps=1", *overrides], tmp_path), exported_tiny)
+    return cfg, train(cfg)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_runs_one_step(tmp_path, exported_tiny, name):
+    cfg, metrics = run_fast(tmp_path, [f"experiment={name}"], exported_tiny)
+    assert math.isfinite(metrics["val/loss"])
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
+
+
+@pytest.mark.parametrize("name", LOSS_CONFIGS)
+def test_every_loss_config_runs_one_step(tmp_path, name):
+    cfg, metrics = run_fast(tmp_path, [f"loss={name}"])
+    assert math.isfinite(metrics["val/loss"])
+    if name != "sft":
+        assert "val/rewards/accuracy" in metrics
+
+
+def test_reference_free_losses_never_build_a_reference(tmp_path, monkeypatch):
+    def no_copy(*args, **kwargs):
+        raise AssertionError("a reference model was built for a reference-free loss")
+
+    monkeypatch.setattr(dpo.train, "make_reference", no_copy)
+    for loss in ("simpo", "ref_free_dpo", "sft"):
+        _, metrics = run_fast(tmp_path / loss, [f"loss={loss}"])
+        assert "val/kl/chosen" not in metrics  # no reference ran either
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Fail the test if any weights load: config and data errors must come first."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("weights were loaded before the error was found")
+
+    monkeypatch.setattr(dpo.train, "load_policy", fail)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "pattern"),
+    [
+        (["+loss.betta=0.1"], r"has no parameter\(s\) \['betta'\]"),
+        (["+data.batchsize=8"], r"unknown key\(s\) \['data.batchsize'\]"),
+        (["data.batch_size=30"], r"data.batch_size=30 must be a positive multiple of data.micro_batch_size=16"),
+        (["data.max_prompt_length=128"], r"max_prompt_length \(128\) < data.max_length \(128\)"),
+        (["reference=none"], r"needs a reference model but reference=none"),
+        (["data=local"], r"not set: \['data.train_path', 'data.val_path'\]"),
+        (["model=hf"], r"not set: \['model.pretrained'\]"),
+        (["loss.name=dpoo"], r"'dpoo' is not a registered loss"),
+        (["trainer.devices=3"], r"world size 3"),
+        (["~data.shuffle"], r"missing key\(s\) \['data.shuffle'\]"),
+    ],
+)
+def test_config_errors_name_the_key_before_weights_load(tmp_path, no_weights, overrides, pattern):
+    cfg = compose_config(overrides, tmp_path)
+    with pytest.raises(ConfigError, match=pattern):
+        train(cfg)
+
+
+def test_override_typo_is_refused_by_hydra():
+    with pytest.raises(ConfigCompositionException, match="betta"):
+        compose_config(["loss.betta=0.1"], Path("unused"))
+
+
+def test_bad_data_fails_before_weights_load(tmp_path, no_weights):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "c", "rejected": "r"}\n{"prompt": "p", "chosen": ""}\n')
+    cfg = compose_config(
+        ["data=local", f"data.train_path={bad}", f"data.val_path={bad}", "model.tokenizer.bpe_vocab_size=300"],
+        tmp_path / "run",
+    )
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'chosen' is empty"):
+        train(cfg)
+
+
+def test_plan_batch():
+    plan = plan_batch(64, 4, 2, 2)
+    assert (plan.world_size, plan.micro_batch_size, plan.accumulate_grad_batches) == (4, 4, 4)
+    with pytest.raises(ConfigError, match="positive integer"):
+        plan_batch(64, 4, "auto", 1)

@@ -1,0 +1,183 @@
+"""Losses against hand-derived values and the invariants every preference loss must satisfy.
+
+Common numbers (one pair unless said): policy chosen pc = -1, rejected pr = -3; reference
+rc = rr = -2; |c| = 2, |r| = 4 tokens. Then h = (pc - rc) - (pr - rr) = 1 - (-1) = 2.
+-log s(1) = log(1 + e^-1) = 0.31326168751822286; -log s(-1) = 1 + 0.31326... = 1.31326168751822286.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dpo.losses import (
+    LOSSES,
+    PairLogps,
+    check_loss_params,
+    compute_loss,
+    get_loss,
+)
+
+NLS1 = math.log1p(math.exp(-1))  # -log s(1)
+NLSM1 = 1 + NLS1  # -log s(-1)
+
+
+def pair(c, r, nc=2.0, nr=4.0, grad=False) -> PairLogps:
+    t = lambda x: torch.tensor([x], dtype=torch.float64, requires_grad=grad)  # noqa: E731
+    return PairLogps(t(c), t(r), torch.tensor([nc], dtype=torch.float64), torch.tensor([nr], dtype=torch.float64))
+
+
+POLICY = pair(-1.0, -3.0)
+REF = pair(-2.0, -2.0)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expected", "doc"),
+    [
+        ("dpo", {"beta": 0.5}, NLS1, "-log s(0.5 * 2) = -log s(1)"),
+        (
+            "cdpo",
+            {"beta": 0.5, "label_smoothing": 0.1},
+            0.9 * NLS1 + 0.1 * NLSM1,
+            "0.9*0.31326 + 0.1*1.31326 = 0.41326",
+        ),
+        (
+            "robust_dpo",
+            {"beta": 0.5, "label_smoothing": 0.1},
+            (0.9 * NLS1 - 0.1 * NLSM1) / 0.8,
+            "(0.9*0.31326 - 0.1*1.31326) / 0.8 = 0.18826",
+        ),
+        ("ipo_sum", {"beta": 0.5}, 1.0, "(h - 1/(2*0.5))^2 = (2 - 1)^2 = 1"),
+        (
+            "ipo_length_norm",
+            {"beta": 0.5},
+            0.0625,
+            "h_norm = (-1/2 + 2/2) - (-3/4 + 2/4) = 0.5 + 0.25 = 0.75; (0.75 - 1)^2 = 0.0625",
+        ),
+        ("hinge", {"beta": 0.25}, 0.5, "max(0, 1 - 0.25 * 2) = 0.5"),
+        ("ref_free_dpo", {"beta": 0.5}, NLS1, "-log s(0.5 * (-1 - -3)) = -log s(1)"),
+        ("simpo", {"beta": 2.0, "gamma": 0.5}, math.log(2), "2*(-1/2) - 2*(-3/4) - 0.5 = 0; -log s(0) = ln 2"),
+        ("sft", {}, 1.0, "-pc = 1"),
+    ],
+)
+def test_hand_derived_values(name, params, expected, doc):
+    reference = REF if get_loss(name).needs_reference else None
+    out = compute_loss(name, POLICY, reference, params)
+    assert out.losses.item() == pytest.approx(expected, abs=1e-12), doc
+
+
+def test_every_registered_loss_has_a_hand_derived_test():
+    tested = {"dpo", "cdpo", "robust_dpo", "ipo_sum", "ipo_length_norm", "hinge", "ref_free_dpo", "simpo", "sft"}
+    assert set(LOSSES) == tested
+
+
+def test_nll_weight_adds_length_normalised_chosen_nll():
+    """RPO: dpo + 1.0 * (-pc / |c|) = 0.31326 + 1/2."""
+    out = compute_loss("dpo", POLICY, REF, {"beta": 0.5}, nll_weight=1.0)
+    assert out.losses.item() == pytest.approx(NLS1 + 0.5, abs=1e-12)
+
+
+def test_dpo_rewards_are_beta_log_ratios():
+    """Chosen reward 0.5 * (-1 + 2) = 0.5, rejected 0.5 * (-3 + 2) = -0.5."""
+    out = compute_loss("dpo", POLICY, REF, {"beta": 0.5})
+    assert out.chosen_rewards.item() == pytest.approx(0.5)
+    assert out.rejected_rewards.item() == pytest.approx(-0.5)
+
+
+REF_LOSSES = [n for n, s in LOSSES.items() if s.needs_reference]
+DEFAULT_PARAMS = {"beta": 0.1, "label_smoothing": 0.1, "gamma": 0.5}
+
+
+def params_for(name):
+    return {k: DEFAULT_PARAMS[k] for k in get_loss(name).param_names}
+
+
+def test_dpo_is_ln2_with_zero_rewards_when_policy_equals_reference():
+    torch.manual_seed(0)
+    logps = PairLogps(torch.randn(8), torch.randn(8), torch.full((8,), 5.0), torch.full((8,), 7.0))
+    for name in ("dpo", "cdpo", "robust_dpo"):
+        out = compute_loss(name, logps, logps, params_for(name))
+        torch.testing.assert_close(out.losses, torch.full((8,), math.log(2)))
+        assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sft"])
+def test_rewards_carry_no_grad_and_gradient_signs(name):
+    """Raising the chosen log-prob lowers the loss, raising the rejected one raises it."""
+    policy = pair(-1.0, -1.5, grad=True)  # a margin where no loss is saturated
+    reference = pair(-1.2, -1.2) if get_loss(name).needs_reference else None
+    out = compute_loss(name, policy, reference, params_for(name))
+    assert not out.chosen_rewards.requires_grad and not out.rejected_rewards.requires_grad
+    out.losses.sum().backward()
+    assert policy.chosen.grad.item() < 0
+    assert policy.rejected.grad.item() > 0
+
+
+def test_label_smoothing_equals_its_closed_form():
+    """cDPO is binary cross-entropy of the logit beta*h against the soft target 1 - eps."""
+    torch.manual_seed(1)
+    policy = PairLogps(torch.randn(16), torch.randn(16), torch.ones(16), torch.ones(16))
+    reference = PairLogps(torch.randn(16), torch.randn(16), torch.ones(16), torch.ones(16))
+    beta, eps = 0.3, 0.2
+    h = (policy.chosen - reference.chosen) - (policy.rejected - reference.rejected)
+    expected = F.binary_cross_entropy_with_logits(beta * h, torch.full((16,), 1 - eps), reduction="none")
+    out = compute_loss("cdpo", policy, reference, {"beta": beta, "label_smoothing": eps})
+    torch.testing.assert_close(out.losses, expected)
+    # eps = 0 is plain DPO; robust DPO differs from cDPO for eps > 0.
+    plain = compute_loss("cdpo", policy, reference, {"beta": beta, "label_smoothing": 0.0}).losses
+    torch.testing.assert_close(plain, compute_loss("dpo", policy, reference, {"beta": beta}).losses)
+    robust = compute_loss("robust_dpo", policy, reference, {"beta": beta, "label_smoothing": eps}).losses
+    assert not torch.allclose(robust, out.losses)
+
+
+def test_robust_dpo_is_unbiased_under_label_flips():
+    """E over a flip with prob eps of the robust loss equals the clean DPO loss (paper's Lemma)."""
+    torch.manual_seed(2)
+    p = PairLogps(torch.randn(8), torch.randn(8), torch.ones(8), torch.ones(8))
+    r = PairLogps(torch.randn(8), torch.randn(8), torch.ones(8), torch.ones(8))
+    flipped = lambda x: PairLogps(x.rejected, x.chosen, x.rejected_tokens, x.chosen_tokens)  # noqa: E731
+    eps, params = 0.2, {"beta": 0.5, "label_smoothing": 0.2}
+    expected = (1 - eps) * compute_loss("robust_dpo", p, r, params).losses + eps * compute_loss(
+        "robust_dpo", flipped(p), flipped(r), params
+    ).losses
+    torch.testing.assert_close(expected, compute_loss("dpo", p, r, {"beta": 0.5}).losses)
+
+
+def test_ipo_sum_and_length_norm_differ_exactly_as_their_formulas():
+    """With every response L tokens long, h_norm = h / L; with L = 1 the two forms coincide."""
+    torch.manual_seed(3)
+    vals = [torch.randn(6) for _ in range(4)]
+    for length in (1.0, 3.0):
+        n = torch.full((6,), length)
+        p, r = PairLogps(vals[0], vals[1], n, n), PairLogps(vals[2], vals[3], n, n)
+        beta = 0.25
+        h = (p.chosen - r.chosen) - (p.rejected - r.rejected)
+        torch.testing.assert_close(compute_loss("ipo_sum", p, r, {"beta": beta}).losses, (h - 2.0) ** 2)
+        torch.testing.assert_close(
+            compute_loss("ipo_length_norm", p, r, {"beta": beta}).losses, (h / length - 2.0) ** 2
+        )
+
+
+def test_reference_losses_refuse_to_run_without_reference():
+    for name in REF_LOSSES:
+        with pytest.raises(ValueError, match="needs reference"):
+            compute_loss(name, POLICY, None, params_for(name))
+
+
+def test_needs_reference_is_a_property_of_the_variant():
+    assert {n for n, s in LOSSES.items() if not s.needs_reference} == {"ref_free_dpo", "simpo", "sft"}
+    assert not get_loss("sft").needs_pairs
+
+
+def test_loss_params_are_checked_by_name():
+    with pytest.raises(ValueError, match="betta"):
+        check_loss_params("dpo", {"betta": 0.1})
+    with pytest.raises(ValueError, match="gamma"):
+        check_loss_params("simpo", {"beta": 2.0})
+    with pytest.raises(ValueError, match="label_smoothing"):
+        check_loss_params("robust_dpo", {"beta": 0.1, "label_smoothing": 0.5})
+    with pytest.raises(KeyError, match="registered"):
+        get_loss("dpoo")

@@ -1,0 +1,140 @@
+"""DPOModule: ln 2 at the start, a frozen reference, checkpoints without it, resumable."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from dpo.data.datamodule import PreferenceDataModule
+from dpo.data.sources import FieldMap, bundled_path
+from dpo.module import DPOModule, warmup_schedule
+
+OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+
+
+def make_datamodule(tokenizer, pairs=True):
+    path = bundled_path("reviews_val.jsonl")
+    return PreferenceDataModule(
+        tokenizer,
+        path,
+        path,
+        FieldMap(),
+        batch_size=4,
+        eval_batch_size=8,
+        max_length=64,
+        max_prompt_length=32,
+        pairs=pairs,
+    )
+
+
+def make_module(model, loss="dpo", params=None, **kwargs):
+    spec_ref = loss not in ("simpo", "ref_free_dpo", "sft")
+    reference = copy.deepcopy(model) if spec_ref else None
+    return DPOModule(
+        model,
+        reference,
+        loss=loss,
+        loss_params=params if params is not None else {"beta": 0.1},
+        optimizer=OPTIM,
+        **kwargs,
+    )
+
+
+def trainer(tmp_path, max_steps, **kwargs):
+    return pl.Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def test_first_step_loss_is_ln2(tiny_model, bpe_tokenizer):
+    dm = make_datamodule(bpe_tokenizer)
+    dm.setup()
+    module = make_module(tiny_model)
+    batch = next(iter(dm.train_dataloader()))
+    module.log_dict = module.log = lambda *a, **k: None  # no trainer attached here
+    assert module.shared_step(batch, "train").item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_reference_stays_bit_identical_while_policy_learns(tmp_path, tiny_model, bpe_tokenizer):
+    module = make_module(tiny_model)
+    ref_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
+    t = trainer(tmp_path, max_steps=4, enable_checkpointing=False)
+    t.fit(module, datamodule=make_datamodule(bpe_tokenizer))
+    for k, v in module.reference.state_dict().items():
+        assert torch.equal(v, ref_before[k]), k
+    changed = [k for k, v in module.policy.state_dict().items() if not torch.equal(v, policy_before[k])]
+    assert len(changed) > 0
+    assert not module.reference.training and module.policy.training
+    assert not any(p.requires_grad for p in module.reference.parameters())
+    optimized = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
+    assert optimized == {id(p) for p in module.policy.parameters()}
+    assert all(m.p == 0 for m in module.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_checkpoint_holds_no_reference_and_resumes(tmp_path, tiny_model, bpe_tokenizer):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0, every_n_train_steps=2)
+    module = make_module(tiny_model)
+    trainer(tmp_path, max_steps=2, callbacks=[ckpt]).fit(module, datamodule=make_datamodule(bpe_tokenizer))
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    keys = state["state_dict"].keys()
+    assert any(k.startswith("policy.") for k in keys)
+    assert not any(k.startswith("reference.") for k in keys)
+
+    torch.manual_seed(0)
+    fresh = make_module(copy.deepcopy(module.policy))
+    fresh_ref = {k: v.clone() for k, v in fresh.reference.state_dict().items()}
+    t = trainer(tmp_path, max_steps=3, enable_checkpointing=False)
+    t.fit(
+        fresh, datamodule=make_datamodule(bpe_tokenizer), ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=True
+    )
+    assert t.global_step == 3  # resumed at step 2, ran one more
+    for k, v in fresh.reference.state_dict().items():
+        assert torch.equal(v, fresh_ref[k])
+
+
+def test_reference_free_module_refuses_a_reference(tiny_model):
+    with pytest.raises(ValueError, match="uses no reference"):
+        DPOModule(
+            tiny_model,
+            copy.deepcopy(tiny_model),
+            loss="simpo",
+            loss_params={"beta": 2.0, "gamma": 0.5},
+            optimizer=OPTIM,
+        )
+    with pytest.raises(ValueError, match="needs a reference"):
+        DPOModule(tiny_model, None, loss="dpo", loss_params={"beta": 0.1}, optimizer=OPTIM)
+
+
+def test_sft_module_trains_on_chosen_only(tmp_path, tiny_model, bpe_tokenizer):
+    module = make_module(tiny_model, loss="sft", params={})
+    dm = make_datamodule(bpe_tokenizer, pairs=False)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 4
+    trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=dm)
+    assert module.reference is None
+
+
+def test_warmup_schedule():
+    """Official DPO repo warmup: (step + 1) / (warmup + 1), then constant; decays reach 0 at the end."""
+    assert warmup_schedule(0, 150, 1000, "constant") == pytest.approx(1 / 151)
+    assert warmup_schedule(149, 150, 1000, "constant") == pytest.approx(150 / 151)
+    assert warmup_schedule(500, 150, 1000, "constant") == 1.0
+    assert warmup_schedule(1000, 150, 1000, "linear") == 0.0
+    assert warmup_schedule(575, 150, 1000, "cosine") == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="decay"):
+        warmup_schedule(500, 150, 1000, "exp")

@@ -1,0 +1,117 @@
+"""End to end: the default `dpo-train` run, SFT then DPO, export, logging, offline behaviour."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from conftest import FAST, compose_config, shrink
+from dpo.models import ModelLoadError, load_policy, load_tokenizer, train_bpe_tokenizer
+from dpo.train import train
+
+
+@pytest.mark.slow
+def test_default_run_end_to_end(tmp_path):
+    """`dpo-train` with no arguments: trains, reaches held-out accuracy >= 0.8, writes everything."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="")  # an empty WANDB_MODE must not break it
+    start = time.time()
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo.train", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-4000:]
+    assert time.time() - start < 300
+    acc = re.search(r"reward accuracy\s+(\S+) ->\s+(\S+)", output)
+    margin = re.search(r"reward margin\s+(\S+) ->\s+(\S+)", output)
+    assert acc and margin, output[-3000:]
+    assert float(acc.group(2)) >= 0.8 and float(margin.group(2)) > 0
+    assert float(acc.group(1)) == 0.0  # at the start policy == reference: every reward is 0
+    assert f"checkpoint: {tmp_path}/checkpoints/last.ckpt" in output
+    assert f"hf export:  {tmp_path}/hf" in output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert model.config.vocab_size == len(tokenizer)
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
+    for name in (
+        "train/loss",
+        "train/rewards/margin",
+        "val/rewards/accuracy",
+        "val/kl/chosen",
+        "val/logps_per_token/rejected",
+        "val/length/chosen",
+    ):
+        assert name in header
+
+
+def test_sft_then_dpo_from_its_export(tmp_path):
+    """Stage 2 starts from stage 1's export: policy == reference there, so the first loss is ln 2."""
+    sft_cfg = shrink(compose_config([*FAST, "experiment=reviews_sft", "trainer.max_steps=3"], tmp_path / "sft"))
+    sft = train(sft_cfg)
+    assert "val/rewards/accuracy" not in sft and math.isfinite(sft["val/loss"])
+    dpo_cfg = compose_config(
+        [
+            *FAST,
+            "experiment=reviews_dpo_from_sft",
+            f"model.pretrained={tmp_path / 'sft' / 'hf'}",
+            "trainer.max_steps=3",
+        ],
+        tmp_path / "dpo",
+    )
+    train(dpo_cfg)
+    rows = (tmp_path / "dpo" / "csv" / "metrics.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    first_val = next(r.split(",") for r in rows[1:] if r.split(",")[header.index("val/loss")])
+    assert float(first_val[header.index("val/loss")]) == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_unreachable_hub_fails_fast_with_advice():
+    start = time.time()
+    with pytest.raises(ModelLoadError, match=r"'someone/no-such-model'.*model.pretrained"):
+        load_policy("someone/no-such-model")
+    with pytest.raises(ModelLoadError, match="tokenizer 'someone/no-such-model'"):
+        load_tokenizer("someone/no-such-model")
+    assert time.time() - start < 10
+
+
+def test_bpe_training_is_deterministic(bundled_rows):
+    texts = [r.chosen for r in bundled_rows[:300]]
+    a, b = train_bpe_tokenizer(texts, 400), train_bpe_tokenizer(texts, 400)
+    assert a.get_vocab() == b.get_vocab()
+    assert a("The film is superb.")["input_ids"] == b("The film is superb.")["input_ids"]
+
+
+def test_export_round_trip_gives_identical_logits(tmp_path, tiny_model, bpe_tokenizer):
+    from dpo.models import export_pretrained
+
+    export_pretrained(tiny_model, bpe_tokenizer, tmp_path / "hf")
+    loaded = load_policy(str(tmp_path / "hf"))
+    ids = torch.tensor([bpe_tokenizer("A superb film.")["input_ids"]])
+    torch.testing.assert_close(loaded(ids).logits, tiny_model.eval()(ids).logits)
+    assert not list((tmp_path / "hf").glob("*.bin"))  # safetensors only
+
+
+def test_unreachable_hub_without_offline_flag_fails_fast(monkeypatch):
+    """No HF_HUB_OFFLINE, but the endpoint refuses connections: a clear error, no retry loop."""
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.time()
+    with pytest.raises(ModelLoadError, match="hub is unreachable"):
+        load_policy("someone/no-such-model")
+    assert time.time() - start < 10
