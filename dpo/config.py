@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dpo.data.sources import bundled_path
+from dpo.data.formats import get_format
+from dpo.data.sources import DataError, bundled_path
 from dpo.losses import check_loss_params, get_loss
 
 
@@ -19,9 +21,10 @@ class ConfigError(ValueError):
 # The keys each section of ours must have; a typo in an experiment file fails here, by name.
 SECTION_KEYS: dict[str, set[str]] = {
     "data": {
-        "train_path",
-        "val_path",
-        "fields",
+        "source",
+        "on_bad_row",
+        "group_by_prompt",
+        "cache_dir",
         "batch_size",
         "micro_batch_size",
         "eval_batch_size",
@@ -30,10 +33,10 @@ SECTION_KEYS: dict[str, set[str]] = {
         "truncation_side",
         "shuffle",
         "num_workers",
-    },
+    },  # fmt: skip
+    "data.source": {"format", "path", "name", "data_dir", "revision", "splits", "max_rows", "options"},
     "model": {"pretrained", "revision", "dtype", "trust_remote_code", "architecture", "tokenizer"},
     "model.tokenizer": {"pretrained", "bpe_vocab_size"},
-    "data.fields": {"prompt", "chosen", "rejected"},
     "optim": {"optimizer", "warmup_steps", "decay"},
 }
 REFERENCE_CHOICES = ("copy", "none")
@@ -120,11 +123,32 @@ def validate(cfg: DictConfig) -> BatchPlan:
         raise ConfigError(
             f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
         )
-    if spec.needs_pairs and data.fields.rejected is None:
-        raise ConfigError(f"loss {cfg.loss.name!r} needs pairs but data.fields.rejected is null")
+    _check_source(cfg, spec.needs_pairs)
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     return plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+
+
+def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
+    source = cfg.data.source
+    try:
+        fmt = get_format(source.format)
+    except DataError as e:
+        raise ConfigError(str(e)) from None
+    if missing := sorted({"train", "val"} - set(source.splits or {})):
+        raise ConfigError(f"data.source.splits needs {missing} entries")
+    options = OmegaConf.to_container(source.options, resolve=True) if source.options is not None else {}
+    params = inspect.signature(fmt.parse).parameters
+    allowed = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "tokenizer")
+    if unknown := sorted(set(options) - set(allowed)):
+        raise ConfigError(f"data.source.options {unknown} unknown for format {source.format!r}; valid: {allowed}")
+    if needs_pairs and not fmt.has_pairs(options):
+        raise ConfigError(
+            f"loss {cfg.loss.name!r} needs preference pairs but data format {source.format!r} gives none "
+            "(its rows have no rejected response); use loss=sft or a pairs data set"
+        )
+    if cfg.data.on_bad_row not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_row must be error or skip, got {cfg.data.on_bad_row!r}")
 
 
 def redact(container: Any) -> Any:

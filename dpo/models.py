@@ -7,11 +7,8 @@ offline tests and the default run use. ``trust_remote_code`` is off unless the c
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -25,26 +22,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from dpo.hub import hub_reachable
+
 SPECIAL_EOS = "<|endoftext|>"
 
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message says what to set instead."""
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the hub endpoint accepts a TCP connection (no HTTP retries, fails in seconds)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    port = url.port or (443 if url.scheme == "https" else 80)
-    try:
-        socket.create_connection((url.hostname, port), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def _is_cached(name: str, revision: str | None) -> bool:
@@ -63,7 +47,7 @@ def hub_kwargs(name: str, revision: str | None = None, what: str = "model") -> d
     """
     if Path(name).expanduser().is_dir():
         return {}
-    if _hub_reachable():
+    if hub_reachable():
         return {"revision": revision}
     if _is_cached(name, revision):
         return {"revision": revision, "local_files_only": True}

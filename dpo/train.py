@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.config import ConfigError, loss_params, redact, validate
 from dpo.data.datamodule import PreferenceDataModule
-from dpo.data.sources import FieldMap, read_local
+from dpo.data.formats import get_format, load_rows
+from dpo.data.sources import SourceSpec
 from dpo.log import get_logger
 from dpo.losses import get_loss
 from dpo.models import export_pretrained, load_policy, load_tokenizer
@@ -50,19 +51,25 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, pairs: bool, micro_batch_s
     d = cfg.data
     return PreferenceDataModule(
         tokenizer=tokenizer,
-        train_path=d.train_path,
-        val_path=d.val_path,
-        fields=FieldMap(**d.fields),
+        source=source_spec(cfg),
         batch_size=micro_batch_size,
         eval_batch_size=d.eval_batch_size,
         max_length=d.max_length,
         max_prompt_length=d.max_prompt_length,
         truncation_side=d.truncation_side,
         pairs=pairs,
+        on_bad_row=d.on_bad_row,
+        group_by_prompt=d.group_by_prompt,
+        cache_dir=d.cache_dir,
         shuffle=d.shuffle,
         seed=cfg.seed,
         num_workers=d.num_workers,
     )
+
+
+def source_spec(cfg: DictConfig) -> SourceSpec:
+    """The data source described by ``cfg.data.source``."""
+    return SourceSpec(**OmegaConf.to_container(cfg.data.source, resolve=True))
 
 
 def build_tokenizer(cfg: DictConfig) -> Any:
@@ -71,7 +78,13 @@ def build_tokenizer(cfg: DictConfig) -> Any:
     source = m.tokenizer.pretrained or m.pretrained
     corpus = None
     if source is None:
-        rows = read_local(cfg.data.train_path, FieldMap(**cfg.data.fields), pairs=False)
+        spec = source_spec(cfg)
+        if get_format(spec.format).needs_tokenizer:
+            raise ConfigError(
+                f"data format {spec.format!r} renders with a pretrained tokenizer's chat template; "
+                "set model.tokenizer.pretrained"
+            )
+        rows, _ = load_rows(spec, "train", on_bad_row=cfg.data.on_bad_row)
         corpus = [t for r in rows for t in (r.prompt, r.chosen, r.rejected) if t]
     return load_tokenizer(
         source,
@@ -162,7 +175,8 @@ def _summary(cfg, trainer, datamodule, before, after, export_dir, out_dir, secon
     lines = [
         "=" * 72,
         f"dpo-train finished: loss={cfg.loss.name}({params}) steps={trainer.global_step} time={seconds:.0f}s",
-        f"held-out pairs: {len(datamodule.datasets['val'])} from {cfg.data.val_path}",
+        f"held-out pairs: {len(datamodule.datasets['val'])} ({cfg.data.source.format} "
+        f"{cfg.data.source.path or cfg.data.source.splits.val}, split {cfg.data.source.splits.val})",
     ]
     for key, label in (
         ("val/rewards/accuracy", "reward accuracy"),
@@ -173,6 +187,9 @@ def _summary(cfg, trainer, datamodule, before, after, export_dir, out_dir, secon
     ):
         if key in after:
             lines.append(f"  {label:<28} {before.get(key, float('nan')):>9.4f} -> {after[key]:>9.4f}")
+    for split, stats in datamodule.stats.items():
+        if stats["skipped"] or stats["filtered"]:
+            lines.append(f"data/{split}: skipped bad rows {stats['skipped']}, filtered {stats['filtered']}")
     lines += [
         f"checkpoint: {ckpt or '-'}",
         f"hf export:  {export_dir or '-'}",

@@ -18,7 +18,8 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from dpo.data.sources import FieldMap, bundled_path, read_local  # noqa: E402
+from dpo.data.formats import load_rows  # noqa: E402
+from dpo.data.sources import SourceSpec, bundled_path  # noqa: E402
 from dpo.models import export_pretrained, load_policy, train_bpe_tokenizer  # noqa: E402
 from dpo.train import CONF_DIR  # noqa: E402
 
@@ -27,9 +28,15 @@ torch.set_num_threads(1)
 TINY_ARCH = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
 
 
+def bundled_spec(max_rows: int | None = None) -> SourceSpec:
+    """The bundled reviews as a source; validation doubles as training data in quick tests."""
+    path = bundled_path("reviews_val.jsonl")
+    return SourceSpec("fields", {"train": bundled_path("reviews_train.jsonl"), "val": path}, max_rows=max_rows)
+
+
 @pytest.fixture(scope="session")
 def bundled_rows():
-    return read_local(bundled_path("reviews_train.jsonl"), FieldMap())
+    return load_rows(bundled_spec(), "train")[0]
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +67,7 @@ def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(Path(output_dir) / "cache")
     return cfg
 
 
@@ -71,15 +79,31 @@ FAST = [
     "callbacks.model_checkpoint.every_n_train_steps=null",
 ]
 TINY_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2}
+FIXTURES = Path(__file__).parent / "fixtures"
+# Local fixtures in each hub data set's schema, keyed by parser format.
+FIXTURE_FOR_FORMAT = {
+    "hh": "hh", "tldr": "tldr", "tldr_flat": "tldr_flat", "tldr_sft": "tldr_sft", "shp": "shp",
+    "imdb": "imdb", "chat": "ultrafeedback",
+}  # fmt: skip
 
 
 def shrink(cfg: DictConfig, exported_tiny: str | None = None) -> DictConfig:
-    """Make a composed config's model tiny: a 1-layer architecture, or ``exported_tiny`` for a
-    config that expects a pretrained model and has none set (``???``)."""
+    """Make a composed config runnable here: a tiny model instead of a hub model, the local fixture
+    instead of a hub data set, the CPU in fp32."""
     with open_dict(cfg):
         if cfg.model.architecture is not None:
             cfg.model.architecture.update(TINY_MODEL)
             cfg.model.tokenizer.bpe_vocab_size = 300
-        if OmegaConf.is_missing(cfg.model, "pretrained"):
+        pretrained = None if OmegaConf.is_missing(cfg.model, "pretrained") else cfg.model.pretrained
+        if pretrained is not None and Path(pretrained).is_dir():
+            pass
+        elif pretrained is not None or cfg.model.architecture is None:
             cfg.model.pretrained = exported_tiny
+            cfg.model.dtype = "float32"
+        source = cfg.data.source
+        if source.path is not None and not Path(source.path).is_dir():
+            source.path = str(FIXTURES / FIXTURE_FOR_FORMAT[source.format])
+            source.name = source.data_dir = None
+        cfg.trainer.accelerator = "cpu"
+        cfg.trainer.precision = "32-true"
     return cfg

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from dpo.data.datamodule import PreferenceDataModule
-from dpo.data.sources import FieldMap, bundled_path
+from dpo.data.sources import SourceSpec, bundled_path
 from dpo.module import DPOModule, warmup_schedule
 
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
@@ -21,9 +21,7 @@ def make_datamodule(tokenizer, pairs=True):
     path = bundled_path("reviews_val.jsonl")
     return PreferenceDataModule(
         tokenizer,
-        path,
-        path,
-        FieldMap(),
+        SourceSpec("fields", {"train": path, "val": path}),
         batch_size=4,
         eval_batch_size=8,
         max_length=64,

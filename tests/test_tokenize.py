@@ -108,3 +108,17 @@ def test_collate_shares_prompt_masks_prompt_and_padding(bpe_tokenizer):
             assert att[r].sum().item() == n + len(resp)
     sft = collate(pairs, pad_id=0, pairs=False)
     assert sft["input_ids"].shape[0] == 2
+
+
+def test_chat_turn_already_closed_by_eos_gets_no_second_eos(bpe_tokenizer):
+    """ChatML with EOS = <|im_end|>: '...<|im_end|>\\n' ends with one EOS, not '<|im_end|>\\n<|im_end|>'."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe_tokenizer.backend_tokenizer, eos_token="<|im_end|>", pad_token="<|im_end|>"
+    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    pair = PairTokenizer(tok, 64, 32)(row("<|im_start|>user\nhi<|im_end|>\n", "hello<|im_end|>\n", "go<|im_end|>\n"))
+    eos = tok.eos_token_id
+    assert pair.chosen_ids.count(eos) == 1 and pair.chosen_ids[-1] == eos
+    assert pair.chosen_ids == tok("hello", add_special_tokens=False)["input_ids"] + [eos]
+    plain = PairTokenizer(tok, 64, 32)(row("q: ", "answer", "other"))
+    assert plain.chosen_ids[-1] == eos and plain.chosen_ids.count(eos) == 1

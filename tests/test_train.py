@@ -21,7 +21,8 @@ from dpo.train import train
 @pytest.mark.slow
 def test_default_run_end_to_end(tmp_path):
     """`dpo-train` with no arguments: trains, reaches held-out accuracy >= 0.8, writes everything."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="")  # an empty WANDB_MODE must not break it
+    # An empty WANDB_MODE must not break the run; the tokenized cache goes to the test folder.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="", DPO_CACHE_DIR=str(tmp_path / "cache"))
     start = time.time()
     proc = subprocess.run(
         [sys.executable, "-m", "dpo.train", f"hydra.run.dir={tmp_path}"],

@@ -1,21 +1,27 @@
-"""Sources of (prompt, chosen, rejected) rows, validated before anything is tokenized.
+"""Where rows come from: local files, local dataset folders, or the Hugging Face hub.
 
-A source reads a local JSONL, JSON-lines, Parquet or CSV file with a configurable field mapping.
-Every row is checked: the fields exist, are strings, and the responses are not empty. Problems
-raise :class:`DataError` naming the file and the row.
+A source yields raw records (dicts in the dataset's own schema) with a ``where`` string naming the
+file or dataset and the row, used in every error message. Turning records into preference rows is
+the job of :mod:`dpo.data.formats`, so hub data and local fixtures in the same schema go through
+the same parser.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from dpo.hub import hub_reachable, offline_mode
+
 
 class DataError(ValueError):
-    """A data file or row that cannot be used; the message names the file and row."""
+    """A data source, file or row that cannot be used; the message names the source and row."""
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,7 @@ class PreferenceRow:
         prompt: the conversation or instruction up to where the response starts.
         chosen: the preferred response (the SFT target).
         rejected: the dispreferred response; None for SFT data.
-        where: ``"file:row"`` for error messages.
+        where: ``"source:row"`` for error messages.
     """
 
     prompt: str
@@ -36,12 +42,37 @@ class PreferenceRow:
 
 
 @dataclass(frozen=True)
-class FieldMap:
-    """Names of the fields holding prompt, chosen and rejected text in a source's rows."""
+class Unreadable:
+    """Stands in for a record that could not be decoded (bad UTF-8 or JSON)."""
 
-    prompt: str = "prompt"
-    chosen: str = "chosen"
-    rejected: str | None = "rejected"
+    reason: str
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a data set lives and which parser reads it (``data.source`` in the config).
+
+    Attributes:
+        format: a parser registered in :data:`dpo.data.formats.FORMATS`.
+        path: hub id, or a local folder with ``<split>.jsonl|.json|.parquet|.csv`` files or a
+            ``save_to_disk`` data set; None when every split is a file path.
+        splits: our split name (``train``, ``val``) -> the source's split name, or a file path when
+            ``path`` is None.
+        name: hub configuration name (``load_dataset(path, name)``).
+        data_dir: hub data folder (Anthropic HH subsets: ``harmless-base``, ...).
+        revision: hub revision; pin it for reproducible caches.
+        max_rows: read at most this many records per split (None: all).
+        options: keyword options of the parser.
+    """
+
+    format: str
+    splits: dict[str, str]
+    path: str | None = None
+    name: str | None = None
+    data_dir: str | None = None
+    revision: str | None = None
+    max_rows: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 def bundled_path(name: str) -> str:
@@ -52,83 +83,145 @@ def bundled_path(name: str) -> str:
     return str(path)
 
 
-def _read_jsonl(path: Path) -> list[tuple[str, Any]]:
-    rows = []
+_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+def read_file(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Records of a local ``.jsonl``/``.json`` (one object per line), ``.parquet`` or ``.csv`` file.
+
+    Lines that are not valid UTF-8 or JSON yield :class:`Unreadable`, so the caller can raise or
+    skip them by its policy. Row numbers are 1-based lines (JSONL) or data rows (Parquet, CSV).
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in _SUFFIXES:
+        raise DataError(f"{path}: unknown data format {suffix!r}; use one of {list(_SUFFIXES)}")
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    try:
+        if suffix in (".jsonl", ".json"):
+            yield from _read_jsonl(path)
+        elif suffix == ".csv":
+            with path.open(encoding="utf-8", newline="") as f:
+                for i, rec in enumerate(csv.DictReader(f), start=1):
+                    yield f"{path}:row {i}", rec
+        else:
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # pyarrow raises several types for corrupt files
+                raise DataError(f"{path}: cannot read as parquet: {e}") from e
+            for i, rec in enumerate(table.to_pylist(), start=1):
+                yield f"{path}:row {i}", rec
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not valid UTF-8 ({e.reason})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+                yield where, Unreadable(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                continue
             if not line.strip():
                 continue
             try:
-                rows.append((where, json.loads(line)))
+                yield where, json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}, column {e.colno})") from None
-    return rows
+                yield where, Unreadable(f"not valid JSON ({e.msg}, column {e.colno})")
 
 
-def _read_table(path: Path, kind: str) -> list[tuple[str, Any]]:
-    import pandas as pd
+def _local_split_file(folder: Path, split: str) -> Path:
+    for suffix in _SUFFIXES:
+        if (folder / f"{split}{suffix}").is_file():
+            return folder / f"{split}{suffix}"
+    raise DataError(f"{folder}: no file for split {split!r} (looked for {split}{{{','.join(_SUFFIXES)}}})")
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    return (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file()
+
+
+def iter_records(spec: SourceSpec, split: str) -> Iterator[tuple[str, Any]]:
+    """Raw records of one split, each with its ``where``; at most ``spec.max_rows`` of them."""
+    if split not in spec.splits:
+        raise DataError(f"data.source.splits has no {split!r} entry (has {sorted(spec.splits)})")
+    target = spec.splits[split]
+    if spec.path is None:
+        records = read_file(target)
+    elif Path(spec.path).expanduser().is_dir():
+        folder = Path(spec.path).expanduser()
+        records = (
+            _saved_records(folder, target)
+            if _is_saved_dataset(folder)
+            else read_file(_local_split_file(folder, target))
+        )
+    else:
+        records = _hub_records(spec, target)
+    for i, item in enumerate(records):
+        if spec.max_rows is not None and i >= spec.max_rows:
+            break
+        yield item
+
+
+def _saved_records(folder: Path, split: str) -> Iterator[tuple[str, Any]]:
+    import datasets
+
+    data = datasets.load_from_disk(str(folder))
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{folder}: saved data set has no split {split!r} (has {sorted(data)})")
+        data = data[split]
+    for i, rec in enumerate(data, start=1):
+        yield f"{folder}[{split}]:row {i}", rec
+
+
+def _hub_records(spec: SourceSpec, split: str) -> Iterator[tuple[str, Any]]:
+    label = (
+        spec.path + (f" ({spec.name})" if spec.name else "") + (f" data_dir={spec.data_dir}" if spec.data_dir else "")
+    )
+    advice = (
+        f"Download it where you have internet (`hf download --repo-type dataset {spec.path}`) and "
+        "set data.source.path to a local folder with <split>.jsonl/.parquet files or a save_to_disk "
+        "folder, or set HF_HUB_OFFLINE=1 to use the Hugging Face cache."
+    )
+    if not offline_mode() and not hub_reachable():
+        raise DataError(f"cannot load data set {label}: the hub is unreachable. {advice}")
+    import datasets
 
     try:
-        frame = pd.read_parquet(path) if kind == "parquet" else pd.read_csv(path, keep_default_na=False)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not valid UTF-8 ({e.reason})") from None
-    except Exception as e:  # pandas and pyarrow raise many types for unreadable files
-        raise DataError(f"{path}: cannot read as {kind}: {e}") from e
-    # Row numbers are 1-based data rows (a CSV's header line is not counted).
-    return [(f"{path}:row {i}", rec) for i, rec in enumerate(frame.to_dict("records"), start=1)]
+        data = datasets.load_dataset(spec.path, spec.name, data_dir=spec.data_dir, revision=spec.revision, split=split)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, ValueError)
+        raise DataError(f"cannot load data set {label} split {split!r}: {e}. {advice}") from e
+    for i, rec in enumerate(data, start=1):
+        yield f"{spec.path}[{split}]:row {i}", rec
 
 
-_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".csv": "csv"}
-
-
-def _field(record: Any, name: str, where: str, *, allow_empty: bool) -> str:
-    if not isinstance(record, dict):
-        raise DataError(f"{where}: expected an object with fields, got {type(record).__name__}")
-    if name not in record:
-        raise DataError(f"{where}: missing field {name!r} (fields present: {sorted(record)})")
-    value = record[name]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise DataError(f"{where}: field {name!r} is empty")
-    return value
-
-
-def read_local(path: str | Path, fields: FieldMap, *, pairs: bool = True) -> list[PreferenceRow]:
-    """Read and validate every row of a local file.
-
-    Args:
-        path: a ``.jsonl``/``.json`` (one object per line), ``.parquet`` or ``.csv`` file.
-        fields: where the prompt, chosen and rejected texts live in each row.
-        pairs: rows must carry a rejected response (False for SFT data).
-
-    Raises:
-        DataError: unreadable file, unknown format, bad JSON or UTF-8, a missing or non-string
-            field, an empty response, or a file with no rows; the message names file and row.
-    """
-    path = Path(path)
-    kind = _FORMATS.get(path.suffix.lower())
-    if kind is None:
-        raise DataError(f"{path}: unknown data format {path.suffix!r}; use one of {sorted(_FORMATS)}")
-    if not path.is_file():
-        raise DataError(f"{path}: data file not found")
-    try:
-        records = _read_jsonl(path) if kind == "jsonl" else _read_table(path, kind)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
-    if pairs and fields.rejected is None:
-        raise DataError(f"{path}: the loss needs pairs but the field map names no rejected field")
-    rows = []
-    for where, rec in records:
-        prompt = _field(rec, fields.prompt, where, allow_empty=True)
-        chosen = _field(rec, fields.chosen, where, allow_empty=False)
-        rejected = _field(rec, fields.rejected, where, allow_empty=False) if pairs else None
-        rows.append(PreferenceRow(prompt, chosen, rejected, where))
-    if not rows:
-        raise DataError(f"{path}: no rows")
-    return rows
+def source_fingerprint(spec: SourceSpec, split: str) -> dict[str, Any]:
+    """What identifies a split's content: file identity (path, size, mtime) or hub coordinates."""
+    target = spec.splits.get(split)
+    out: dict[str, Any] = {"format": spec.format, "options": spec.options, "max_rows": spec.max_rows, "split": target}
+    files: list[Path] = []
+    if spec.path is None:
+        files = [Path(target)]
+    elif Path(spec.path).expanduser().is_dir():
+        folder = Path(spec.path).expanduser()
+        files = (
+            sorted(p for p in folder.rglob("*") if p.is_file())
+            if _is_saved_dataset(folder)
+            else [_local_split_file(folder, target)]
+        )
+    else:
+        out |= {"hub": spec.path, "name": spec.name, "data_dir": spec.data_dir, "revision": spec.revision}
+    for f in files:
+        stat = f.stat() if f.is_file() else None
+        out.setdefault("files", []).append(
+            [os.path.abspath(f), stat.st_size if stat else None, stat.st_mtime_ns if stat else None]
+        )
+    return out

@@ -7,7 +7,8 @@ Prompt and responses are tokenized *separately* and concatenated, so that
   e.g., a trailing space of the prompt with the response's first word).
 
 BOS: added in front of the prompt only when the tokenizer adds one by itself (Llama-style), never
-twice. EOS: appended to every response, so the model learns to stop.
+twice. EOS: closes every response exactly once, so the model learns to stop (a chat template that
+already ends the turn with the EOS token gets no second one).
 
 Truncation policy, applied per pair with ``max_length`` (prompt + longest response) and
 ``max_prompt_length`` (< ``max_length``):
@@ -114,6 +115,21 @@ class PairTokenizer:
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _response(self, text: str) -> list[int]:
+        """Response ids closed by exactly one EOS.
+
+        A chat template may already end the turn with the EOS token and a newline
+        (``...<|im_end|>\n`` when EOS is ``<|im_end|>``): the trailing whitespace is dropped and no
+        second EOS is added.
+        """
+        stripped = text.rstrip()
+        if stripped != text and self.tokenizer.eos_token and stripped.endswith(self.tokenizer.eos_token):
+            text = stripped
+        ids = self._encode(text)
+        if not ids or ids[-1] != self.eos:
+            ids.append(self.eos)
+        return ids
+
     def _truncate_prompt(self, ids: list[int]) -> list[int]:
         n = self.max_prompt_length
         if len(ids) <= n:
@@ -133,9 +149,9 @@ class PairTokenizer:
                 f"{row.where}: empty prompt and the tokenizer adds no BOS token, so the first "
                 "response token would have nothing to be predicted from"
             )
-        responses = [self._encode(row.chosen) + [self.eos]]
+        responses = [self._response(row.chosen)]
         if row.rejected is not None:
-            responses.append(self._encode(row.rejected) + [self.eos])
+            responses.append(self._response(row.rejected))
         for text, ids in zip((row.chosen, row.rejected), responses, strict=False):
             if len(ids) < 2:
                 raise DataError(f"{row.where}: response {text!r} has no tokens")

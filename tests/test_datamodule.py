@@ -1,0 +1,108 @@
+"""The data module: tokenized cache (hits, misses, one build under concurrency), grouping, samples."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from conftest import bundled_spec
+from dpo.data import cache
+from dpo.data.datamodule import GroupedShuffleSampler, PreferenceDataModule
+from dpo.data.sources import SourceSpec
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def make(tokenizer, cache_dir, source=None, max_length=64, **kwargs):
+    return PreferenceDataModule(
+        tokenizer,
+        source or bundled_spec(max_rows=64),
+        batch_size=4,
+        eval_batch_size=4,
+        max_length=max_length,
+        max_prompt_length=32,
+        cache_dir=cache_dir and str(cache_dir),
+        **kwargs,
+    )
+
+
+def test_second_setup_is_a_cache_hit_with_identical_data(tmp_path, bpe_tokenizer):
+    first = make(bpe_tokenizer, tmp_path)
+    first.setup()
+    assert first.cache_hits == {"train": False, "val": False}
+    second = make(bpe_tokenizer, tmp_path)
+    second.setup()
+    assert second.cache_hits == {"train": True, "val": True}
+    assert second.datasets["train"].items == first.datasets["train"].items
+    assert second.stats == first.stats
+
+
+def test_changed_length_tokenizer_or_file_is_a_miss(tmp_path, bpe_tokenizer, bundled_rows):
+    from dpo.models import train_bpe_tokenizer
+
+    make(bpe_tokenizer, tmp_path).setup()
+    longer = make(bpe_tokenizer, tmp_path, max_length=65)
+    longer.setup()
+    assert longer.cache_hits["train"] is False
+    other_tok = train_bpe_tokenizer([r.chosen for r in bundled_rows[:200]], 300)
+    retok = make(other_tok, tmp_path)
+    retok.setup()
+    assert retok.cache_hits["train"] is False
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    source = SourceSpec("fields", {"train": str(data), "val": str(data)})
+    make(bpe_tokenizer, tmp_path, source=source).setup()
+    data.write_text('{"prompt": "a", "chosen": "bb", "rejected": "c"}\n')
+    os.utime(data, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = make(bpe_tokenizer, tmp_path, source=source)
+    changed.setup()
+    assert changed.cache_hits["train"] is False
+    assert len(changed.datasets["train"].items[0].chosen_ids) == len(bpe_tokenizer("bb")["input_ids"]) + 1
+
+
+def test_concurrent_jobs_tokenize_once(tmp_path):
+    """Two jobs (or ranks) asking for the same split at once: one builds, the other reads."""
+    calls = []
+
+    def build():
+        calls.append(1)
+        time.sleep(0.3)
+        return [], [], {"n": 0}
+
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.get_or_build(tmp_path, "k", build))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and sorted(r[3] for r in results) == [False, True]
+
+
+def test_group_by_prompt_keeps_a_prompts_pairs_together(tmp_path, bpe_tokenizer):
+    source = SourceSpec(
+        "shp", {"train": "train", "val": "validation"}, path=str(FIXTURES / "shp"), options={"min_score_ratio": 1.0}
+    )
+    dm = make(bpe_tokenizer, tmp_path, source=source, group_by_prompt=True)
+    dm.setup()
+    groups = dm.datasets["train"].groups
+    assert groups == [0, 0, 0, 1]
+    sampler = GroupedShuffleSampler(groups, seed=3)
+    for _ in range(3):  # every epoch: a permutation with each group contiguous
+        order = [groups[i] for i in sampler]
+        assert sorted(order) == sorted(groups)
+        assert order in ([0, 0, 0, 1], [1, 0, 0, 0])
+    assert dm.stats["train"]["prompts"] == 2 and dm.stats["train"]["pairs"] == 4
+
+
+def test_samples_show_the_rendered_text_with_token_counts(tmp_path, bpe_tokenizer):
+    dm = make(bpe_tokenizer, None)
+    dm.setup()
+    sample = dm.samples(1)[0]
+    first = dm.datasets["train"].items[0]
+    assert f"prompt ({len(first.prompt_ids)} tok)" in sample and "Review the drama" in sample
+    assert f"rejected ({len(first.rejected_ids)} tok)" in sample
+    assert dm.stats["train"]["rows"] == 64 and "response_len_p95" in dm.stats["train"]
