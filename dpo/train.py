@@ -151,11 +151,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, accumulate_grad_batches=plan.accumulate_grad_batches
     )
-    for logger in loggers:
-        logger.log_hyperparams(redact(resolved))
-
     failed = True
     try:
+        for logger in loggers:
+            logger.log_hyperparams(redact(resolved))
         before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
@@ -169,14 +168,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
     return after
 
 
+def _describe_split(source: DictConfig, split: str) -> str:
+    target = source.splits[split]
+    return target if source.path is None else f"{source.path} [{target}] ({source.format})"
+
+
 def _summary(cfg, trainer, datamodule, before, after, export_dir, out_dir, seconds) -> None:
     ckpt = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None
     params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
     lines = [
         "=" * 72,
         f"dpo-train finished: loss={cfg.loss.name}({params}) steps={trainer.global_step} time={seconds:.0f}s",
-        f"held-out pairs: {len(datamodule.datasets['val'])} ({cfg.data.source.format} "
-        f"{cfg.data.source.path or cfg.data.source.splits.val}, split {cfg.data.source.splits.val})",
+        f"held-out pairs: {len(datamodule.datasets['val'])} from {_describe_split(cfg.data.source, 'val')}",
     ]
     for key, label in (
         ("val/rewards/accuracy", "reward accuracy"),
