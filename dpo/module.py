@@ -19,6 +19,8 @@ REFERENCE_PREFIX = "reference."
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Mid-epoch resume is exact: GlobalBatchSampler skips the trained micro-batches (tests/test_scale.py).
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def warmup_schedule(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:
@@ -81,6 +83,7 @@ class DPOModule(LightningModule):
         if reference is not None:
             reference.eval()
             reference.requires_grad_(False)
+        self._pending: list[dict[str, Tensor]] = []  # metrics of the micro-batches of one optimizer step
         self.loss_name = loss
         self.loss_params = dict(loss_params)
         self.pairs = spec.needs_pairs
@@ -106,8 +109,12 @@ class DPOModule(LightningModule):
         b = n // 2 if self.pairs else n
         return PairLogps(logps.sum[:b], logps.sum[b:], logps.n_tokens[:b], logps.n_tokens[b:])
 
-    def shared_step(self, batch: PreferenceBatch, stage: str) -> Tensor:
-        """Policy forward, reference forward without grad, loss, metrics. Returns the mean loss."""
+    def shared_step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Policy forward, reference forward without grad, loss, metrics.
+
+        Returns:
+            The mean loss over the batch's pairs and the metrics named ``{stage}/{group}/{name}``.
+        """
         policy_logits = self._forward(self.policy, batch)  # (2B, T, V)
         policy = self.split(sequence_logps(policy_logits, batch["labels"]))
         reference = reference_logits = None
@@ -140,18 +147,37 @@ class DPOModule(LightningModule):
             kl = sequence_kl(policy_logits[:b].detach(), reference_logits[:b], batch["labels"][:b])
             metrics[f"{stage}/kl/chosen"] = kl.mean()
             metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
+        return loss, metrics
+
+    def _log(self, metrics: dict[str, Tensor], stage: str, batch_size: int) -> None:
+        # sync_dist: under DDP a logged value is the mean over all ranks (equal micro-batches),
+        # i.e. over the global batch, not rank 0's share of it.
         on_step = stage == "train"
-        kwargs = {"on_step": on_step, "on_epoch": not on_step, "batch_size": b, "sync_dist": not on_step}
+        kwargs = {"on_step": on_step, "on_epoch": not on_step, "batch_size": batch_size, "sync_dist": True}
         bar = {f"{stage}/loss", f"{stage}/rewards/accuracy"}
         self.log_dict({k: v for k, v in metrics.items() if k in bar}, prog_bar=True, **kwargs)
         self.log_dict({k: v for k, v in metrics.items() if k not in bar}, **kwargs)
-        return loss
 
     def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "train")
+        loss, metrics = self.shared_step(batch, "train")
+        # With gradient accumulation, log once per optimizer step the mean over its micro-batches,
+        # so a step's metrics describe the whole global batch (the sampler gives equal sizes).
+        self._pending.append(metrics)
+        if len(self._pending) == self.trainer.accumulate_grad_batches:
+            mean = {k: torch.stack([m[k] for m in self._pending]).mean() for k in metrics}
+            self._log(mean, "train", batch_size=self._pairs_in(batch))
+            self._pending = []
+        return loss
 
     def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
-        return self.shared_step(batch, "val")
+        loss, metrics = self.shared_step(batch, "val")
+        self._log(metrics, "val", batch_size=self._pairs_in(batch))
+        return loss
+
+    def _pairs_in(self, batch: PreferenceBatch) -> int:
+        """Pairs in a batch: half its rows for preference batches, all of them for SFT."""
+        n = batch["input_ids"].shape[0]
+        return n // 2 if self.pairs else n
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.policy.parameters())

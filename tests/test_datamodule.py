@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import bundled_spec
 from dpo.data import cache
-from dpo.data.datamodule import GroupedShuffleSampler, PreferenceDataModule
+from dpo.data.datamodule import GlobalBatchSampler, PreferenceDataModule
 from dpo.data.sources import SourceSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -90,8 +90,9 @@ def test_group_by_prompt_keeps_a_prompts_pairs_together(tmp_path, bpe_tokenizer)
     dm.setup()
     groups = dm.datasets["train"].groups
     assert groups == [0, 0, 0, 1]
-    sampler = GroupedShuffleSampler(groups, seed=3)
-    for _ in range(3):  # every epoch: a permutation with each group contiguous
+    sampler = GlobalBatchSampler(groups, micro=1, group_by_prompt=True, seed=3)
+    for epoch in range(3):  # every epoch: a permutation with each group contiguous
+        sampler.set_epoch(epoch)
         order = [groups[i] for i in sampler]
         assert sorted(order) == sorted(groups)
         assert order in ([0, 0, 0, 1], [1, 0, 0, 0])
@@ -106,3 +107,34 @@ def test_samples_show_the_rendered_text_with_token_counts(tmp_path, bpe_tokenize
     assert f"prompt ({len(first.prompt_ids)} tok)" in sample and "Review the drama" in sample
     assert f"rejected ({len(first.rejected_ids)} tok)" in sample
     assert dm.stats["train"]["rows"] == 64 and "response_len_p95" in dm.stats["train"]
+
+
+def test_global_batches_are_the_same_rows_for_any_world_size_and_accumulation():
+    """Step s trains on the same rows with 1 x 8, 2 ranks x 4, 4 accumulation x 2, 2 ranks x 2 accum x 2."""
+    groups = list(range(50))
+
+    def steps(micro, world, accumulate):
+        per_rank = []
+        for rank in range(world):
+            sampler = GlobalBatchSampler(groups, micro, world, rank, accumulate, seed=7)
+            sampler.set_epoch(1)
+            per_rank.append(list(sampler))
+            assert len(per_rank[-1]) == len(sampler)
+        n_steps = len(per_rank[0]) // (micro * accumulate)
+        chunk = micro * accumulate
+        return [sorted(i for r in per_rank for i in r[s * chunk : (s + 1) * chunk]) for s in range(n_steps)]
+
+    reference = steps(8, 1, 1)
+    assert len(reference) == 6  # 50 // 8; the incomplete global batch is dropped
+    for micro, world, accumulate in ((4, 2, 1), (2, 1, 4), (2, 2, 2)):
+        assert steps(micro, world, accumulate) == reference
+    shuffled = GlobalBatchSampler(groups, 8, seed=7)
+    assert shuffled.order(0) != shuffled.order(1) and sorted(shuffled.order(0)) == groups
+
+
+def test_skip_batches_resumes_mid_epoch():
+    sampler = GlobalBatchSampler(list(range(40)), micro=4, accumulate=2, seed=1)
+    full = list(sampler)
+    sampler.skip_batches = 3
+    assert list(sampler) == full[12:]
+    assert list(sampler) == full  # the skip applies once

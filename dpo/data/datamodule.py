@@ -8,9 +8,8 @@ from dataclasses import replace
 from functools import partial
 from typing import Any
 
-import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data import cache
@@ -38,34 +37,80 @@ class TokenizedDataset(Dataset[TokenizedPair]):
         return self.items[i]
 
 
-class GroupedShuffleSampler(Sampler[int]):
-    """Shuffles prompt groups, then yields each group's pairs one after another.
+def grouped_order(groups: list[int], rng: random.Random) -> list[int]:
+    """A shuffle of prompt groups, each group's rows kept together (``group_by_prompt``)."""
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    blocks = list(members.values())
+    rng.shuffle(blocks)
+    return [i for block in blocks for i in block]
 
-    Keeps the several pairs of a prompt in the same or neighbouring batches (``group_by_prompt``).
-    Each epoch draws a new order from ``seed`` and the epoch number.
+
+class GlobalBatchSampler(Sampler[int]):
+    """This rank's share of one global order of training rows, cut into optimizer steps.
+
+    Every epoch draws one order of all rows (seeded by ``seed`` and the epoch), the same on every
+    rank. Optimizer step ``s`` uses rows ``order[s*G:(s+1)*G]`` with ``G = micro * world *
+    accumulate``; micro-batch ``a`` of rank ``r`` within the step is the slice starting at
+    ``s*G + (a*world + r)*micro``. So one process with micro-batch G, one with accumulation, and
+    W DDP ranks all train on exactly the same rows per step, and their gradients agree; a last,
+    incomplete global batch is dropped. Mid-epoch resume skips the micro-batches already trained
+    on (``skip_batches``), so a resumed run sees the rows an uninterrupted run would.
+
+    Lightning's own distributed sampler is turned off (``use_distributed_sampler: false``):
+    it would reshuffle per rank and break this equivalence, and ``group_by_prompt``.
     """
 
-    def __init__(self, groups: list[int], seed: int) -> None:
-        self.seed = seed
+    def __init__(
+        self,
+        groups: list[int],
+        micro: int,
+        world: int = 1,
+        rank: int = 0,
+        accumulate: int = 1,
+        shuffle: bool = True,
+        group_by_prompt: bool = False,
+        seed: int = 0,
+    ) -> None:
+        self.groups = groups
+        self.micro, self.world, self.rank, self.accumulate = micro, world, rank, accumulate
+        self.shuffle, self.group_by_prompt, self.seed = shuffle, group_by_prompt, seed
         self.epoch = 0
-        members: dict[int, list[int]] = {}
-        for i, g in enumerate(groups):
-            members.setdefault(g, []).append(i)
-        self.members = list(members.values())
-        self.n = len(groups)
+        self.skip_batches = 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.world * self.accumulate
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def order(self, epoch: int) -> list[int]:
+        """The global order of rows for ``epoch`` (identical on every rank)."""
+        n = len(self.groups)
+        if not self.shuffle:
+            return list(range(n))
+        rng = random.Random(self.seed * 1_000_003 + epoch)
+        if self.group_by_prompt:
+            return grouped_order(self.groups, rng)
+        order = list(range(n))
+        rng.shuffle(order)
+        return order
+
     def __iter__(self) -> Iterator[int]:
-        order = list(range(len(self.members)))
-        random.Random(self.seed * 100_003 + self.epoch).shuffle(order)
-        self.epoch += 1
-        for g in order:
-            yield from self.members[g]
+        order, g = self.order(self.epoch), self.global_batch
+        skip, self.skip_batches = self.skip_batches, 0
+        k = 0
+        for step in range(len(order) // g):
+            for a in range(self.accumulate):
+                if k >= skip:
+                    start = step * g + (a * self.world + self.rank) * self.micro
+                    yield from order[start : start + self.micro]
+                k += 1
 
     def __len__(self) -> int:
-        return self.n
+        return (len(self.groups) // self.global_batch) * self.accumulate * self.micro
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -192,25 +237,37 @@ class PreferenceDataModule(LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
-        generator = torch.Generator().manual_seed(self.seed)
-        if not self.shuffle:
-            sampler = None
-        elif self.group_by_prompt:
-            sampler = GroupedShuffleSampler(data.groups, self.seed)
-        else:
-            sampler = RandomSampler(data, generator=generator)
+        trainer = self.trainer
+        sampler = GlobalBatchSampler(
+            data.groups,
+            micro=self.batch_size,
+            world=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            accumulate=trainer.accumulate_grad_batches if trainer else 1,
+            shuffle=self.shuffle,
+            group_by_prompt=self.group_by_prompt,
+            seed=self.seed,
+        )
+        if trainer is not None:
+            # Resuming mid-epoch: skip the micro-batches the checkpointed run already trained on.
+            # `processed` counts them (a checkpoint written in on_train_batch_end has not yet
+            # marked its batch `completed`); at an epoch's end there is nothing to skip.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            if 0 < done < len(sampler) // self.batch_size:
+                sampler.skip_batches = done
         return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            collate_fn=self._collate,
-            num_workers=self.num_workers,
-            drop_last=True,
+            data, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:
+        data = self.datasets["val"]
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        # Contiguous shards, one per rank, no padding rows: every held-out pair counts once.
+        bounds = [len(data) * r // world for r in range(world + 1)]
+        shard = Subset(data, range(bounds[rank], bounds[rank + 1]))
         return DataLoader(
-            self.datasets["val"],
+            shard,
             batch_size=self.eval_batch_size,
             shuffle=False,
             collate_fn=self._collate,
