@@ -35,11 +35,25 @@ SECTION_KEYS: dict[str, set[str]] = {
         "num_workers",
     },  # fmt: skip
     "data.source": {"format", "path", "name", "data_dir", "revision", "splits", "max_rows", "options"},
-    "model": {"pretrained", "revision", "dtype", "trust_remote_code", "architecture", "tokenizer"},
+    "model": {
+        "pretrained",
+        "revision",
+        "dtype",
+        "trust_remote_code",
+        "architecture",
+        "tokenizer",
+        "gradient_checkpointing",
+        "fsdp_block",
+    },  # fmt: skip
     "model.tokenizer": {"pretrained", "bpe_vocab_size"},
     "optim": {"optimizer", "warmup_steps", "decay"},
 }
-REFERENCE_CHOICES = ("copy", "none")
+REFERENCE_KEYS = {
+    "copy": {"kind", "sync_every", "sync_alpha"},
+    "lora": {"kind", "r", "alpha", "dropout", "target_modules"},
+    "precomputed": {"kind", "batch_size"},
+    "none": {"kind"},
+}
 _SECRET = re.compile(r"api_?key|secret|password|credential|^(hf_|auth_|access_)?token$", re.IGNORECASE)
 
 
@@ -114,10 +128,17 @@ def validate(cfg: DictConfig) -> BatchPlan:
         check_loss_params(cfg.loss.name, loss_params(cfg))
     except (KeyError, ValueError) as e:
         raise ConfigError(str(e.args[0])) from None
-    if cfg.reference not in REFERENCE_CHOICES:
-        raise ConfigError(f"reference={cfg.reference!r}; choose from {REFERENCE_CHOICES}")
-    if spec.needs_reference and cfg.reference == "none":
+    kind = OmegaConf.select(cfg, "reference.kind")
+    if kind not in REFERENCE_KEYS:
+        raise ConfigError(f"reference.kind={kind!r}; choose from {sorted(REFERENCE_KEYS)}")
+    if unknown := sorted(set(cfg.reference) - REFERENCE_KEYS[kind]):
+        raise ConfigError(f"unknown key(s) {[f'reference.{k}' for k in unknown]} for reference.kind={kind}")
+    if missing := sorted(REFERENCE_KEYS[kind] - set(cfg.reference)):
+        raise ConfigError(f"missing key(s) {[f'reference.{k}' for k in missing]}")
+    if spec.needs_reference and kind == "none":
         raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
+    if kind == "copy" and cfg.reference.sync_every and not 0 < cfg.reference.sync_alpha <= 1:
+        raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
     data = cfg.data
     if not 0 < data.max_prompt_length < data.max_length:
         raise ConfigError(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from dpo.data.collate import PreferenceBatch
 from dpo.logprobs import SequenceLogps, sequence_kl, sequence_logps
 from dpo.losses import PairLogps, compute_loss, get_loss
+from dpo.reference import sync_reference
 
 REFERENCE_PREFIX = "reference."
 
@@ -48,6 +49,9 @@ class DPOModule(LightningModule):
     The reference starts from the same weights as the policy, stays in eval mode with no grad,
     is left out of the optimizer and out of checkpoints. Losses that need no reference
     (``LossSpec.needs_reference`` False) are run with ``reference=None``, and none is ever built.
+    Where the reference's log-probs come from is ``reference_kind`` (see :mod:`dpo.reference`):
+    the ``reference`` module (``copy``), the policy with its LoRA adapter off (``lora``), or the
+    batch's ``ref_logps`` (``precomputed``).
 
     Args:
         policy: the causal LM to train.
@@ -58,6 +62,11 @@ class DPOModule(LightningModule):
         optimizer: Hydra config of the optimizer, ``_partial_: true``, called with the parameters.
         warmup_steps: linear warmup steps of the learning rate.
         decay: schedule after warmup (``constant``, ``linear``, ``cosine``).
+        reference_kind: ``copy``, ``lora``, ``precomputed`` or ``none``.
+        sync_every: TR-DPO reference update period in optimizer steps; 0 keeps it frozen.
+        sync_alpha: TR-DPO mixing weight (1: hard copy).
+        fsdp_block: class name of the decoder block FSDP shards as one unit (None: the model's
+            ``_no_split_modules``).
     """
 
     def __init__(
@@ -70,23 +79,60 @@ class DPOModule(LightningModule):
         nll_weight: float = 0.0,
         warmup_steps: int = 0,
         decay: str = "constant",
+        reference_kind: str = "copy",
+        sync_every: int = 0,
+        sync_alpha: float = 1.0,
+        fsdp_block: str | None = None,
     ) -> None:
         super().__init__()
         spec = get_loss(loss)
-        if spec.needs_reference and reference is None:
-            raise ValueError(f"loss {loss!r} needs a reference model")
         if not spec.needs_reference and reference is not None:
             raise ValueError(f"loss {loss!r} uses no reference model; don't build one")
+        if spec.needs_reference:
+            if reference_kind == "copy" and reference is None:
+                raise ValueError(f"loss {loss!r} needs a reference model")
+            if reference_kind == "lora" and not hasattr(policy, "disable_adapter"):
+                raise ValueError("reference=lora needs a PEFT policy (its adapter is switched off for the reference)")
+            if reference_kind not in ("copy", "lora", "precomputed"):
+                raise ValueError(f"loss {loss!r} needs a reference; reference_kind={reference_kind!r}")
         self.save_hyperparameters(ignore=["policy", "reference"])
+        self.uses_reference = spec.needs_reference
         self.policy = policy
         self.reference = reference
         if reference is not None:
             reference.eval()
             reference.requires_grad_(False)
+        self.sharded = False
         self._pending: list[dict[str, Tensor]] = []  # metrics of the micro-batches of one optimizer step
         self.loss_name = loss
         self.loss_params = dict(loss_params)
         self.pairs = spec.needs_pairs
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``), shard policy and reference block by block.
+
+        Each decoder block is one ``fully_shard`` unit, then the whole model; the reference is
+        sharded the same way (it is frozen, so it holds no gradients or optimizer state).
+        Lightning may call this once per stage; it shards once.
+        """
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for model in (self.policy, self.reference):
+            if model is None:
+                continue
+            blocks = {self.hparams.fsdp_block} if self.hparams.fsdp_block else set(model._no_split_modules or ())
+            if not blocks:
+                raise ValueError("set model.fsdp_block: this model names no block class to shard")
+            units = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not units:
+                raise ValueError(f"model.fsdp_block {sorted(blocks)} matches no module of {type(model).__name__}")
+            for unit in units:
+                fully_shard(unit, mesh=mesh["data_parallel"])
+            fully_shard(model, mesh=mesh["data_parallel"])
+        self.sharded = True
 
     def train(self, mode: bool = True) -> DPOModule:
         """Switch the policy's mode; the reference stays in eval mode always."""
@@ -98,6 +144,15 @@ class DPOModule(LightningModule):
     @staticmethod
     def _forward(model: nn.Module, batch: PreferenceBatch) -> Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    def _reference_logits(self, batch: PreferenceBatch) -> Tensor:
+        """Reference logits: the frozen copy, or the policy's base with its LoRA adapter off."""
+        if self.reference is not None:
+            return self._forward(self.reference, batch)
+        if self.hparams.reference_kind == "lora":
+            with self.policy.disable_adapter():
+                return self._forward(self.policy, batch)
+        raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
 
     def split(self, logps: SequenceLogps) -> PairLogps:
         """Cut stacked rows into chosen and rejected: rows ``[:B]`` are chosen, ``[B:]`` rejected.
@@ -116,12 +171,18 @@ class DPOModule(LightningModule):
             The mean loss over the batch's pairs and the metrics named ``{stage}/{group}/{name}``.
         """
         policy_logits = self._forward(self.policy, batch)  # (2B, T, V)
-        policy = self.split(sequence_logps(policy_logits, batch["labels"]))
+        policy_logps = sequence_logps(policy_logits, batch["labels"])
+        policy_n_tokens = policy_logps.n_tokens
+        policy = self.split(policy_logps)
         reference = reference_logits = None
-        if self.reference is not None:
+        if self.uses_reference:
             with torch.no_grad():
-                reference_logits = self._forward(self.reference, batch)
-                reference = self.split(sequence_logps(reference_logits, batch["labels"]))
+                if "ref_logps" in batch:  # precomputed: same rows, same response tokens
+                    ref = batch["ref_logps"]
+                    reference = self.split(SequenceLogps(ref, ref / policy_n_tokens.clamp(min=1), policy_n_tokens))
+                else:
+                    reference_logits = self._reference_logits(batch)
+                    reference = self.split(sequence_logps(reference_logits, batch["labels"]))
         out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.hparams.nll_weight)
         loss = out.losses.mean()
 
@@ -188,14 +249,24 @@ class DPOModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_train_batch_end(self, outputs: Any, batch: PreferenceBatch, batch_idx: int) -> None:
+        """TR-DPO: after every ``sync_every``-th optimizer step, move the reference toward the policy."""
+        every = self.hparams.sync_every
+        stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        if every and self.reference is not None and stepped and self.trainer.global_step % every == 0:
+            sync_reference(self.reference, self.policy, self.hparams.sync_alpha)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Drop the reference's weights: it is rebuilt from the same source on resume."""
+        """Drop the reference's weights (rebuilt from the same source on resume), except when TR-DPO
+        moves it, or under FSDP, whose distributed checkpoint loads the module's full state."""
+        if self.hparams.sync_every or self.sharded:
+            return
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(REFERENCE_PREFIX)]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Put the current reference's weights back so strict loading still checks the policy."""
-        if self.reference is not None:
-            ref = {REFERENCE_PREFIX + k: v for k, v in self.reference.state_dict().items()}
-            checkpoint["state_dict"].update(ref)
+        state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
+        if state is not None and self.reference is not None and not any(k.startswith(REFERENCE_PREFIX) for k in state):
+            state.update({REFERENCE_PREFIX + k: v for k, v in self.reference.state_dict().items()})

@@ -7,7 +7,6 @@ dpo-train -m loss.beta=0.05,0.1,1,5         # a sweep (one run folder per job)
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from dpo.log import get_logger
 from dpo.losses import get_loss
 from dpo.models import export_pretrained, load_policy, load_tokenizer
 from dpo.module import DPOModule
+from dpo.reference import apply_lora, make_reference, precompute
 
 log = get_logger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -95,11 +95,6 @@ def build_tokenizer(cfg: DictConfig) -> Any:
     )
 
 
-def make_reference(policy: Any) -> Any:
-    """The frozen reference: a copy of the initial policy, so both start from identical weights."""
-    return copy.deepcopy(policy)
-
-
 def _metrics(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
@@ -134,7 +129,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         dtype=m.dtype,
         trust_remote_code=m.trust_remote_code,
     )
-    reference = make_reference(policy) if spec.needs_reference else None
+    ref_cfg = cfg.reference
+    if ref_cfg.kind == "lora":
+        policy = apply_lora(policy, ref_cfg.r, ref_cfg.alpha, ref_cfg.dropout, ref_cfg.target_modules)
+    if m.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    reference = make_reference(policy) if spec.needs_reference and ref_cfg.kind == "copy" else None
+    if spec.needs_reference and ref_cfg.kind == "precomputed":
+        hits = precompute(cfg, policy, datamodule, cfg.data.cache_dir)
+        origin = ", ".join(f"{split}: {'cache hit' if hit else 'computed'}" for split, hit in hits.items())
+        log.info(f"reference log-probs precomputed ({origin})")
     module = DPOModule(
         policy,
         reference,
@@ -144,6 +148,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
         optimizer=OmegaConf.to_container(cfg.optim.optimizer, resolve=True),
         warmup_steps=cfg.optim.warmup_steps,
         decay=cfg.optim.decay,
+        reference_kind=ref_cfg.kind,
+        sync_every=ref_cfg.get("sync_every", 0),
+        sync_alpha=ref_cfg.get("sync_alpha", 1.0),
+        fsdp_block=m.fsdp_block,
     )
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
@@ -158,9 +166,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         before = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
         after = _metrics(trainer.validate(module, datamodule=datamodule, verbose=False))
-        export_dir = None
-        if trainer.is_global_zero:
-            export_dir = export_pretrained(policy, tokenizer, out_dir / "hf")
+        export_dir = export_pretrained(policy, tokenizer, out_dir / "hf", write=trainer.is_global_zero)
         failed = False
     finally:
         _finish_wandb(failed)

@@ -68,6 +68,8 @@ def no_weights(monkeypatch):
         (["data.batch_size=30"], r"data.batch_size=30 must be a positive multiple of data.micro_batch_size=16"),
         (["data.max_prompt_length=128"], r"max_prompt_length \(128\) < data.max_length \(128\)"),
         (["reference=none"], r"needs a reference model but reference=none"),
+        (["+reference.rank=4"], r"unknown key\(s\) \['reference.rank'\] for reference.kind=copy"),
+        (["reference.sync_every=10", "reference.sync_alpha=1.5"], r"sync_alpha must be in \(0, 1\]"),
         (["data=local"], r"not set: \['data.source.splits.train', 'data.source.splits.val'\]"),
         (["+data.source.options.prefix=3"], r"options \['prefix'\] unknown for format 'fields'"),
         (["data=imdb"], r"needs preference pairs but data format 'imdb' gives none"),

@@ -51,6 +51,20 @@ def test_ddp_and_accumulation_equal_one_process(tmp_path):
 
 
 @pytest.mark.slow
+def test_fsdp2_equals_one_process_and_exports_full_weights(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    single = run_cli(tmp_path / "single", "data.micro_batch_size=8")
+    fsdp = run_cli(tmp_path / "fsdp", "trainer=fsdp_cpu", "data.micro_batch_size=4")
+    assert_same_trajectory(fsdp, single)
+    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint
+    gathered = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "hf").state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "hf").state_dict()
+    for name, value in plain.items():
+        assert value.shape == gathered[name].shape and (value - gathered[name]).abs().max() < 1e-5, name
+
+
+@pytest.mark.slow
 def test_resume_mid_epoch_continues_the_same_trajectory(tmp_path):
     """Stop after 3 of 6 steps (mid-epoch), resume from last.ckpt: steps 4-6 match the full run."""
     every3 = "callbacks.model_checkpoint.every_n_train_steps=3"
@@ -59,3 +73,12 @@ def test_resume_mid_epoch_continues_the_same_trajectory(tmp_path):
     resumed = run_cli(tmp_path / "resumed", every3, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
     assert resumed["train/loss"] == pytest.approx(full["train/loss"][3:], abs=1e-6)
     assert resumed["val/loss"][-1] == pytest.approx(full["val/loss"][-1], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_resume_from_a_sharded_fsdp_checkpoint(tmp_path):
+    every3 = ["callbacks.model_checkpoint.every_n_train_steps=3", "trainer=fsdp_cpu", "data.micro_batch_size=4"]
+    full = run_cli(tmp_path / "full", *every3)
+    run_cli(tmp_path / "first", *every3, "trainer.max_steps=3")
+    resumed = run_cli(tmp_path / "resumed", *every3, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed["train/loss"] == pytest.approx(full["train/loss"][3:], abs=1e-6)

@@ -70,13 +70,11 @@ def _unflatten(flat: torch.Tensor, lengths: torch.Tensor) -> list[list[int] | No
 
 
 def save(path: Path, pairs: list[TokenizedPair], groups: list[int], meta: dict[str, Any]) -> None:
-    """Write a tokenized split atomically (a reader never sees half a file)."""
+    """Write a tokenized split (:func:`locked_cache` makes the write atomic)."""
     blob: dict[str, Any] = {"groups": torch.tensor(groups, dtype=torch.long), "meta": json.dumps(meta)}
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         blob[name], blob[name + "_len"] = _flatten([getattr(p, name) for p in pairs])
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    torch.save(blob, path)
 
 
 def load(path: Path) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
@@ -87,24 +85,36 @@ def load(path: Path) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
     return pairs, blob["groups"].tolist(), json.loads(blob["meta"])
 
 
+def locked_cache(
+    path: Path, build: Callable[[], Any], write: Callable[[Path, Any], None], read: Callable[[Path], Any]
+) -> tuple[Any, bool]:
+    """The value stored at ``path``, or ``build()`` written there atomically under a file lock.
+
+    Returns:
+        ``(value, hit)``; ``hit`` tells whether the file was already there.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return read(path), True
+        value = build()
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        write(tmp, value)
+        os.replace(tmp, path)
+    return value, False
+
+
 def get_or_build(
     cache_dir: str | Path | None,
     key: str,
     build: Callable[[], tuple[list[TokenizedPair], list[int], dict[str, Any]]],
 ) -> tuple[list[TokenizedPair], list[int], dict[str, Any], bool]:
-    """The cached split for ``key``, building and writing it under a lock on a miss.
+    """The cached tokenized split for ``key``, built and written under a lock on a miss.
 
     Returns:
         ``(pairs, groups, meta, hit)``; ``hit`` tells whether the cache was used.
     """
     if cache_dir is None:
         return (*build(), False)
-    folder = Path(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{key}.pt"
-    with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            return (*load(path), True)
-        pairs, groups, meta = build()
-        save(path, pairs, groups, meta)
-    return pairs, groups, meta, False
+    value, hit = locked_cache(Path(cache_dir) / f"{key}.pt", build, lambda p, v: save(p, *v), load)
+    return (*value, hit)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
+from typing import NotRequired, TypedDict
 
 import torch
 from torch import Tensor
@@ -21,11 +21,13 @@ class PreferenceBatch(TypedDict):
         input_ids: (2B, T) prompt + response tokens, right-padded with the pad id.
         attention_mask: (2B, T) 1 on real tokens.
         labels: (2B, T) the input ids on response tokens, ``IGNORE_INDEX`` on prompt and padding.
+        ref_logps: (2B,) precomputed reference log-probs in the same row order, when present.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    ref_logps: NotRequired[Tensor]
 
 
 def collate(
@@ -55,4 +57,8 @@ def collate(
         input_ids[i, : len(ids)] = seq
         attention_mask[i, : len(ids)] = 1
         labels[i, n_prompt : len(ids)] = seq[n_prompt:]
-    return PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    batch = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    if pairs and examples[0].ref_logps is not None:
+        chosen, rejected = zip(*(ex.ref_logps for ex in examples), strict=True)
+        batch["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float32)  # (2B,)
+    return batch

@@ -172,6 +172,7 @@ class PreferenceDataModule(LightningDataModule):
         self.cache_hits: dict[str, bool] = {}
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._collate = partial(collate, pad_id=pad_id, pairs=pairs)
+        self.pair_collate = partial(collate, pad_id=pad_id, pairs=True)
 
     def cache_key(self, split: str) -> str:
         """Fingerprint of one tokenized split (see :mod:`dpo.data.cache`)."""
@@ -206,6 +207,15 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets[split] = TokenizedDataset(pairs, groups)
         self.stats[split] = meta
         self.cache_hits[split] = hit
+
+    def attach_reference_logps(self, split: str, values: Any) -> None:
+        """Store precomputed reference log-probs, (N, 2) chosen/rejected, on the split's pairs."""
+        data = self.datasets[split]
+        if len(values) != len(data):
+            raise ValueError(f"{len(values)} reference log-probs for {len(data)} {split} pairs")
+        data.items = [
+            replace(p, ref_logps=(float(c), float(r))) for p, (c, r) in zip(data.items, values.tolist(), strict=True)
+        ]
 
     def prepare_data(self) -> None:
         """Tokenize and cache every split (Lightning runs this once per node)."""

@@ -36,11 +36,16 @@ TruncationSide = Literal["keep_end", "keep_start"]
 
 @dataclass(frozen=True)
 class TokenizedPair:
-    """Token ids of one row; ``rejected_ids`` is None for SFT rows."""
+    """Token ids of one row; ``rejected_ids`` is None for SFT rows.
+
+    ``ref_logps`` holds the reference's summed (chosen, rejected) log-probs when they were
+    precomputed (``reference=precomputed``), else None.
+    """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int] | None
+    ref_logps: tuple[float, float] | None = None
 
 
 @dataclass

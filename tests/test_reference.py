@@ -1,0 +1,137 @@
+"""Reference options: precomputed log-probs equal the live reference, LoRA's switched-off adapter
+is the base model, TR-DPO syncing moves the reference as its formula says."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAST, compose_config, shrink
+from dpo.reference import apply_lora, sync_reference
+from dpo.train import train
+
+
+def trajectory(out):
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    return {k: [float(r[k]) for r in rows if r.get(k)] for k in ("train/loss", "train/rewards/margin", "val/loss")}
+
+
+def run(tmp_path, name, *overrides, cache=None):
+    cfg = shrink(
+        compose_config([*FAST, "trainer.max_steps=4", "trainer.log_every_n_steps=1", *overrides], tmp_path / name)
+    )
+    if cache is not None:
+        cfg.paths.cache_dir = str(cache)
+    return train(cfg)
+
+
+def test_precomputed_reference_gives_the_live_losses(tmp_path, caplog):
+    run(tmp_path, "live", "reference=copy")
+    run(tmp_path, "pre", "reference=precomputed", cache=tmp_path / "cache")
+    live, pre = trajectory(tmp_path / "live"), trajectory(tmp_path / "pre")
+    assert len(live["train/loss"]) == 4
+    for key in live:
+        assert pre[key] == pytest.approx(live[key], abs=1e-6), key
+    with caplog.at_level("INFO"):
+        run(tmp_path, "pre2", "reference=precomputed", cache=tmp_path / "cache")
+    assert "train: cache hit" in caplog.text and "val: cache hit" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        run(tmp_path, "pre3", "reference=precomputed", "data.max_length=60", cache=tmp_path / "cache")
+    assert "train: computed" in caplog.text  # a changed length is a miss
+
+
+def test_lora_reference_is_the_base_model_and_export_merges(tmp_path, tiny_model, bpe_tokenizer):
+    from tests_helpers import tiny_datamodule
+
+    from dpo.module import DPOModule
+
+    base = copy.deepcopy(tiny_model)
+    policy = apply_lora(tiny_model, r=4, alpha=8, dropout=0.0, target_modules=None)
+    module = DPOModule(
+        policy,
+        None,
+        loss="dpo",
+        loss_params={"beta": 0.1},
+        optimizer={"_target_": "torch.optim.AdamW", "lr": 1e-2},
+        reference_kind="lora",
+    )
+    frozen_before = {k: v.clone() for k, v in policy.named_parameters() if not v.requires_grad}
+    adapter_before = {k: v.clone() for k, v in policy.named_parameters() if v.requires_grad}
+    assert adapter_before and all("lora_" in k for k in adapter_before)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        enable_model_summary=False,
+    )
+    dm = tiny_datamodule(bpe_tokenizer)
+    trainer.fit(module, datamodule=dm)
+    for k, v in policy.named_parameters():
+        if k in frozen_before:
+            assert torch.equal(v, frozen_before[k]), f"base weight {k} changed"
+    assert any(not torch.equal(v, adapter_before[k]) for k, v in policy.named_parameters() if k in adapter_before)
+    batch = next(iter(dm.val_dataloader()))
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    base.eval()
+    policy.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(module._reference_logits(batch), base(input_ids=ids, attention_mask=mask).logits)
+        adapted = policy(input_ids=ids, attention_mask=mask).logits
+    assert not torch.allclose(adapted, base(input_ids=ids, attention_mask=mask).logits)
+    from dpo.models import export_pretrained
+
+    export_pretrained(policy, bpe_tokenizer, tmp_path / "hf")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids, attention_mask=mask).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_config_runs_end_to_end(tmp_path):
+    metrics = run(tmp_path, "lora", "reference=lora", "reference.r=2")
+    assert metrics["val/rewards/accuracy"] >= 0 and "val/kl/chosen" in metrics
+
+
+def test_sync_reference_formula():
+    torch.manual_seed(0)
+    ref, pol = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    expected = [0.25 * p + 0.75 * r for p, r in zip(pol.parameters(), ref.parameters(), strict=True)]
+    sync_reference(ref, pol, alpha=0.25)
+    for got, want in zip(ref.parameters(), expected, strict=True):
+        torch.testing.assert_close(got, want)
+    sync_reference(ref, pol, alpha=1.0)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), pol.parameters(), strict=True))
+
+
+def test_tr_dpo_hard_sync_makes_the_reference_follow_and_is_checkpointed(tmp_path):
+    cfg = shrink(
+        compose_config([*FAST, "trainer.max_steps=2", "reference.sync_every=1", "reference.sync_alpha=1.0"], tmp_path)
+    )
+    import dpo.train as entry
+
+    seen = {}
+    original = entry.DPOModule
+
+    class Spy(original):
+        def on_train_end(self):
+            seen["equal"] = all(
+                torch.equal(a, b) for a, b in zip(self.reference.parameters(), self.policy.parameters(), strict=True)
+            )
+
+    entry.DPOModule = Spy
+    try:
+        train(cfg)
+    finally:
+        entry.DPOModule = original
+    assert seen["equal"]
+    state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("reference.") for k in state)  # a moving reference must be saved
