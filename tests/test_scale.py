@@ -17,6 +17,7 @@ TINY = [
     "model.tokenizer.bpe_vocab_size=300", "data.max_length=64", "data.max_prompt_length=32",
     "data.batch_size=8", "data.micro_batch_size=8", "data.eval_batch_size=16", "data.source.max_rows=96", "logger=csv",
     "trainer.log_every_n_steps=1", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=null",
+    "callbacks.samples.every_n_steps=3", "callbacks.samples.n_prompts=3", "callbacks.samples.max_new_tokens=8",
 ]  # fmt: skip
 
 
@@ -48,6 +49,16 @@ def test_ddp_and_accumulation_equal_one_process(tmp_path):
     ddp = run_cli(tmp_path / "ddp", "trainer=ddp_cpu", "data.micro_batch_size=4")  # 2 ranks x 4
     assert_same_trajectory(accumulated, single)
     assert_same_trajectory(ddp, single)
+    assert_samples(tmp_path / "ddp")
+
+
+def assert_samples(out: Path) -> None:
+    """Sampling ran under the strategy without hanging: all prompts, every 3 steps, from all ranks."""
+    import json
+
+    for step in (3, 6):
+        rows = [json.loads(line) for line in (out / "samples" / f"step{step:06d}.jsonl").read_text().splitlines()]
+        assert [r["index"] for r in rows] == [0, 1, 2] and all(r["step"] == step for r in rows)
 
 
 @pytest.mark.slow
@@ -57,6 +68,7 @@ def test_fsdp2_equals_one_process_and_exports_full_weights(tmp_path):
     single = run_cli(tmp_path / "single", "data.micro_batch_size=8")
     fsdp = run_cli(tmp_path / "fsdp", "trainer=fsdp_cpu", "data.micro_batch_size=4")
     assert_same_trajectory(fsdp, single)
+    assert_samples(tmp_path / "fsdp")
     assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint
     gathered = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "hf").state_dict()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "hf").state_dict()
