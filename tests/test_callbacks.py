@@ -19,8 +19,18 @@ def test_left_pad():
 
 
 def test_greedy_samples_are_written_and_match_plain_generate(tmp_path):
-    cfg = shrink(compose_config([*FAST, "trainer.max_steps=2", "callbacks.samples.temperature=0",
-                                 "callbacks.samples.n_prompts=3", "callbacks.samples.max_new_tokens=6"], tmp_path))
+    cfg = shrink(
+        compose_config(
+            [
+                *FAST,
+                "trainer.max_steps=2",
+                "callbacks.samples.temperature=0",
+                "callbacks.samples.n_prompts=3",
+                "callbacks.samples.max_new_tokens=6",
+            ],
+            tmp_path,
+        )
+    )
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "samples" / "step000002.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == [0, 1, 2]
@@ -35,8 +45,9 @@ def test_greedy_samples_are_written_and_match_plain_generate(tmp_path):
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     def losses(name, *extra):
-        cfg = shrink(compose_config([*FAST, "trainer.max_steps=3", "trainer.log_every_n_steps=1", *extra],
-                                    tmp_path / name))
+        cfg = shrink(
+            compose_config([*FAST, "trainer.max_steps=3", "trainer.log_every_n_steps=1", *extra], tmp_path / name)
+        )
         train(cfg)
         rows = list(csv.DictReader((tmp_path / name / "csv" / "metrics.csv").open()))
         return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
