@@ -118,6 +118,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     tokenizer = build_tokenizer(cfg)
     datamodule = build_datamodule(cfg, tokenizer, spec.needs_pairs, plan.micro_batch_size)
     datamodule.setup("fit")
+    n_train = len(datamodule.datasets["train"])
+    if n_train < cfg.data.batch_size:
+        raise ConfigError(
+            f"the training split has {n_train} usable pairs, fewer than one global batch "
+            f"(data.batch_size={cfg.data.batch_size}); lower data.batch_size or add data"
+        )
 
     m = cfg.model
     arch = OmegaConf.to_container(m.architecture, resolve=True) if m.architecture is not None else None

@@ -108,6 +108,12 @@ def test_bad_data_fails_before_weights_load(tmp_path, no_weights):
         train(cfg)
 
 
+def test_training_split_smaller_than_a_global_batch_fails_before_weights_load(tmp_path, no_weights):
+    cfg = compose_config(["data.source.max_rows=20", "model.tokenizer.bpe_vocab_size=300"], tmp_path)
+    with pytest.raises(ConfigError, match=r"training split has 20 usable pairs, fewer than one global batch"):
+        train(cfg)
+
+
 def test_plan_batch():
     plan = plan_batch(64, 4, 2, 2)
     assert (plan.world_size, plan.micro_batch_size, plan.accumulate_grad_batches) == (4, 4, 4)
