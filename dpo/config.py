@@ -24,6 +24,7 @@ SECTION_KEYS: dict[str, set[str]] = {
         "source",
         "on_bad_row",
         "group_by_prompt",
+        "layout",
         "cache_dir",
         "batch_size",
         "micro_batch_size",
@@ -145,6 +146,11 @@ def validate(cfg: DictConfig) -> BatchPlan:
             f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
         )
     _check_source(cfg, spec.needs_pairs)
+    if data.layout == "shared_prefix" and "ModelParallel" in str(OmegaConf.select(cfg, "trainer.strategy._target_")):
+        raise ConfigError(
+            "data.layout=shared_prefix runs the backbone and LM head apart, which FSDP2 does not "
+            "support yet; use data.layout=separate with trainer=fsdp"
+        )
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     return plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))

@@ -5,7 +5,7 @@ Shapes: ``N`` rows (``2B`` when chosen and rejected are stacked), ``T`` tokens, 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -93,3 +93,48 @@ def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, labels: Tensor)
     logq = reference_logits[:, :-1].float().log_softmax(-1)
     kl = (logp.exp() * (logp - logq)).sum(-1)  # (N, T-1)
     return (kl * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)
+
+
+def packed_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
+    """Logits only at the scored positions of a packed (shared-prefix) batch: (B, S, V).
+
+    Runs the model's backbone once over ``prompt | chosen | rejected`` with the batch's 4D mask
+    and position ids, gathers the hidden states at ``score_pos`` and applies the LM head there
+    alone, so the head and log-softmax never touch prompt positions.
+    """
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay active
+    backbone, head = inner.base_model, inner.get_output_embeddings()
+    mask = batch["attention_mask"]  # (B, 1, T, T) bool
+    if inner.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+        dtype = next(inner.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    hidden = backbone(
+        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+    ).last_hidden_state  # (B, T, H)
+    pos = batch["score_pos"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, S, H)
+    return head(torch.gather(hidden, 1, pos))  # (B, S, V)
+
+
+def packed_logps(logits: Tensor, score_tgt: Tensor, score_seg: Tensor) -> tuple[SequenceLogps, SequenceLogps]:
+    """Chosen and rejected :class:`SequenceLogps` from packed logits (B, S, V), fp32."""
+    if logits.shape[:2] != score_tgt.shape or score_tgt.shape != score_seg.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)}, score_tgt {tuple(score_tgt.shape)} and score_seg "
+            f"{tuple(score_seg.shape)} disagree on (B, S)"
+        )
+    logps = torch.gather(logits.float().log_softmax(-1), 2, score_tgt.unsqueeze(-1)).squeeze(-1)  # (B, S)
+    out = []
+    for segment in (0, 1):  # chosen, rejected (dpo.data.packing.CHOSEN / REJECTED)
+        mask = score_seg == segment
+        total = (logps * mask).sum(-1)
+        n = mask.sum(-1).to(total.dtype)
+        out.append(SequenceLogps(sum=total, mean=total / n.clamp(min=1.0), n_tokens=n))
+    return out[0], out[1]
+
+
+def packed_kl(policy_logits: Tensor, reference_logits: Tensor, score_seg: Tensor) -> Tensor:
+    """:func:`sequence_kl` for packed logits: KL summed over the chosen positions, (B,)."""
+    logp = policy_logits.float().log_softmax(-1)
+    logq = reference_logits.float().log_softmax(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, S)
+    return (kl * (score_seg == 0)).sum(-1)

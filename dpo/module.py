@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from dpo.data.collate import PreferenceBatch
-from dpo.logprobs import SequenceLogps, sequence_kl, sequence_logps
+from dpo.logprobs import SequenceLogps, packed_kl, packed_logits, packed_logps, sequence_kl, sequence_logps
 from dpo.losses import PairLogps, compute_loss, get_loss
 from dpo.reference import sync_reference
 
@@ -145,15 +145,6 @@ class DPOModule(LightningModule):
     def _forward(model: nn.Module, batch: PreferenceBatch) -> Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
-    def _reference_logits(self, batch: PreferenceBatch) -> Tensor:
-        """Reference logits: the frozen copy, or the policy's base with its LoRA adapter off."""
-        if self.reference is not None:
-            return self._forward(self.reference, batch)
-        if self.hparams.reference_kind == "lora":
-            with self.policy.disable_adapter():
-                return self._forward(self.policy, batch)
-        raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
-
     def split(self, logps: SequenceLogps) -> PairLogps:
         """Cut stacked rows into chosen and rejected: rows ``[:B]`` are chosen, ``[B:]`` rejected.
 
@@ -164,25 +155,43 @@ class DPOModule(LightningModule):
         b = n // 2 if self.pairs else n
         return PairLogps(logps.sum[:b], logps.sum[b:], logps.n_tokens[:b], logps.n_tokens[b:])
 
+    def score(self, model: nn.Module, batch: PreferenceBatch) -> tuple[PairLogps, Tensor]:
+        """Summed response log-probs of ``model`` and the logits they came from.
+
+        A packed batch (``data.layout=shared_prefix``, :mod:`dpo.data.packing`) gives logits at
+        its scored positions only, (B, S, V); the separate layout gives (2B, T, V).
+        """
+        if "score_pos" in batch:
+            logits = packed_logits(model, batch)
+            chosen, rejected = packed_logps(logits, batch["score_tgt"], batch["score_seg"])
+            return PairLogps(chosen.sum, rejected.sum, chosen.n_tokens, rejected.n_tokens), logits
+        logits = self._forward(model, batch)
+        return self.split(sequence_logps(logits, batch["labels"])), logits
+
+    def _reference_score(self, batch: PreferenceBatch, policy: PairLogps) -> tuple[PairLogps, Tensor | None]:
+        """The reference's log-probs: precomputed in the batch, the frozen copy, or LoRA's base."""
+        if "ref_logps" in batch:  # precomputed for the same rows and response tokens
+            ref = batch["ref_logps"]  # (2B,) [chosen; rejected]
+            b = policy.chosen.shape[0]
+            return PairLogps(ref[:b], ref[b:], policy.chosen_tokens, policy.rejected_tokens), None
+        if self.reference is not None:
+            return self.score(self.reference, batch)
+        if self.hparams.reference_kind == "lora":
+            with self.policy.disable_adapter():
+                return self.score(self.policy, batch)
+        raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
+
     def shared_step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy forward, reference forward without grad, loss, metrics.
 
         Returns:
             The mean loss over the batch's pairs and the metrics named ``{stage}/{group}/{name}``.
         """
-        policy_logits = self._forward(self.policy, batch)  # (2B, T, V)
-        policy_logps = sequence_logps(policy_logits, batch["labels"])
-        policy_n_tokens = policy_logps.n_tokens
-        policy = self.split(policy_logps)
+        policy, policy_logits = self.score(self.policy, batch)
         reference = reference_logits = None
         if self.uses_reference:
             with torch.no_grad():
-                if "ref_logps" in batch:  # precomputed: same rows, same response tokens
-                    ref = batch["ref_logps"]
-                    reference = self.split(SequenceLogps(ref, ref / policy_n_tokens.clamp(min=1), policy_n_tokens))
-                else:
-                    reference_logits = self._reference_logits(batch)
-                    reference = self.split(sequence_logps(reference_logits, batch["labels"]))
+                reference, reference_logits = self._reference_score(batch, policy)
         out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.hparams.nll_weight)
         loss = out.losses.mean()
 
@@ -205,7 +214,10 @@ class DPOModule(LightningModule):
             }
         if reference_logits is not None:
             # KL(policy || reference) of next-token distributions along the chosen responses.
-            kl = sequence_kl(policy_logits[:b].detach(), reference_logits[:b], batch["labels"][:b])
+            if "score_pos" in batch:
+                kl = packed_kl(policy_logits.detach(), reference_logits, batch["score_seg"])
+            else:
+                kl = sequence_kl(policy_logits[:b].detach(), reference_logits[:b], batch["labels"][:b])
             metrics[f"{stage}/kl/chosen"] = kl.mean()
             metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
         return loss, metrics
@@ -236,9 +248,9 @@ class DPOModule(LightningModule):
         return loss
 
     def _pairs_in(self, batch: PreferenceBatch) -> int:
-        """Pairs in a batch: half its rows for preference batches, all of them for SFT."""
+        """Pairs in a batch: half its rows in the separate layout, all rows when packed or for SFT."""
         n = batch["input_ids"].shape[0]
-        return n // 2 if self.pairs else n
+        return n // 2 if self.pairs and "score_pos" not in batch else n
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.policy.parameters())

@@ -60,6 +60,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, pairs: bool, micro_batch_s
         pairs=pairs,
         on_bad_row=d.on_bad_row,
         group_by_prompt=d.group_by_prompt,
+        layout=d.layout,
         cache_dir=d.cache_dir,
         shuffle=d.shuffle,
         seed=cfg.seed,
