@@ -68,7 +68,6 @@ def test_training_with_shared_prefix_follows_the_separate_trajectory(tmp_path, r
     import csv
 
     from conftest import FAST, compose_config, shrink
-
     from dpo.train import train
 
     def run(layout):
