@@ -100,8 +100,10 @@ def _metrics(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
+def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
     """Run one training job described by a composed config; return the final validation metrics.
+
+    ``extra_callbacks`` join the configured ones (the benchmark times steps with one).
 
     Order matters: the config is validated, then data is read, checked and tokenized, and only
     then are weights loaded, so bad input fails before any expensive work.
@@ -162,7 +164,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + list(extra_callbacks or [])
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, accumulate_grad_batches=plan.accumulate_grad_batches
     )
