@@ -146,10 +146,12 @@ def validate(cfg: DictConfig) -> BatchPlan:
             f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
         )
     _check_source(cfg, spec.needs_pairs)
-    if data.layout == "shared_prefix" and "ModelParallel" in str(OmegaConf.select(cfg, "trainer.strategy._target_")):
+    if data.layout not in ("auto", "separate", "shared_prefix"):
+        raise ConfigError(f"data.layout must be auto, separate or shared_prefix, got {data.layout!r}")
+    if data.layout == "shared_prefix" and _is_fsdp(cfg):
         raise ConfigError(
-            "data.layout=shared_prefix runs the backbone and LM head apart, which FSDP2 does not "
-            "support yet; use data.layout=separate with trainer=fsdp"
+            "data.layout=shared_prefix runs the backbone and LM head apart, which FSDP2 does not support "
+            "yet; use data.layout=auto or separate with trainer=fsdp"
         )
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
@@ -176,6 +178,17 @@ def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
         )
     if cfg.data.on_bad_row not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_row must be error or skip, got {cfg.data.on_bad_row!r}")
+
+
+def _is_fsdp(cfg: DictConfig) -> bool:
+    return "ModelParallel" in str(OmegaConf.select(cfg, "trainer.strategy._target_"))
+
+
+def resolve_layout(cfg: DictConfig) -> str:
+    """``data.layout=auto``: prompt-prefix sharing (exact, faster) except under FSDP2."""
+    if cfg.data.layout != "auto":
+        return cfg.data.layout
+    return "separate" if _is_fsdp(cfg) else "shared_prefix"
 
 
 def redact(container: Any) -> Any:

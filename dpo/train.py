@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from dpo.config import ConfigError, loss_params, redact, validate
+from dpo.config import ConfigError, loss_params, redact, resolve_layout, validate
 from dpo.data.datamodule import PreferenceDataModule
 from dpo.data.formats import get_format, load_rows
 from dpo.data.sources import SourceSpec
@@ -60,7 +60,7 @@ def build_datamodule(cfg: DictConfig, tokenizer: Any, pairs: bool, micro_batch_s
         pairs=pairs,
         on_bad_row=d.on_bad_row,
         group_by_prompt=d.group_by_prompt,
-        layout=d.layout,
+        layout=resolve_layout(cfg),
         cache_dir=d.cache_dir,
         shuffle=d.shuffle,
         seed=cfg.seed,

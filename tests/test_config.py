@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 import dpo.train
 from conftest import FAST, FIXTURES, compose_config, shrink
-from dpo.config import ConfigError, plan_batch
+from dpo.config import ConfigError, plan_batch, validate
 from dpo.data.formats import get_format
 from dpo.data.sources import DataError, bundled_path
 from dpo.train import CONF_DIR, train
@@ -112,6 +112,16 @@ def test_training_split_smaller_than_a_global_batch_fails_before_weights_load(tm
     cfg = compose_config(["data.source.max_rows=20", "model.tokenizer.bpe_vocab_size=300"], tmp_path)
     with pytest.raises(ConfigError, match=r"training split has 20 usable pairs, fewer than one global batch"):
         train(cfg)
+
+
+def test_layout_auto_shares_the_prompt_except_under_fsdp(tmp_path):
+    from dpo.config import resolve_layout
+
+    assert resolve_layout(compose_config([], tmp_path)) == "shared_prefix"
+    assert resolve_layout(compose_config(["trainer=fsdp_cpu"], tmp_path)) == "separate"
+    assert resolve_layout(compose_config(["data.layout=separate"], tmp_path)) == "separate"
+    with pytest.raises(ConfigError, match="FSDP2 does not support"):
+        validate(compose_config(["trainer=fsdp_cpu", "data.layout=shared_prefix"], tmp_path))
 
 
 def test_plan_batch():

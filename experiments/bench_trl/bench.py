@@ -37,7 +37,7 @@ VARIANTS = {
     "ours_fast": "dpo-train fast: prefix sharing + precomputed reference (+ bf16 autocast where bf16 GEMM is faster)",
 }
 OURS = {
-    "ours_exact": [],
+    "ours_exact": ["data.layout=separate"],
     "ours_shared": ["data.layout=shared_prefix"],
     "ours_fast": ["data.layout=shared_prefix", "reference=precomputed"],
 }
