@@ -10,9 +10,20 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
+from dpo.data.collate import pad_id_of
 from dpo.log import get_logger
 
 log = get_logger(__name__)
+
+
+def optimizer_step_ended_every(trainer: pl.Trainer, batch_idx: int, every: int) -> bool:
+    """Whether batch ``batch_idx`` closed an optimizer step whose number is a multiple of ``every``.
+
+    Call from ``on_train_batch_end`` (after the step, so ``global_step`` is already counted);
+    ``every=0`` never fires. With accumulation only the last micro-batch of a step counts.
+    """
+    stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
+    return bool(every) and stepped and trainer.global_step % every == 0
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +75,7 @@ class GenerationSamples(pl.Callback):
         self._last_step = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-        if self.every_n_steps and stepped and trainer.global_step % self.every_n_steps == 0:
+        if optimizer_step_ended_every(trainer, batch_idx, self.every_n_steps):
             self.sample(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
@@ -84,7 +94,7 @@ class GenerationSamples(pl.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         share = -(-len(prompts) // world)
         mine = [(i, prompts[i % len(prompts)]) for i in range(rank * share, (rank + 1) * share)]
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = pad_id_of(tokenizer)
         ids, mask = left_pad([p for _, p in mine], pad_id)
         policy = pl_module.policy
         was_training = policy.training

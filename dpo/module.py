@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from dpo.callbacks import optimizer_step_ended_every
 from dpo.data.collate import PreferenceBatch
 from dpo.logprobs import SequenceLogps, packed_kl, packed_logits, packed_logps, sequence_kl, sequence_logps
 from dpo.losses import PairLogps, compute_loss, get_loss
@@ -263,9 +264,7 @@ class DPOModule(LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: PreferenceBatch, batch_idx: int) -> None:
         """TR-DPO: after every ``sync_every``-th optimizer step, move the reference toward the policy."""
-        every = self.hparams.sync_every
-        stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
-        if every and self.reference is not None and stepped and self.trainer.global_step % every == 0:
+        if self.reference is not None and optimizer_step_ended_every(self.trainer, batch_idx, self.hparams.sync_every):
             sync_reference(self.reference, self.policy, self.hparams.sync_alpha)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

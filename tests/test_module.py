@@ -9,25 +9,15 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tests_helpers import tiny_datamodule
 
-from dpo.data.datamodule import PreferenceDataModule
-from dpo.data.sources import SourceSpec, bundled_path
 from dpo.module import DPOModule, warmup_schedule
 
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
 
 
 def make_datamodule(tokenizer, pairs=True):
-    path = bundled_path("reviews_val.jsonl")
-    return PreferenceDataModule(
-        tokenizer,
-        SourceSpec("fields", {"train": path, "val": path}),
-        batch_size=4,
-        eval_batch_size=8,
-        max_length=64,
-        max_prompt_length=32,
-        pairs=pairs,
-    )
+    return tiny_datamodule(tokenizer, pairs=pairs)
 
 
 def make_module(model, loss="dpo", params=None, **kwargs):

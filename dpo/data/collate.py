@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 import torch
 from torch import Tensor
@@ -28,6 +28,11 @@ class PreferenceBatch(TypedDict):
     attention_mask: Tensor
     labels: Tensor
     ref_logps: NotRequired[Tensor]
+
+
+def pad_id_of(tokenizer: Any) -> int:
+    """The padding id: the tokenizer's pad token, else its EOS (padding is masked everywhere)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def collate(
@@ -59,6 +64,12 @@ def collate(
         labels[i, n_prompt : len(ids)] = seq[n_prompt:]
     batch = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     if pairs and examples[0].ref_logps is not None:
-        chosen, rejected = zip(*(ex.ref_logps for ex in examples), strict=True)
-        batch["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float32)  # (2B,)
+        batch["ref_logps"] = stack_ref_logps(examples)
     return batch
+
+
+def stack_ref_logps(examples: list[TokenizedPair]) -> Tensor:
+    """Precomputed reference log-probs of a batch as (2B,) ``[chosen; rejected]``, the row order of
+    the separate layout (the packed layout uses the same order)."""
+    chosen, rejected = zip(*(ex.ref_logps for ex in examples), strict=True)
+    return torch.tensor(chosen + rejected, dtype=torch.float32)

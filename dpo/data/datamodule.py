@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data import cache
-from dpo.data.collate import collate
+from dpo.data.collate import collate, pad_id_of
 from dpo.data.formats import load_rows
 from dpo.data.packing import pack_pairs
 from dpo.data.sources import SourceSpec, source_fingerprint
@@ -174,7 +174,7 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets: dict[str, TokenizedDataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
         self.cache_hits: dict[str, bool] = {}
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = pad_id_of(tokenizer)
         if layout not in ("separate", "shared_prefix"):
             raise ValueError(f"data.layout must be separate or shared_prefix, got {layout!r}")
         packed = layout == "shared_prefix" and pairs

@@ -20,6 +20,7 @@ from typing import NotRequired, TypedDict
 import torch
 from torch import Tensor
 
+from dpo.data.collate import stack_ref_logps
 from dpo.data.tokenize import TokenizedPair
 
 CHOSEN, REJECTED, NONE = 0, 1, -1
@@ -81,6 +82,5 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int) -> PackedBatch:
         score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg,
     )  # fmt: skip
     if examples[0].ref_logps is not None:
-        chosen, rejected = zip(*(e.ref_logps for e in examples), strict=True)
-        batch["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float32)  # (2B,)
+        batch["ref_logps"] = stack_ref_logps(examples)
     return batch
