@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.data.formats import get_format
+from dpo.data.packing import LAYOUTS
 from dpo.data.sources import DataError, bundled_path
 from dpo.losses import check_loss_params, get_loss
 
@@ -146,12 +147,11 @@ def validate(cfg: DictConfig) -> BatchPlan:
             f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
         )
     _check_source(cfg, spec.needs_pairs)
-    if data.layout not in ("auto", "separate", "shared_prefix"):
-        raise ConfigError(f"data.layout must be auto, separate or shared_prefix, got {data.layout!r}")
-    if data.layout == "shared_prefix" and _is_fsdp(cfg):
+    if data.layout not in ("auto", *LAYOUTS):
+        raise ConfigError(f"data.layout must be auto or one of {LAYOUTS}, got {data.layout!r}")
+    if data.layout in ("shared_prefix", "packed") and _is_fsdp(cfg):
         raise ConfigError(
-            "data.layout=shared_prefix runs the backbone and LM head apart, which FSDP2 does not support "
-            "yet; use data.layout=auto or separate with trainer=fsdp"
+            f"data.layout={data.layout} is untested under FSDP2; use data.layout=auto or separate with trainer=fsdp"
         )
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
@@ -185,7 +185,11 @@ def _is_fsdp(cfg: DictConfig) -> bool:
 
 
 def resolve_layout(cfg: DictConfig) -> str:
-    """``data.layout=auto``: prompt-prefix sharing (exact, faster) except under FSDP2."""
+    """``data.layout=auto``: prompt-prefix sharing (exact, faster) except under FSDP2.
+
+    Not ``packed``: on the benchmark's pairs (and most preference data) a second pair rarely fits
+    beside the longest, so rows stay as many and the packing only costs collate time.
+    """
     if cfg.data.layout != "auto":
         return cfg.data.layout
     return "separate" if _is_fsdp(cfg) else "shared_prefix"

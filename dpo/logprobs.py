@@ -104,46 +104,77 @@ def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, labels: Tensor)
     return (kl * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)
 
 
-def packed_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
-    """Logits only at the scored positions of a packed (shared-prefix) batch: (B, S, V).
+def scored_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
+    """Logits only at the batch's scored positions: (N, S, V).
 
-    Runs the model's backbone once over ``prompt | chosen | rejected`` with the batch's 4D mask
-    and position ids, gathers the hidden states at ``score_pos`` and applies the LM head there
-    alone, so the head and log-softmax never touch prompt positions.
+    Runs the model's backbone once over ``input_ids`` (with the batch's 2D padding mask, or the
+    packed layout's 4D mask and position ids), gathers the hidden states at ``score_pos`` and
+    applies the LM head there alone, so the head and log-softmax never touch prompt positions:
+    the same numbers as the full forward, with less work (the head is a large share of a small
+    model's FLOPs). Models whose logits are more than ``head(hidden)`` (soft-capping, a logit
+    scale), and FSDP2-sharded models, take the full forward, then the gather.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay active
-    backbone, head = inner.base_model, inner.get_output_embeddings()
-    mask = batch["attention_mask"]  # (B, 1, T, T) bool
-    if inner.config._attn_implementation == "eager":  # eager attention adds the mask to the scores
+    mask = batch["attention_mask"]  # (N, T) padding mask, or (N, 1, T, T) bool when packed
+    if mask.dim() == 4 and inner.config._attn_implementation == "eager":  # eager adds the mask to the scores
         dtype = next(inner.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    hidden = backbone(
-        input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
-    ).last_hidden_state  # (B, T, H)
-    pos = batch["score_pos"].unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (B, S, H)
-    return head(torch.gather(hidden, 1, pos))  # (B, S, V)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch.get("position_ids")}
+    score_pos = batch["score_pos"]  # (N, S)
+    if not _plain_head(inner.config) or _is_fsdp(model):
+        logits = model(**inputs).logits  # (N, T, V)
+        return torch.gather(logits, 1, score_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    hidden = inner.base_model(**inputs).last_hidden_state  # (N, T, H)
+    pos = score_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (N, S, H)
+    return inner.get_output_embeddings()(torch.gather(hidden, 1, pos))  # (N, S, V)
 
 
-def packed_logps(logits: Tensor, score_tgt: Tensor, score_seg: Tensor) -> tuple[SequenceLogps, SequenceLogps]:
-    """Chosen and rejected :class:`SequenceLogps` from packed logits (B, S, V), fp32."""
-    if logits.shape[:2] != score_tgt.shape or score_tgt.shape != score_seg.shape:
+def _is_fsdp(model: Any) -> bool:
+    """FSDP2 gathers the root's parameters in the root's forward: the backbone can't run alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _plain_head(config: Any) -> bool:
+    """Whether the model's logits are exactly its output embedding applied to the last hidden state."""
+    scale = getattr(config, "logit_scale", None)
+    return not getattr(config, "final_logit_softcapping", None) and scale in (None, 1, 1.0)
+
+
+def scored_logps(logits: Tensor, batch: dict[str, Tensor]) -> tuple[SequenceLogps, SequenceLogps]:
+    """Per-pair :class:`SequenceLogps` of the chosen and rejected responses, each (B,).
+
+    Args:
+        logits: (R, S, V) from :func:`scored_logits`.
+        batch: its ``score_tgt`` (R, S) token ids, ``score_seg`` (R, S) 0 chosen / 1 rejected /
+            -1 padding, ``score_pair`` (R, S) the pair of each token and ``n_pairs`` (``B``). Rows
+            may hold one response (separate layout), one pair or several pairs (packed layouts).
+    """
+    tgt, seg, pair = batch["score_tgt"], batch["score_seg"], batch["score_pair"]
+    if logits.shape[:2] != tgt.shape or not tgt.shape == seg.shape == pair.shape:
         raise ValueError(
-            f"logits {tuple(logits.shape)}, score_tgt {tuple(score_tgt.shape)} and score_seg "
-            f"{tuple(score_seg.shape)} disagree on (B, S)"
+            f"logits {tuple(logits.shape)}, score_tgt {tuple(tgt.shape)}, score_seg {tuple(seg.shape)} and "
+            f"score_pair {tuple(pair.shape)} disagree on (R, S)"
         )
-    logps = _target_logps(logits, score_tgt)  # (B, S)
+    logps = _target_logps(logits, tgt)  # (R, S)
     out = []
     for segment in (0, 1):  # chosen, rejected (dpo.data.packing.CHOSEN / REJECTED)
-        mask = score_seg == segment
-        total = (logps * mask).sum(-1)
-        n = mask.sum(-1).to(total.dtype)
+        mask = seg == segment
+        total = per_pair(logps * mask, pair, batch["n_pairs"])
+        n = per_pair(mask.to(total.dtype), pair, batch["n_pairs"])
         out.append(SequenceLogps(sum=total, mean=total / n.clamp(min=1.0), n_tokens=n))
     return out[0], out[1]
 
 
-def packed_kl(policy_logits: Tensor, reference_logits: Tensor, score_seg: Tensor) -> Tensor:
-    """:func:`sequence_kl` for packed logits: KL summed over the chosen positions, (B,)."""
+def per_pair(values: Tensor, pair: Tensor, n_pairs: int) -> Tensor:
+    """Sum (R, S) per-token ``values`` into (B,) by each token's pair index."""
+    return values.new_zeros(n_pairs).index_add(0, pair.reshape(-1), values.reshape(-1))
+
+
+def scored_kl(policy_logits: Tensor, reference_logits: Tensor, batch: dict[str, Tensor]) -> Tensor:
+    """:func:`sequence_kl` on scored logits (R, S, V): the KL summed over each pair's chosen tokens, (B,)."""
     logp = policy_logits.float().log_softmax(-1)
     logq = reference_logits.float().log_softmax(-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, S)
-    return (kl * (score_seg == 0)).sum(-1)
+    kl = (logp.exp() * (logp - logq)).sum(-1)  # (R, S)
+    return per_pair(kl * (batch["score_seg"] == 0), batch["score_pair"], batch["n_pairs"])

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from dpo.callbacks import optimizer_step_ended_every
 from dpo.data.collate import PreferenceBatch
-from dpo.logprobs import SequenceLogps, packed_kl, packed_logits, packed_logps, sequence_kl, sequence_logps
+from dpo.logprobs import SequenceLogps, scored_kl, scored_logits, scored_logps
 from dpo.losses import PairLogps, compute_loss, get_loss
 from dpo.reference import sync_reference
 
@@ -142,32 +142,19 @@ class DPOModule(LightningModule):
             self.reference.eval()
         return self
 
-    @staticmethod
-    def _forward(model: nn.Module, batch: PreferenceBatch) -> Tensor:
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-
-    def split(self, logps: SequenceLogps) -> PairLogps:
-        """Cut stacked rows into chosen and rejected: rows ``[:B]`` are chosen, ``[B:]`` rejected.
-
-        The order is fixed by :func:`dpo.data.collate.collate`. For SFT batches (no rejected
-        rows) every row is chosen and the rejected fields are empty.
-        """
-        n = logps.sum.shape[0]
-        b = n // 2 if self.pairs else n
-        return PairLogps(logps.sum[:b], logps.sum[b:], logps.n_tokens[:b], logps.n_tokens[b:])
-
     def score(self, model: nn.Module, batch: PreferenceBatch) -> tuple[PairLogps, Tensor]:
-        """Summed response log-probs of ``model`` and the logits they came from.
+        """Summed response log-probs of ``model`` and the logits they came from, (N, S, V).
 
-        A packed batch (``data.layout=shared_prefix``, :mod:`dpo.data.packing`) gives logits at
-        its scored positions only, (B, S, V); the separate layout gives (2B, T, V).
+        The logits exist only at the scored (response) positions, for both layouts. A packed batch
+        (``data.layout=shared_prefix``, :mod:`dpo.data.packing`) holds a pair per row; the separate
+        layout holds ``[chosen; rejected]`` rows (:func:`dpo.data.collate.collate`), cut at ``B``.
+        SFT batches hold chosen rows only, and the rejected fields are empty.
         """
-        if "score_pos" in batch:
-            logits = packed_logits(model, batch)
-            chosen, rejected = packed_logps(logits, batch["score_tgt"], batch["score_seg"])
-            return PairLogps(chosen.sum, rejected.sum, chosen.n_tokens, rejected.n_tokens), logits
-        logits = self._forward(model, batch)
-        return self.split(sequence_logps(logits, batch["labels"])), logits
+        logits = scored_logits(model, batch)
+        chosen, rejected = scored_logps(logits, batch)
+        if not self.pairs:
+            rejected = SequenceLogps(*(x[:0] for x in rejected))
+        return PairLogps(chosen.sum, rejected.sum, chosen.n_tokens, rejected.n_tokens), logits
 
     def _reference_score(self, batch: PreferenceBatch, policy: PairLogps) -> tuple[PairLogps, Tensor | None]:
         """The reference's log-probs: precomputed in the batch, the frozen copy, or LoRA's base."""
@@ -196,7 +183,6 @@ class DPOModule(LightningModule):
         out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.hparams.nll_weight)
         loss = out.losses.mean()
 
-        b = policy.chosen.shape[0]
         metrics = {
             f"{stage}/loss": loss.detach(),
             f"{stage}/logps/chosen": policy.chosen.detach().mean(),
@@ -215,10 +201,7 @@ class DPOModule(LightningModule):
             }
         if reference_logits is not None:
             # KL(policy || reference) of next-token distributions along the chosen responses.
-            if "score_pos" in batch:
-                kl = packed_kl(policy_logits.detach(), reference_logits, batch["score_seg"])
-            else:
-                kl = sequence_kl(policy_logits[:b].detach(), reference_logits[:b], batch["labels"][:b])
+            kl = scored_kl(policy_logits.detach(), reference_logits, batch)
             metrics[f"{stage}/kl/chosen"] = kl.mean()
             metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
         return loss, metrics
@@ -248,10 +231,9 @@ class DPOModule(LightningModule):
         self._log(metrics, "val", batch_size=self._pairs_in(batch))
         return loss
 
-    def _pairs_in(self, batch: PreferenceBatch) -> int:
-        """Pairs in a batch: half its rows in the separate layout, all rows when packed or for SFT."""
-        n = batch["input_ids"].shape[0]
-        return n // 2 if self.pairs and "score_pos" not in batch else n
+    @staticmethod
+    def _pairs_in(batch: PreferenceBatch) -> int:
+        return batch["n_pairs"]
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.policy.parameters())

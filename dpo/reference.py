@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dpo.data import cache
-from dpo.logprobs import sequence_logps
+from dpo.logprobs import scored_logits, scored_logps
 
 
 def make_reference(policy: nn.Module) -> nn.Module:
@@ -65,12 +65,9 @@ def compute_reference_logps(model: nn.Module, dataset: Any, collate_fn: Any, bat
     device = next(model.parameters()).device
     out = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
-        logits = model(
-            input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
-        ).logits
-        sums = sequence_logps(logits, batch["labels"].to(device)).sum.cpu()  # (2B,) [chosen; rejected]
-        b = sums.shape[0] // 2
-        out.append(torch.stack([sums[:b], sums[b:]], dim=1))
+        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        chosen, rejected = scored_logps(scored_logits(model, batch), batch)
+        out.append(torch.stack([chosen.sum, rejected.sum], dim=1).cpu())
     return torch.cat(out)
 
 

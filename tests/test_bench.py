@@ -23,14 +23,20 @@ def bench(tmp_path_factory):
 
 
 def test_fp32_losses_match_trl_step_for_step(bench):
-    """Same model, pairs, tokenization, optimizer, clipping and order: the two trainers do the same work."""
+    """Same model, pairs, tokenization, optimizer, clipping and order: the two trainers do the same work.
+
+    Step 1 is ln 2 in both. Later steps agree to fp32 rounding, which Adam amplifies: a weight
+    whose gradient is near 0 moves by about lr * sign(g), so rounding noise in g becomes an
+    lr-sized step (lr 1e-5 here). The gradients themselves are checked to 1e-5 against the full
+    forward in tests/test_packing.py::test_gradients_equal_the_full_forward.
+    """
     module, work = bench
     theirs = module.run_trl(work, "tiny", steps=3)["losses"]
     ours = module.run_ours(work, "tiny", steps=3, levers=["data.layout=separate"])["losses"]
     shared = module.run_ours(work, "tiny", steps=3, levers=["data.layout=shared_prefix"])["losses"]
     assert len(theirs) == len(ours) == 3 and theirs[0] == pytest.approx(0.6931472, abs=1e-6)
-    assert ours == pytest.approx(theirs, abs=5e-6)
-    assert shared == pytest.approx(theirs, abs=5e-6)  # prefix sharing is exact, not an approximation
+    assert ours[1] == pytest.approx(theirs[1], abs=2e-6) and ours == pytest.approx(theirs, abs=1e-5)
+    assert shared == pytest.approx(theirs, abs=1e-5)  # prefix sharing is exact, not an approximation
 
 
 def test_token_count_covers_both_rows(bench):

@@ -9,7 +9,7 @@ from dpo.data.collate import collate
 from dpo.data.packing import pack_pairs
 from dpo.data.sources import PreferenceRow
 from dpo.data.tokenize import PairTokenizer
-from dpo.logprobs import packed_kl, packed_logits, packed_logps, sequence_kl, sequence_logps
+from dpo.logprobs import scored_kl, scored_logits, scored_logps, sequence_kl, sequence_logps
 
 
 def pairs_for(tokenizer, max_length=64, max_prompt_length=16, side="keep_end"):
@@ -23,33 +23,93 @@ def pairs_for(tokenizer, max_length=64, max_prompt_length=16, side="keep_end"):
     return [pt(r) for r in rows], pt.stats
 
 
+@pytest.mark.parametrize("several", [False, True])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("side", ["keep_end", "keep_start"])
-def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, side):
+def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, side, several):
     tiny_model.config._attn_implementation = attn
     tiny_model.eval()
     pairs, stats = pairs_for(bpe_tokenizer, side=side)
     assert stats.prompt_truncated == 1 and stats.response_truncated == 1
     pad = bpe_tokenizer.pad_token_id
     sep = collate(pairs, pad_id=pad)
-    packed = pack_pairs(pairs, pad_id=pad)
+    packed = pack_pairs(pairs, pad_id=pad, several=several)
+    if several:  # the two short pairs share a row, the long one fills its own
+        assert packed["input_ids"].shape[0] == 2
     with torch.no_grad():
         sep_logits = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
         ref_logits = tiny_model(
             input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]
         ).logits + 0.1 * torch.randn_like(sep_logits)
         sep_lp = sequence_logps(sep_logits, sep["labels"])
-        logits = packed_logits(tiny_model, packed)
-        chosen, rejected = packed_logps(logits, packed["score_tgt"], packed["score_seg"])
+        logits = scored_logits(tiny_model, packed)
+        chosen, rejected = scored_logps(logits, packed)
     b = len(pairs)
     torch.testing.assert_close(chosen.sum, sep_lp.sum[:b], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rejected.sum, sep_lp.sum[b:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chosen.n_tokens, sep_lp.n_tokens[:b])
     torch.testing.assert_close(rejected.n_tokens, sep_lp.n_tokens[b:])
-    # The head ran only on scored positions: S = longest chosen + rejected, not the packed width.
-    assert logits.shape[1] == max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
-    assert packed_kl(logits, logits, packed["score_seg"]).abs().max() == 0
+    # The head ran only on scored positions: S = a row's chosen + rejected tokens, not its width.
+    if not several:
+        assert logits.shape[1] == max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    assert scored_kl(logits, logits, packed).abs().max() == 0
     assert sequence_kl(sep_logits, ref_logits, sep["labels"]).shape == (2 * b,)
+
+
+@pytest.mark.parametrize("plain_head", [True, False])
+@pytest.mark.parametrize("pairs", [True, False])
+def test_response_only_head_equals_full_forward_in_separate_layout(tiny_model, bpe_tokenizer, plain_head, pairs):
+    """The separate layout's head runs on response positions only and changes no number.
+
+    ``plain_head=False`` marks the config as soft-capped, which takes the full-forward fallback.
+    """
+    tiny_model.eval()
+    if not plain_head:
+        tiny_model.config.final_logit_softcapping = 30.0  # GPT-2 ignores it: both paths must agree
+    pairs_, _ = pairs_for(bpe_tokenizer)
+    sep = collate(pairs_, pad_id=bpe_tokenizer.pad_token_id, pairs=pairs)
+    with torch.no_grad():
+        full = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
+        ref = full + 0.3 * torch.randn_like(full)
+        logits = scored_logits(tiny_model, sep)
+        chosen, rejected = scored_logps(logits, sep)
+    expected = sequence_logps(full, sep["labels"])
+    b = len(pairs_)
+    torch.testing.assert_close(chosen.sum, expected.sum[:b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chosen.n_tokens, expected.n_tokens[:b])
+    assert logits.shape[1] == int(expected.n_tokens.max())  # S = longest response, not T
+    if pairs:
+        torch.testing.assert_close(rejected.sum, expected.sum[b:], atol=1e-5, rtol=1e-5)
+    else:
+        assert torch.all(rejected.n_tokens == 0)
+    # The KL on scored positions equals the full-logit KL (ref logits gathered at the same places).
+    pos = sep["score_pos"].unsqueeze(-1).expand(-1, -1, full.shape[-1])
+    kl = scored_kl(logits, torch.gather(ref, 1, pos), sep)
+    torch.testing.assert_close(kl, sequence_kl(full, ref, sep["labels"])[:b], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["separate", "shared_prefix", "packed"])
+def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout):
+    """The response-only head and the packed rows give the full-logit path's gradients, not just its values."""
+    pairs, _ = pairs_for(bpe_tokenizer)
+    pad = bpe_tokenizer.pad_token_id
+    sep = collate(pairs, pad_id=pad)
+    batch = sep if layout == "separate" else pack_pairs(pairs, pad_id=pad, several=layout == "packed")
+
+    def grads(loss):
+        tiny_model.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in tiny_model.named_parameters()}
+
+    full = sequence_logps(
+        tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits, sep["labels"]
+    )
+    b = len(pairs)
+    expected = grads((full.sum[:b] - 0.5 * full.sum[b:]).sum())
+    chosen, rejected = scored_logps(scored_logits(tiny_model, batch), batch)
+    got = grads((chosen.sum - 0.5 * rejected.sum).sum())
+    for k, g in expected.items():
+        torch.testing.assert_close(got[k], g, atol=1e-5, rtol=1e-4, msg=k)
 
 
 def test_rejected_cannot_see_chosen_and_positions_restart(bpe_tokenizer):
@@ -89,8 +149,10 @@ def test_training_with_shared_prefix_follows_the_separate_trajectory(tmp_path, r
         keys = ("train/loss", "train/rewards/margin", "train/length/rejected")
         return {k: [float(r[k]) for r in rows if r.get(k)] for k in keys}, metrics
 
-    (sep, sep_final), (packed, packed_final) = run("separate"), run("shared_prefix")
-    for key, values in sep.items():
-        assert len(values) == 4 and packed[key] == pytest.approx(values, abs=1e-5, rel=1e-6), key
-    for key, value in sep_final.items():
-        assert packed_final[key] == pytest.approx(value, abs=1e-5, rel=1e-6), key
+    sep, sep_final = run("separate")
+    for layout in ("shared_prefix", "packed"):
+        packed, packed_final = run(layout)
+        for key, values in sep.items():
+            assert len(values) == 4 and packed[key] == pytest.approx(values, abs=1e-5, rel=1e-6), (layout, key)
+        for key, value in sep_final.items():
+            assert packed_final[key] == pytest.approx(value, abs=1e-5, rel=1e-6), (layout, key)

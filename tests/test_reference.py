@@ -85,9 +85,9 @@ def test_lora_reference_is_the_base_model_and_export_merges(tmp_path, tiny_model
     base.eval()
     policy.eval()
     with torch.no_grad():
-        torch.testing.assert_close(
-            module._reference_score(batch, None)[1], base(input_ids=ids, attention_mask=mask).logits
-        )
+        base_logits = base(input_ids=ids, attention_mask=mask).logits  # (N, T, V)
+        pos = batch["score_pos"].unsqueeze(-1).expand(-1, -1, base_logits.shape[-1])  # (N, S, V)
+        torch.testing.assert_close(module._reference_score(batch, None)[1], torch.gather(base_logits, 1, pos))
         adapted = policy(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(adapted, base(input_ids=ids, attention_mask=mask).logits)
     from dpo.models import export_pretrained

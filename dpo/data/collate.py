@@ -21,12 +21,23 @@ class PreferenceBatch(TypedDict):
         input_ids: (2B, T) prompt + response tokens, right-padded with the pad id.
         attention_mask: (2B, T) 1 on real tokens.
         labels: (2B, T) the input ids on response tokens, ``IGNORE_INDEX`` on prompt and padding.
+        score_pos: (2B, S) position whose hidden state predicts each scored (response) token, so
+            the LM head runs only there (:func:`dpo.logprobs.scored_logits`).
+        score_tgt: (2B, S) the scored token ids.
+        score_seg: (2B, S) 0 on chosen rows' scored tokens, 1 on rejected rows', -1 padding.
+        score_pair: (2B, S) the pair (0..B-1) of each row's tokens: row ``i`` holds pair ``i mod B``.
+        n_pairs: ``B``.
         ref_logps: (2B,) precomputed reference log-probs in the same row order, when present.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
     labels: Tensor
+    score_pos: Tensor
+    score_tgt: Tensor
+    score_seg: Tensor
+    score_pair: Tensor
+    n_pairs: int
     ref_logps: NotRequired[Tensor]
 
 
@@ -57,12 +68,27 @@ def collate(
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(rows):
+    # Token t is predicted by position t - 1; the first token of a row is never scored.
+    starts = [max(n_prompt, 1) for _, n_prompt in rows]
+    scored = max(1, max(len(ids) - start for (ids, _), start in zip(rows, starts, strict=True)))
+    score_pos = torch.zeros((len(rows), scored), dtype=torch.long)
+    score_tgt = torch.full((len(rows), scored), pad_id, dtype=torch.long)
+    score_seg = torch.full((len(rows), scored), -1, dtype=torch.long)
+    score_pair = (torch.arange(len(rows)) % len(examples)).unsqueeze(1).expand(-1, scored).contiguous()
+    for i, ((ids, n_prompt), start) in enumerate(zip(rows, starts, strict=True)):
         seq = torch.tensor(ids, dtype=torch.long)
         input_ids[i, : len(ids)] = seq
         attention_mask[i, : len(ids)] = 1
         labels[i, n_prompt : len(ids)] = seq[n_prompt:]
-    batch = PreferenceBatch(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+        n = len(ids) - start
+        score_pos[i, :n] = torch.arange(start - 1, len(ids) - 1)
+        score_tgt[i, :n] = seq[start:]
+        score_seg[i, :n] = 0 if i < len(examples) else 1  # rows [:B] chosen, [B:] rejected
+    batch = PreferenceBatch(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+        score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,
+        n_pairs=len(examples),
+    )  # fmt: skip
     if pairs and examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)
     return batch

@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 from dpo.data import cache
 from dpo.data.collate import collate, pad_id_of
 from dpo.data.formats import load_rows
-from dpo.data.packing import pack_pairs
+from dpo.data.packing import LAYOUTS, pack_pairs
 from dpo.data.sources import SourceSpec, source_fingerprint
 from dpo.data.tokenize import PairTokenizer, TokenizedPair, TruncationSide
 from dpo.log import get_logger
@@ -132,8 +132,9 @@ class PreferenceDataModule(LightningDataModule):
         pairs: serve chosen and rejected (DPO) or chosen only (SFT).
         on_bad_row: ``error`` stops at the first bad row; ``skip`` counts and reports them.
         group_by_prompt: keep the pairs of one prompt together when shuffling.
-        layout: ``separate`` (chosen and rejected rows) or ``shared_prefix`` (one packed row per
-            pair, the prompt processed once; :mod:`dpo.data.packing`). SFT always uses separate.
+        layout: ``separate`` (chosen and rejected rows), ``shared_prefix`` (one packed row per
+            pair, the prompt processed once; :mod:`dpo.data.packing`) or ``packed`` (shared prefix,
+            several pairs per row to fill the padding). SFT always uses separate.
         cache_dir: folder of the tokenized cache; None disables caching.
         shuffle: shuffle training pairs each epoch (seeded by ``seed``).
         seed: seed of the training shuffle.
@@ -175,10 +176,12 @@ class PreferenceDataModule(LightningDataModule):
         self.stats: dict[str, dict[str, Any]] = {}
         self.cache_hits: dict[str, bool] = {}
         pad_id = pad_id_of(tokenizer)
-        if layout not in ("separate", "shared_prefix"):
-            raise ValueError(f"data.layout must be separate or shared_prefix, got {layout!r}")
-        packed = layout == "shared_prefix" and pairs
-        self._collate = partial(pack_pairs, pad_id=pad_id) if packed else partial(collate, pad_id=pad_id, pairs=pairs)
+        if layout not in LAYOUTS:
+            raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+        if layout != "separate" and pairs:
+            self._collate = partial(pack_pairs, pad_id=pad_id, several=layout == "packed")
+        else:
+            self._collate = partial(collate, pad_id=pad_id, pairs=pairs)
         self.pair_collate = partial(collate, pad_id=pad_id, pairs=True)
 
     def cache_key(self, split: str) -> str:

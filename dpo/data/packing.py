@@ -24,18 +24,22 @@ from dpo.data.collate import stack_ref_logps
 from dpo.data.tokenize import TokenizedPair
 
 CHOSEN, REJECTED, NONE = 0, 1, -1
+LAYOUTS = ("separate", "shared_prefix", "packed")
 
 
 class PackedBatch(TypedDict):
-    """A batch of ``B`` pairs packed one row each.
+    """A batch of ``B`` pairs packed into ``R`` rows (``R = B`` with one pair per row).
 
     Attributes:
-        input_ids: (B, T) ``prompt | chosen | rejected``, right-padded.
-        position_ids: (B, T) positions; the rejected segment restarts after the prompt.
-        attention_mask: (B, 1, T, T) bool, True where a query token may attend a key token.
-        score_pos: (B, S) position whose hidden state predicts each scored token.
-        score_tgt: (B, S) the scored token ids.
-        score_seg: (B, S) ``CHOSEN`` (0), ``REJECTED`` (1) or ``NONE`` (-1, padding).
+        input_ids: (R, T) each pair's ``prompt | chosen | rejected``, pairs back to back, right-padded.
+        position_ids: (R, T) positions; they restart at 0 for each pair, and its rejected segment
+            restarts after its prompt.
+        attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token.
+        score_pos: (R, S) position whose hidden state predicts each scored token.
+        score_tgt: (R, S) the scored token ids.
+        score_seg: (R, S) ``CHOSEN`` (0), ``REJECTED`` (1) or ``NONE`` (-1, padding).
+        score_pair: (R, S) index in the batch (0..B-1) of the pair each scored token belongs to.
+        n_pairs: ``B``.
         ref_logps: (2B,) precomputed reference log-probs ``[chosen; rejected]``, when present.
     """
 
@@ -45,41 +49,83 @@ class PackedBatch(TypedDict):
     score_pos: Tensor
     score_tgt: Tensor
     score_seg: Tensor
+    score_pair: Tensor
+    n_pairs: int
     ref_logps: NotRequired[Tensor]
 
 
-def pack_pairs(examples: list[TokenizedPair], pad_id: int) -> PackedBatch:
-    """Pack each pair into one row with its mask, positions and scoring indices."""
-    b = len(examples)
-    width = max(len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    scored = max(len(e.chosen_ids) + len(e.rejected_ids) for e in examples)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
-    score_pos = torch.zeros((b, scored), dtype=torch.long)
-    score_tgt = torch.full((b, scored), pad_id, dtype=torch.long)
-    score_seg = torch.full((b, scored), NONE, dtype=torch.long)
-    for i, e in enumerate(examples):
-        p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
-        n = p + c + r
-        input_ids[i, :n] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
-        position_ids[i, : p + c] = torch.arange(p + c)
-        position_ids[i, p + c : n] = torch.arange(p, p + r)
-        causal = torch.ones((n, n), dtype=torch.bool).tril()  # (n, n)
-        causal[p + c : n, p : p + c] = False  # rejected never sees chosen
-        mask[i, 0, :n, :n] = causal
-        mask[i, 0, n:, n:] = torch.eye(width - n, dtype=torch.bool)  # padding attends only itself
-        # Chosen token t (packed index p + t) is predicted at p + t - 1; rejected token t at
-        # p + c + t - 1, except its first token, predicted by the last prompt token p - 1.
-        chosen_pos = torch.arange(p - 1, p + c - 1)
-        rejected_pos = torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])
-        score_pos[i, : c + r] = torch.cat([chosen_pos, rejected_pos])
-        score_tgt[i, : c + r] = torch.tensor(e.chosen_ids + e.rejected_ids)
-        score_seg[i, :c] = CHOSEN
-        score_seg[i, c : c + r] = REJECTED
+def is_packed(batch: dict[str, Tensor]) -> bool:
+    """Whether ``batch`` is packed (pairs in shared-prefix rows) rather than ``[chosen; rejected]`` rows."""
+    return "position_ids" in batch
+
+
+def assign_rows(lengths: list[int], several: bool) -> list[list[int]]:
+    """Which pairs share a row: one each, or first-fit decreasing into rows no wider than the longest.
+
+    Capping a row at the longest pair keeps the padded width (and attention cost per row) of the
+    one-pair-per-row layout while filling the padding with other pairs.
+    """
+    if not several:
+        return [[i] for i in range(len(lengths))]
+    cap = max(lengths)
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
+        if j is None:
+            rows.append([])
+            room.append(cap)
+            j = len(rows) - 1
+        rows[j].append(i)
+        room[j] -= lengths[i]
+    return [sorted(r) for r in rows]
+
+
+def pack_pairs(examples: list[TokenizedPair], pad_id: int, several: bool = False) -> PackedBatch:
+    """Pack pairs into rows (one per row, or ``several`` per row) with masks, positions and scoring indices.
+
+    Pairs sharing a row never see each other: the mask is block-diagonal, one causal block per
+    pair, and positions restart at each pair, so every pair's log-probs equal its own row's.
+    """
+    lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
+    rows = assign_rows(lengths, several)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    scored = max(sum(len(examples[i].chosen_ids) + len(examples[i].rejected_ids) for i in row) for row in rows)
+    r_ = len(rows)
+    input_ids = torch.full((r_, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((r_, width), dtype=torch.long)
+    mask = torch.zeros((r_, 1, width, width), dtype=torch.bool)
+    score_pos = torch.zeros((r_, scored), dtype=torch.long)
+    score_tgt = torch.full((r_, scored), pad_id, dtype=torch.long)
+    score_seg = torch.full((r_, scored), NONE, dtype=torch.long)
+    score_pair = torch.zeros((r_, scored), dtype=torch.long)
+    for k, row in enumerate(rows):
+        o = s = 0  # token offset and scored offset of the next pair in this row
+        for i in row:
+            e = examples[i]
+            p, c, r = len(e.prompt_ids), len(e.chosen_ids), len(e.rejected_ids)
+            n = p + c + r
+            input_ids[k, o : o + n] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
+            position_ids[k, o : o + p + c] = torch.arange(p + c)
+            position_ids[k, o + p + c : o + n] = torch.arange(p, p + r)
+            causal = torch.ones((n, n), dtype=torch.bool).tril()  # (n, n)
+            causal[p + c : n, p : p + c] = False  # rejected never sees chosen
+            mask[k, 0, o : o + n, o : o + n] = causal
+            # Chosen token t (packed index p + t) is predicted at p + t - 1; rejected token t at
+            # p + c + t - 1, except its first token, predicted by the last prompt token p - 1.
+            chosen_pos = torch.arange(p - 1, p + c - 1)
+            rejected_pos = torch.cat([torch.tensor([p - 1]), torch.arange(p + c, p + c + r - 1)])
+            score_pos[k, s : s + c + r] = o + torch.cat([chosen_pos, rejected_pos])
+            score_tgt[k, s : s + c + r] = torch.tensor(e.chosen_ids + e.rejected_ids)
+            score_seg[k, s : s + c] = CHOSEN
+            score_seg[k, s + c : s + c + r] = REJECTED
+            score_pair[k, s : s + c + r] = i
+            o, s = o + n, s + c + r
+        mask[k, 0, o:, o:] = torch.eye(width - o, dtype=torch.bool)  # padding attends only itself
     batch = PackedBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
-        score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg,
+        score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,
+        n_pairs=len(examples),
     )  # fmt: skip
     if examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)

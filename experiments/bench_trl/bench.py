@@ -33,7 +33,7 @@ VOCAB, BATCH, LR, CLIP, BETA = 8192, 8, 1e-5, 1.0, 0.1
 VARIANTS = {
     "trl": "TRL DPOTrainer, its defaults except bf16 (fp32, live reference copy)",
     "ours_exact": "dpo-train, fp32, every approximation off (separate rows, live reference)",
-    "ours_shared": "dpo-train, fp32, prompt-prefix sharing (exact)",
+    "ours_shared": "dpo-train, fp32, prompt-prefix sharing, one pair per row (exact)",
     "ours_fast": "dpo-train fast: prefix sharing + precomputed reference (+ bf16 autocast where bf16 GEMM is faster)",
 }
 OURS = {
