@@ -107,6 +107,15 @@ def _check_keys(cfg: DictConfig, section: str) -> None:
         raise ConfigError(f"missing key(s) {[f'{section}.{k}' for k in missing]}")
 
 
+def require_keys(cfg: DictConfig, keys: list[str]) -> None:
+    """Raise :class:`ConfigError` naming the first of ``keys`` that is absent, ``???`` or null."""
+    if missing := OmegaConf.missing_keys(cfg):
+        raise ConfigError(f"required config value(s) not set: {sorted(missing)}")
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=None) is None:
+            raise ConfigError(f"config key {key!r} must be set")
+
+
 def loss_params(cfg: DictConfig) -> dict[str, Any]:
     """The loss's hyperparameters: every key of ``cfg.loss`` except ``name`` and ``nll_weight``."""
     return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}

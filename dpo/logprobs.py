@@ -19,11 +19,14 @@ class SequenceLogps(NamedTuple):
         sum: (N,) sum over response tokens of log p(token | prefix).
         mean: (N,) ``sum / n_tokens``; 0 for a row with no response token.
         n_tokens: (N,) number of response tokens scored, as float.
+        unlikely: (N,) sum over response tokens of log(1 - p(token | prefix)) (the unlikelihood
+            term), where computed; else None.
     """
 
     sum: Tensor
     mean: Tensor
     n_tokens: Tensor
+    unlikely: Tensor | None = None
 
 
 IGNORE_INDEX = -100
@@ -158,12 +161,15 @@ def scored_logps(logits: Tensor, batch: dict[str, Tensor]) -> tuple[SequenceLogp
             f"score_pair {tuple(pair.shape)} disagree on (R, S)"
         )
     logps = _target_logps(logits, tgt)  # (R, S)
+    # log(1 - p), with 1 - p floored at 1e-5 as in Welleck et al.'s unlikelihood code.
+    log1m = torch.log((1.0 - logps.exp()).clamp(min=1e-5))  # (R, S)
     out = []
     for segment in (0, 1):  # chosen, rejected (dpo.data.packing.CHOSEN / REJECTED)
         mask = seg == segment
         total = per_pair(logps * mask, pair, batch["n_pairs"])
         n = per_pair(mask.to(total.dtype), pair, batch["n_pairs"])
-        out.append(SequenceLogps(sum=total, mean=total / n.clamp(min=1.0), n_tokens=n))
+        unlikely = per_pair(log1m * mask, pair, batch["n_pairs"])
+        out.append(SequenceLogps(sum=total, mean=total / n.clamp(min=1.0), n_tokens=n, unlikely=unlikely))
     return out[0], out[1]
 
 

@@ -31,12 +31,15 @@ class PairLogps(NamedTuple):
         rejected: (B,) the same for the rejected responses (empty (0,) for SFT batches).
         chosen_tokens: (B,) number of chosen response tokens, float.
         rejected_tokens: (B,) number of rejected response tokens, float.
+        rejected_unlikely: (B,) sum over rejected tokens of log(1 - p(token | prefix)), the
+            unlikelihood term (Welleck et al. 2019); None where it was not computed.
     """
 
     chosen: Tensor
     rejected: Tensor
     chosen_tokens: Tensor
     rejected_tokens: Tensor
+    rejected_unlikely: Tensor | None = None
 
     @property
     def chosen_mean(self) -> Tensor:
@@ -169,6 +172,21 @@ def sft_loss(policy: PairLogps, reference: None = None) -> LossOutput:
     return LossOutput(-policy.chosen, None, None)
 
 
+def unlikelihood_loss(policy: PairLogps, reference: None = None, *, alpha: float) -> LossOutput:
+    """Unlikelihood (Welleck et al. 2019, arXiv 1908.04319, Eq. 4), the DPO paper's baseline (Sec. 6).
+
+    loss = -pc - alpha * sum_t log(1 - p(r_t | x, r_<t)): the chosen response's summed NLL (as
+    :func:`sft_loss`) plus the token-level unlikelihood of the rejected response. The DPO paper
+    sweeps alpha in {0.05, 0.1, 0.5, 1}. A sequence-level ``log(1 - p(r))`` would give no
+    gradient (p(r) is ~0 for any real response), hence the token-level term.
+    rewards = pc / |c|, pr / |r| (mean log-probs; there is no implicit reward).
+    """
+    if policy.rejected_unlikely is None:
+        raise ValueError("unlikelihood needs the rejected responses' token-level log(1 - p) (rejected_unlikely)")
+    losses = -policy.chosen - alpha * policy.rejected_unlikely
+    return LossOutput(losses, policy.chosen_mean.detach(), policy.rejected_mean.detach())
+
+
 def nll_term(policy: PairLogps) -> Tensor:
     """Length-normalised NLL of the chosen response, -pc / |c|, (B,) (RPO, arXiv 2404.19733 Eq. 2)."""
     return -policy.chosen_mean
@@ -205,6 +223,7 @@ LOSSES: dict[str, LossSpec] = {
     "ref_free_dpo": LossSpec(ref_free_dpo_loss, needs_reference=False),
     "simpo": LossSpec(simpo_loss, needs_reference=False),
     "sft": LossSpec(sft_loss, needs_reference=False, needs_pairs=False),
+    "unlikelihood": LossSpec(unlikelihood_loss, needs_reference=False),
 }
 
 
@@ -228,6 +247,8 @@ def check_loss_params(name: str, params: dict[str, Any]) -> None:
         raise ValueError(f"loss {name!r} needs parameter(s) {missing} in the loss config")
     if "beta" in params and not params["beta"] > 0:
         raise ValueError(f"loss.beta must be > 0, got {params['beta']}")
+    if "alpha" in params and not params["alpha"] >= 0:
+        raise ValueError(f"loss.alpha must be >= 0, got {params['alpha']}")
     eps = params.get("label_smoothing")
     if eps is not None and not 0 <= eps < 0.5:
         raise ValueError(f"loss.label_smoothing must be in [0, 0.5), got {eps}")

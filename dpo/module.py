@@ -154,7 +154,7 @@ class DPOModule(LightningModule):
         chosen, rejected = scored_logps(logits, batch)
         if not self.pairs:
             rejected = SequenceLogps(*(x[:0] for x in rejected))
-        return PairLogps(chosen.sum, rejected.sum, chosen.n_tokens, rejected.n_tokens), logits
+        return PairLogps(chosen.sum, rejected.sum, chosen.n_tokens, rejected.n_tokens, rejected.unlikely), logits
 
     def _reference_score(self, batch: PreferenceBatch, policy: PairLogps) -> tuple[PairLogps, Tensor | None]:
         """The reference's log-probs: precomputed in the batch, the frozen copy, or LoRA's base."""
@@ -168,6 +168,19 @@ class DPOModule(LightningModule):
             with self.policy.disable_adapter():
                 return self.score(self.policy, batch)
         raise RuntimeError("reference=precomputed but the batch carries no ref_logps")
+
+    def reference_logits_fn(self) -> Any:
+        """``(input_ids, attention_mask) -> logits`` of the live reference, or None when there is none."""
+        if self.reference is not None:
+            return lambda ids, mask: self.reference(input_ids=ids, attention_mask=mask).logits
+        if self.hparams.reference_kind == "lora":
+
+            def base(ids: Tensor, mask: Tensor) -> Tensor:
+                with self.policy.disable_adapter():
+                    return self.policy(input_ids=ids, attention_mask=mask).logits
+
+            return base
+        return None
 
     def shared_step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy forward, reference forward without grad, loss, metrics.

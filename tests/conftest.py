@@ -61,10 +61,16 @@ def exported_tiny(tmp_path_factory, bpe_tokenizer):
     return str(export_pretrained(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny") / "hf"))
 
 
+def with_tiny(overrides: list[str]) -> list[str]:
+    """``overrides`` on the tiny test configuration, unless they pick an experiment themselves."""
+    return overrides if any(o.startswith("experiment=") for o in overrides) else ["experiment=tiny", *overrides]
+
+
 def compose_config(overrides: list[str], output_dir: Path) -> DictConfig:
-    """The composed `dpo-train` config with ``overrides``, writing into ``output_dir``."""
+    """The composed `dpo-train` config with ``overrides`` (on ``experiment=tiny`` unless they name
+    an experiment), writing into ``output_dir``."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+        cfg = compose("train", overrides=with_tiny(overrides))
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.cache_dir = str(Path(output_dir) / "cache")
@@ -101,9 +107,14 @@ def shrink(cfg: DictConfig, exported_tiny: str | None = None) -> DictConfig:
             cfg.model.pretrained = exported_tiny
             cfg.model.dtype = "float32"
         source = cfg.data.source
+        for split in ("train", "val"):  # a required pairs file (experiment=imdb_dpo): the bundled pairs
+            if OmegaConf.is_missing(source.splits, split):
+                source.splits[split] = bundled_path(f"reviews_{split}.jsonl")
         if source.path is not None and not Path(source.path).is_dir():
             source.path = str(FIXTURES / FIXTURE_FOR_FORMAT[source.format])
             source.name = source.data_dir = None
+        if cfg.get("reward") is not None and cfg.reward.name == "hf_classifier":  # the paper's RoBERTa: a hub model
+            cfg.reward = {"name": "vader"}
         cfg.trainer.accelerator = "cpu"
         cfg.trainer.precision = "32-true"
     return cfg

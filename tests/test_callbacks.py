@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import FAST, compose_config, shrink
-from dpo.callbacks import left_pad
+from dpo.sampling import left_pad
 from dpo.train import train
 
 
@@ -54,3 +54,28 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
 
     plain, checkpointed = losses("plain"), losses("ckpt", "model.gradient_checkpointing=true")
     assert len(plain) == 3 and checkpointed == pytest.approx(plain, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["dpo", "sft"])
+def test_reward_kl_eval_logs_reward_and_exact_kl(tmp_path, loss):
+    """At step 0 the policy is the reference: KL exactly 0. After training it is > 0, also for
+    Preferred-FT (loss=sft), which has no reference of its own: the callback keeps a frozen copy."""
+    cfg = shrink(
+        compose_config(
+            [
+                *FAST, f"loss={loss}", "callbacks=reward_eval", "trainer.max_steps=3", "optim.optimizer.lr=1e-2",
+                "callbacks.reward_eval.n_prompts=3", "callbacks.reward_eval.samples_per_prompt=2",
+                "callbacks.reward_eval.generation.max_new_tokens=5", "callbacks.reward_eval.every_n_steps=2",
+            ],
+            tmp_path,
+        )
+    )  # fmt: skip
+    train(cfg)
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2, 3]
+    assert rows[0]["kl"] == 0 and rows[0]["kl_mc"] == 0 and rows[0]["n"] == 6
+    assert rows[-1]["kl"] > 0 and all(-1 <= r["reward"] <= 1 for r in rows)  # VADER compound
+    samples = [json.loads(x) for x in (tmp_path / "eval" / "step000003.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all(s["kl"] >= 0 for s in samples)
+    logged = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert sum(1 for r in logged if r.get("eval/kl")) == 3

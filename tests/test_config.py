@@ -153,3 +153,16 @@ def test_every_data_config_runs_one_step_on_its_fixture(tmp_path, exported_tiny,
         cfg = compose_config([*FAST, f"data={name}", "trainer.max_steps=1", "loss=sft", *extra], tmp_path)
     metrics = train(shrink(cfg, exported_tiny))
     assert math.isfinite(metrics["val/loss"])
+
+
+def test_unreachable_reward_classifier_fails_before_weights_load(tmp_path, no_weights):
+    """experiment=imdb_dpo scores with siebert/sentiment-roberta-large-english: offline and not
+    cached, the error names the key to set, and no policy weights were loaded first."""
+    from dpo.models import ModelLoadError
+
+    cfg = shrink(compose_config([*FAST, "experiment=imdb_dpo", "trainer.max_steps=1"], tmp_path))
+    cfg.reward = {"name": "hf_classifier", "pretrained": "siebert/sentiment-roberta-large-english", "revision": None,
+                  "positive_label": "POSITIVE", "output": "logit", "batch_size": 8, "max_length": 64,
+                  "device": "cpu", "trust_remote_code": False}  # fmt: skip
+    with pytest.raises(ModelLoadError, match="set reward.pretrained to a local directory"):
+        train(cfg)

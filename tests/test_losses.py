@@ -26,8 +26,13 @@ NLSM1 = 1 + NLS1  # -log s(-1)
 
 
 def pair(c, r, nc=2.0, nr=4.0, grad=False) -> PairLogps:
+    """A one-pair batch; the rejected response's tokens each have probability exp(r / nr), so its
+    unlikelihood term is nr * log(1 - exp(r / nr))."""
     t = lambda x: torch.tensor([x], dtype=torch.float64, requires_grad=grad)  # noqa: E731
-    return PairLogps(t(c), t(r), torch.tensor([nc], dtype=torch.float64), torch.tensor([nr], dtype=torch.float64))
+    rejected = t(r)
+    n = torch.tensor([nr], dtype=torch.float64)
+    unlikely = n * torch.log1p(-torch.exp(rejected / n))
+    return PairLogps(t(c), rejected, torch.tensor([nc], dtype=torch.float64), n, unlikely)
 
 
 POLICY = pair(-1.0, -3.0)
@@ -61,6 +66,12 @@ REF = pair(-2.0, -2.0)
         ("ref_free_dpo", {"beta": 0.5}, NLS1, "-log s(0.5 * (-1 - -3)) = -log s(1)"),
         ("simpo", {"beta": 2.0, "gamma": 0.5}, math.log(2), "2*(-1/2) - 2*(-3/4) - 0.5 = 0; -log s(0) = ln 2"),
         ("sft", {}, 1.0, "-pc = 1"),
+        (
+            "unlikelihood",
+            {"alpha": 0.5},
+            1.0 - 0.5 * 4 * math.log(1 - math.exp(-0.75)),
+            "-pc - alpha * 4 log(1 - e^(-3/4)) = 1 + 0.5 * 4 * 0.63934 = 2.27868",
+        ),
     ],
 )
 def test_hand_derived_values(name, params, expected, doc):
@@ -70,7 +81,10 @@ def test_hand_derived_values(name, params, expected, doc):
 
 
 def test_every_registered_loss_has_a_hand_derived_test():
-    tested = {"dpo", "cdpo", "robust_dpo", "ipo_sum", "ipo_length_norm", "hinge", "ref_free_dpo", "simpo", "sft"}
+    tested = {
+        "dpo", "cdpo", "robust_dpo", "ipo_sum", "ipo_length_norm", "hinge", "ref_free_dpo", "simpo", "sft",
+        "unlikelihood",
+    }  # fmt: skip
     assert set(LOSSES) == tested
 
 
@@ -88,7 +102,7 @@ def test_dpo_rewards_are_beta_log_ratios():
 
 
 REF_LOSSES = [n for n, s in LOSSES.items() if s.needs_reference]
-DEFAULT_PARAMS = {"beta": 0.1, "label_smoothing": 0.1, "gamma": 0.5}
+DEFAULT_PARAMS = {"beta": 0.1, "label_smoothing": 0.1, "gamma": 0.5, "alpha": 0.5}
 
 
 def params_for(name):
@@ -168,7 +182,7 @@ def test_reference_losses_refuse_to_run_without_reference():
 
 
 def test_needs_reference_is_a_property_of_the_variant():
-    assert {n for n, s in LOSSES.items() if not s.needs_reference} == {"ref_free_dpo", "simpo", "sft"}
+    assert {n for n, s in LOSSES.items() if not s.needs_reference} == {"ref_free_dpo", "simpo", "sft", "unlikelihood"}
     assert not get_loss("sft").needs_pairs
 
 
@@ -181,3 +195,22 @@ def test_loss_params_are_checked_by_name():
         check_loss_params("robust_dpo", {"beta": 0.1, "label_smoothing": 0.5})
     with pytest.raises(KeyError, match="registered"):
         get_loss("dpoo")
+
+
+def test_unlikelihood_term_comes_from_the_token_probabilities(tiny_model, bpe_tokenizer):
+    """The unlikelihood term of a scored batch is sum_t log(1 - p_t) over the rejected tokens."""
+    from dpo.data.collate import collate
+    from dpo.data.sources import PreferenceRow
+    from dpo.data.tokenize import PairTokenizer
+    from dpo.logprobs import scored_logits, scored_logps, sequence_logps
+
+    pt = PairTokenizer(bpe_tokenizer, 64, 16, "keep_end")
+    batch = collate([pt(PreferenceRow("Review it:", "A fine film.", "Dull and long.", "a"))], pad_id=0)
+    with torch.no_grad():
+        _, rejected = scored_logps(scored_logits(tiny_model, batch), batch)
+        logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][1:, 1:]  # the rejected row's scored tokens
+    logp = logits[1:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    expected = (torch.log1p(-logp.exp()) * (labels != -100)).sum()
+    torch.testing.assert_close(rejected.unlikely[0], expected, atol=1e-5, rtol=1e-5)
+    assert sequence_logps(logits[1:], batch["labels"][1:]).sum[0] < 0

@@ -13,7 +13,7 @@ import pytest
 
 # A tiny model and a short run, logged every step to CSV.
 TINY = [
-    "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",
+    "experiment=tiny", "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",
     "model.tokenizer.bpe_vocab_size=300", "data.max_length=64", "data.max_prompt_length=32",
     "data.batch_size=8", "data.micro_batch_size=8", "data.eval_batch_size=16", "data.source.max_rows=96", "logger=csv",
     "trainer.log_every_n_steps=1", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=null",

@@ -12,19 +12,20 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import FAST, compose_config, shrink
+from conftest import FAST, compose_config, shrink, with_tiny
 from dpo.train import CONF_DIR, train
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 TINY_CLI = [
-    "debug=fast", "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",
-    "model.tokenizer.bpe_vocab_size=300", "data.max_length=64", "data.max_prompt_length=32", "data.source.max_rows=64",
+    "experiment=tiny", "debug=fast", "model.architecture.n_layer=1", "model.architecture.n_embd=32",
+    "model.architecture.n_head=2", "model.tokenizer.bpe_vocab_size=300", "data.max_length=64",
+    "data.max_prompt_length=32", "data.source.max_rows=64",
 ]  # fmt: skip
 
 
 def compose_hydra(overrides):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
+        return compose("train", overrides=with_tiny(overrides), return_hydra_config=True)
 
 
 @pytest.mark.parametrize("name", SWEEPS)

@@ -19,13 +19,14 @@ from dpo.train import train
 
 
 @pytest.mark.slow
-def test_default_run_end_to_end(tmp_path):
-    """`dpo-train` with no arguments: trains, reaches held-out accuracy >= 0.8, writes everything."""
+def test_tiny_run_end_to_end(tmp_path):
+    """`dpo-train experiment=tiny` (the fast test configuration): trains, reaches held-out accuracy
+    >= 0.8, writes everything. The SmolLM2 default run takes ~8 minutes: see tests/test_imdb.py."""
     # An empty WANDB_MODE must not break the run; the tokenized cache goes to the test folder.
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="", DPO_CACHE_DIR=str(tmp_path / "cache"))
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "dpo.train", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "dpo.train", "experiment=tiny", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         env=env,

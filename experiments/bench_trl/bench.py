@@ -166,7 +166,8 @@ def run_ours(work: Path, size: str, steps: int, levers: list[str]) -> dict:
 
     out = work / "ours_out" / f"{size}-{os.getpid()}"
     overrides = [
-        "model=hf", f"model.pretrained={work / size}", "data=local", f"data.source.splits.train={work / 'pairs.jsonl'}",
+        "experiment=tiny", "model=hf", f"model.pretrained={work / size}",
+        "data=local", f"data.source.splits.train={work / 'pairs.jsonl'}",
         f"data.source.splits.val={work / 'val.jsonl'}", f"data.batch_size={BATCH}", f"data.micro_batch_size={BATCH}",
         f"data.eval_batch_size={BATCH}", "data.max_length=512", "data.max_prompt_length=256", "data.shuffle=false",
         f"optim.optimizer.lr={LR}", "optim.warmup_steps=0", f"trainer.gradient_clip_val={CLIP}", f"loss.beta={BETA}",

@@ -1,0 +1,134 @@
+"""Sampling completions from a causal LM, and the sequence-level KL of sampled completions.
+
+Shapes: ``N`` sequences, ``P`` prompt tokens (left-padded), ``L`` generated tokens, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpo.logprobs import IGNORE_INDEX, sequence_kl, sequence_logps
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How completions are sampled (``conf/sample.yaml`` ``generation``).
+
+    Attributes:
+        max_new_tokens: most tokens per completion.
+        temperature: softmax temperature; 0 decodes greedily.
+        top_k: keep the k most likely tokens; 0 keeps all.
+        top_p: nucleus mass; 1.0 keeps all.
+    """
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``model.generate``."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+        return {
+            "do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None,
+            "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+        }  # fmt: skip
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(N, P) ids and attention mask, padded on the left so generation continues every prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def cut_at_eos(tokens: list[int], eos_id: int | None, pad_id: int) -> list[int]:
+    """Generated tokens up to and including the first EOS; trailing padding dropped."""
+    out = []
+    for t in tokens:
+        out.append(t)
+        if t == eos_id:
+            return out
+    while out and out[-1] == pad_id and pad_id != eos_id:
+        out.pop()
+    return out
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    gen: GenerationConfig,
+    pad_id: int,
+    eos_id: int | None,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
+) -> list[list[int]]:
+    """Sample one completion per prompt (repeat a prompt k times for k samples), batched.
+
+    Returns the generated token ids of each prompt, cut after the first EOS. The caller seeds the RNG.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[list[int]] = []
+    try:
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
+            seqs = model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+                synced_gpus=synced_gpus, **gen.kwargs(),
+            )  # fmt: skip  # (n, P + L)
+            out += [cut_at_eos(s[ids.shape[1] :], eos_id, pad_id) for s in seqs.tolist()]
+    finally:
+        model.train(was_training)
+    return out
+
+
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded ``prompt + completion`` rows with labels on the completion tokens only."""
+    rows = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (p, r) in enumerate(zip(prompts, rows, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, len(p) : len(r)] = ids[i, len(p) : len(r)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def completion_kl(policy: nn.Module, reference: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sequence-level KL(policy || reference) of sampled completions, exact and Monte Carlo.
+
+    The exact value sums, over the completion's tokens, the full-vocabulary KL of the next-token
+    distributions (:func:`dpo.logprobs.sequence_kl`); the Monte-Carlo estimate is
+    ``log pi(y|x) - log pi_ref(y|x)`` of the sampled ``y``. Both have the sequence KL as their
+    expectation over ``y ~ pi``; the exact one has far less variance.
+
+    Args:
+        policy: the policy.
+        reference: a callable ``(input_ids, attention_mask) -> logits`` of the reference.
+        batch: from :func:`completion_batch`, on the policy's device.
+
+    Returns:
+        ``(kl_exact, kl_mc, policy_logps, n_tokens)``, each (N,).
+    """
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, T, V)
+    ref_logits = reference(batch["input_ids"], batch["attention_mask"])
+    kl = sequence_kl(logits, ref_logits, batch["labels"])
+    pol, ref = sequence_logps(logits, batch["labels"]), sequence_logps(ref_logits, batch["labels"])
+    return kl, pol.sum - ref.sum, pol.sum, pol.n_tokens

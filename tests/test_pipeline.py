@@ -1,0 +1,174 @@
+"""The sample -> score -> pair pipeline, Best-of-N, and the KL of sampled completions, on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dpo.config import ConfigError
+from dpo.logprobs import sequence_kl
+from dpo.pipeline.best_of_n import best_of_n, best_of_n_kl
+from dpo.pipeline.io import read_jsonl
+from dpo.pipeline.pair import make_pairs
+from dpo.sampling import completion_batch, completion_kl, cut_at_eos
+
+
+def test_pairs_respect_margin_and_ties():
+    completions = ["great", "good", "bad", "bad ", "great"]
+    rewards = [0.9, 0.5, 0.5, -0.8, 0.9]
+    counts: Counter = Counter()
+    pairs = make_pairs(completions, rewards, 0.0, "skip", random.Random(0), counts)
+    # 10 candidates: (0,4) identical text, (1,2) an exact tie -> skipped; the rest kept, higher reward chosen.
+    assert counts == Counter({"kept": 8, "identical": 1, "tie": 1})
+    assert all(rewards[c] > rewards[r] for c, r in pairs)
+    counts = Counter()
+    pairs = make_pairs(completions, rewards, 0.5, "skip", random.Random(0), counts)
+    assert all(rewards[c] - rewards[r] >= 0.5 for c, r in pairs)
+    # Gaps below 0.5: (0,1), (0,2), (1,4), (2,4) at 0.4 and the tie (1,2); kept: the four gaps >= 1.3.
+    assert counts["below_margin"] == 5 and counts["kept"] == 4
+    counts = Counter()
+    pairs = make_pairs(completions, rewards, 0.0, "random", random.Random(0), counts)
+    assert counts["tie_random"] == 1 and counts["kept"] == 9 and ((1, 2) in pairs or (2, 1) in pairs)
+    with pytest.raises(ConfigError, match="ties must be"):
+        make_pairs(completions, rewards, 0.0, "first", random.Random(0), Counter())
+
+
+def test_best_of_n_picks_the_argmax():
+    rewards = [[0.1, 0.7, 0.3, 0.9], [0.5, 0.2, 0.8, 0.0]]
+    mean, picks = best_of_n(rewards, 2)
+    assert picks == [1, 0] and mean == pytest.approx((0.7 + 0.5) / 2)
+    mean, picks = best_of_n(rewards, 4)
+    assert picks == [3, 2] and mean == pytest.approx((0.9 + 0.8) / 2)
+    assert best_of_n_kl(1) == 0 and best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    with pytest.raises(ValueError, match="fewer than N=8"):
+        best_of_n(rewards, 8)
+
+
+def test_cut_at_eos():
+    assert cut_at_eos([5, 6, 2, 7, 2], eos_id=2, pad_id=0) == [5, 6, 2]
+    assert cut_at_eos([5, 6, 0, 0], eos_id=2, pad_id=0) == [5, 6]
+
+
+def test_exact_kl_is_zero_for_equal_models_and_matches_brute_force():
+    """Vocabulary of 3, one prompt token, two generated tokens: the KL is summed by hand."""
+    torch.manual_seed(0)
+    p_logits = torch.randn(1, 3, 3)
+    q_logits = torch.randn(1, 3, 3)
+    labels = torch.tensor([[-100, 1, 2]])  # positions 0 and 1 predict the generated tokens
+    p, q = p_logits.softmax(-1), q_logits.softmax(-1)
+    brute = sum(float((p[0, t] * (p[0, t].log() - q[0, t].log())).sum()) for t in (0, 1))
+    assert sequence_kl(p_logits, q_logits, labels).item() == pytest.approx(brute, rel=1e-5)
+    assert sequence_kl(p_logits, p_logits, labels).item() == 0
+
+
+def test_completion_kl_on_a_tiny_model(tiny_model):
+    """Policy = reference: exact KL and Monte-Carlo estimate are 0; a perturbed policy gives KL > 0."""
+    tiny_model.eval()
+    batch = completion_batch([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], pad_id=0)
+    assert batch["labels"].tolist()[1] == [-100, 11, 12, 13, -100]  # right padding is not scored
+
+    def ref(ids, mask):
+        return tiny_model(input_ids=ids, attention_mask=mask).logits
+
+    kl, kl_mc, logps, n = completion_kl(tiny_model, ref, batch)
+    assert torch.all(kl == 0) and torch.all(kl_mc == 0) and n.tolist() == [2.0, 3.0]
+
+    def shifted(ids, mask):
+        return tiny_model(input_ids=ids, attention_mask=mask).logits + torch.linspace(0, 3, 512)
+
+    kl, kl_mc, _, _ = completion_kl(tiny_model, shifted, batch)
+    assert torch.all(kl > 0)
+
+
+def test_sample_score_pair_on_a_tiny_model(tmp_path, exported_tiny):
+    from dpo.pipeline.pair import pair
+    from dpo.pipeline.sample import sample
+    from dpo.pipeline.score import score
+    from dpo.rewards import REWARDS
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("This movie\nI watched this film\nThe acting in this drama\n")
+    base = {"paths": {"cache_dir": str(tmp_path / "cache")}, "seed": 0}
+    model = {"pretrained": exported_tiny, "revision": None, "dtype": "float32", "trust_remote_code": False,
+             "tokenizer": {"pretrained": None}}  # fmt: skip
+    cfg = OmegaConf.create(base | {
+        "model": model, "prompts": {"file": str(prompts), "field": "prompt", "split": "train", "max_prompts": None,
+                                    "max_tokens": 16},
+        "n": 4, "batch_size": 5, "output": str(tmp_path / "samples.jsonl"),
+        "generation": {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+    })  # fmt: skip
+    samples = sample(cfg)
+    rows = read_jsonl(samples, {"prompt": str, "completions": list})
+    assert [len(r["completions"]) for r in rows] == [4, 4, 4]
+    meta = json.loads((tmp_path / "samples.jsonl.meta.json").read_text())
+    assert meta["model"]["pretrained"] == exported_tiny and meta["generation"]["max_new_tokens"] == 6
+    # A deterministic reward: the completion's length in characters.
+    REWARDS["length"] = lambda: lambda texts: [float(len(t)) for t in texts]
+    try:
+        scored = score(OmegaConf.create(base | {
+            "input": str(samples), "output": str(tmp_path / "scored.jsonl"), "include_prompt": False,
+            "batch_size": 4, "reward": {"name": "length"},
+        }))  # fmt: skip
+    finally:
+        del REWARDS["length"]
+    rows = read_jsonl(scored, {"rewards": list})
+    assert all(r["rewards"] == [float(len(c)) for c in r["completions"]] for r in rows)
+    out = pair(OmegaConf.create({"input": str(scored), "output_dir": str(tmp_path / "pairs"), "min_margin": 1.0,
+                                 "ties": "skip", "val_fraction": 0.34, "seed": 0}))  # fmt: skip
+    train = read_jsonl(out / "train.jsonl", {"prompt": str, "chosen": str, "rejected": str})
+    assert all(len(p["chosen"]) - len(p["rejected"]) >= 1 for p in train)
+    meta = json.loads((out / "pairs.meta.json").read_text())
+    assert meta["prompts"] == {"train": 2, "val": 1}
+
+
+def test_bad_input_names_file_and_row(tmp_path):
+    from dpo.pipeline.pair import pair
+
+    bad = tmp_path / "scored.jsonl"
+    bad.write_text(
+        '{"prompt": "a", "completions": ["x", "y"], "rewards": [1.0, 0.0]}\n{"prompt": "b", "completions": ["x"]}\n'
+    )
+    cfg = {"input": str(bad), "output_dir": str(tmp_path / "p"), "min_margin": 0.0, "ties": "skip", "val_fraction": 0.0,
+           "seed": 0}  # fmt: skip
+    with pytest.raises(ValueError, match=r"scored.jsonl:2: missing key 'rewards'"):
+        pair(OmegaConf.create(cfg))
+    bad.write_text('{"prompt": "a", "completions": ["x", "y"], "rewards": [1.0]}\n')
+    with pytest.raises(ValueError, match=r"scored.jsonl:1: 2 completions but 1 rewards"):
+        pair(OmegaConf.create(cfg))
+    assert not (tmp_path / "p").exists()  # nothing written before the input was checked
+
+
+def test_frontier_collects_a_fake_two_run_sweep_and_best_of_n(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    sweep = tmp_path / "multirun"
+    for job, loss in (
+        ("0", {"name": "dpo", "nll_weight": 0.0, "beta": 0.1}),
+        ("1", {"name": "sft", "nll_weight": 0.0}),
+    ):
+        (sweep / job / "eval").mkdir(parents=True)
+        (sweep / job / "config.yaml").write_text(yaml.safe_dump({"loss": loss}))
+        rows = [{"step": s, "reward": 0.1 * s, "kl": 0.5 * s, "kl_mc": 0.4 * s, "tokens": 30, "n": 8} for s in (0, 10)]
+        (sweep / job / "eval" / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bon = tmp_path / "bon" / "eval.jsonl"
+    bon.parent.mkdir()
+    bon.write_text(json.dumps({"method": "best_of_n", "n": 4, "step": 0, "reward": 0.3, "kl": best_of_n_kl(4)}) + "\n")
+    out = tmp_path / "frontier.png"
+    script = Path(__file__).parent.parent / "experiments" / "imdb" / "frontier.py"
+    proc = subprocess.run([sys.executable, str(script), str(sweep), str(bon.parent), "--out", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert sorted({p["label"] for p in points}) == ["Best-of-N", "DPO b=0.1", "Preferred-FT"]
+    assert len(points) == 5 and "DPO b=0.1" in proc.stdout
