@@ -19,3 +19,17 @@ def test_found_the_modules():
 @pytest.mark.parametrize("name", MODULES)
 def test_imports(name):
     importlib.import_module(name)
+
+
+def test_notebooks_are_stripped_and_define_no_functions():
+    """notebooks/ holds exploration only: no stored outputs, no logic of its own (STYLE.md)."""
+    import json
+    from pathlib import Path
+
+    notebooks = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+    assert notebooks
+    for path in notebooks:
+        for cell in json.loads(path.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                assert cell["outputs"] == [] and cell["execution_count"] is None, path
+                assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell["source"]), path

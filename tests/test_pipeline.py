@@ -172,3 +172,37 @@ def test_frontier_collects_a_fake_two_run_sweep_and_best_of_n(tmp_path):
     points = [json.loads(x) for x in out.with_suffix(".jsonl").read_text().splitlines()]
     assert sorted({p["label"] for p in points}) == ["Best-of-N", "DPO b=0.1", "Preferred-FT"]
     assert len(points) == 5 and "DPO b=0.1" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["sample", "score", "pair", "best_of_n"])
+def test_pipeline_configs_compose_and_name_their_required_inputs(tmp_path, name):
+    from hydra import compose, initialize_config_dir
+
+    from dpo.train import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(name, overrides=[f"paths.output_dir={tmp_path}"])
+    missing = OmegaConf.missing_keys(cfg)
+    assert missing == ({"input"} if name != "sample" else {"model.pretrained"})
+    if name == "score":
+        assert cfg.reward.name == "vader"
+
+
+def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
+    """`dpo-sample data=imdb`: the prompts are the 2-8 word review prefixes of the data set."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import FIXTURES
+    from dpo.pipeline.sample import load_prompts, sample
+    from dpo.train import CONF_DIR
+
+    overrides = ["data=imdb", f"data.source.path={FIXTURES / 'imdb'}", f"model.pretrained={exported_tiny}",
+                 f"output={tmp_path / 's.jsonl'}", f"paths.cache_dir={tmp_path}", f"paths.output_dir={tmp_path}",
+                 "n=2", "prompts.max_prompts=3",
+                 "generation.max_new_tokens=4"]  # fmt: skip
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=overrides)
+    prompts = load_prompts(cfg)
+    assert len(prompts) == 3 and all(2 <= len(p.split()) <= 8 for p in prompts)
+    rows = read_jsonl(sample(cfg), {"prompt": str, "completions": list})
+    assert [r["prompt"] for r in rows] == prompts and all(len(r["completions"]) == 2 for r in rows)
