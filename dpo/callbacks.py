@@ -28,6 +28,25 @@ def optimizer_step_ended_every(trainer: pl.Trainer, batch_idx: int, every: int) 
     return bool(every) and stepped and trainer.global_step % every == 0
 
 
+def rank_share(items: list[Any], world: int, rank: int) -> list[tuple[int, Any]]:
+    """This rank's ``(index, item)`` share; every rank gets as many (the list wraps around), so
+    under FSDP all ranks run the same number of forwards."""
+    share = -(-len(items) // world)
+    return [(i, items[i % len(items)]) for i in range(rank * share, (rank + 1) * share)]
+
+
+def gather_rows(rows: list[dict[str, Any]], world: int, rank: int, n: int) -> list[dict[str, Any]] | None:
+    """All ranks' ``rows`` on rank 0, one per ``index`` below ``n`` (the wrapped-around extras
+    dropped), in index order; None on the other ranks."""
+    if world > 1 and dist.is_initialized():
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    if rank != 0:
+        return None
+    return sorted({r["index"]: r for r in rows if r["index"] < n}.values(), key=lambda r: r["index"])
+
+
 class GenerationSamples(pl.Callback):
     """Sample completions of the first held-out prompts every ``every_n_steps`` steps and at the end.
 
@@ -83,8 +102,7 @@ class GenerationSamples(pl.Callback):
         tokenizer = datamodule.tokenizer
         prompts = [p.prompt_ids for p in datamodule.datasets["val"].items[: self.n_prompts]]
         world, rank = trainer.world_size, trainer.global_rank
-        share = -(-len(prompts) // world)
-        mine = [(i, prompts[i % len(prompts)]) for i in range(rank * share, (rank + 1) * share)]
+        mine = rank_share(prompts, world, rank)
         pad_id = pad_id_of(tokenizer)
         ids, mask = left_pad([p for _, p in mine], pad_id)
         policy = pl_module.policy
@@ -111,13 +129,9 @@ class GenerationSamples(pl.Callback):
             }
             for (i, p), o in zip(mine, out.tolist(), strict=True)
         ]
-        if world > 1 and dist.is_initialized():
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if rank != 0:
+        rows = gather_rows(rows, world, rank, len(prompts))
+        if rows is None:
             return None
-        rows = sorted({r["index"]: r for r in rows if r["index"] < len(prompts)}.values(), key=lambda r: r["index"])
         self.dirpath.mkdir(parents=True, exist_ok=True)
         with (self.dirpath / f"step{step:06d}.jsonl").open("w", encoding="utf-8") as f:
             for row in rows:
@@ -235,8 +249,7 @@ class RewardKLEval(pl.Callback):
         tokenizer = trainer.datamodule.tokenizer
         prompts = [p for p in self._prompts(trainer) for _ in range(self.samples_per_prompt)]
         world, rank = trainer.world_size, trainer.global_rank
-        share = -(-len(prompts) // world)
-        mine = [(i, prompts[i % len(prompts)]) for i in range(rank * share, (rank + 1) * share)]
+        mine = rank_share(prompts, world, rank)
         pad_id, device = pad_id_of(tokenizer), pl_module.device
         policy = pl_module.policy
         with torch.random.fork_rng(devices=[]):
@@ -267,13 +280,9 @@ class RewardKLEval(pl.Callback):
                 for (i, _), pt, t, r, k, m, n in zip(part, prompt_texts, texts, scores, kl, kl_mc, n_tok, strict=True)
             ]
         policy.train(was_training)
-        if world > 1 and dist.is_initialized():
-            gathered: list[Any] = [None] * world
-            dist.all_gather_object(gathered, rows)
-            rows = [r for part in gathered for r in part]
-        if rank != 0:
+        rows = gather_rows(rows, world, rank, len(prompts))
+        if rows is None:
             return None
-        rows = sorted({r["index"]: r for r in rows if r["index"] < len(prompts)}.values(), key=lambda r: r["index"])
         n = len(rows)
         result = {
             "step": step,
