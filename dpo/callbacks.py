@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from dpo.data.collate import pad_id_of
 from dpo.log import get_logger
-from dpo.sampling import GenerationConfig, completion_batch, completion_kl, generate, left_pad
+from dpo.sampling import GenerationConfig, completion_batch, completion_kl, generate
 
 log = get_logger(__name__)
 
@@ -78,9 +78,7 @@ class GenerationSamples(pl.Callback):
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.n_prompts = n_prompts
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
+        self.gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.seed = seed
         self._last_step = -1
 
@@ -103,31 +101,15 @@ class GenerationSamples(pl.Callback):
         prompts = [p.prompt_ids for p in datamodule.datasets["val"].items[: self.n_prompts]]
         world, rank = trainer.world_size, trainer.global_rank
         mine = rank_share(prompts, world, rank)
-        pad_id = pad_id_of(tokenizer)
-        ids, mask = left_pad([p for _, p in mine], pad_id)
-        policy = pl_module.policy
-        was_training = policy.training
-        policy.eval()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1_000_003 * rank + step)  # distinct streams per rank
-            out = policy.generate(
-                input_ids=ids.to(pl_module.device),
-                attention_mask=mask.to(pl_module.device),
-                do_sample=self.temperature > 0,
-                temperature=self.temperature if self.temperature > 0 else None,
-                top_p=self.top_p if self.temperature > 0 else None,
-                max_new_tokens=self.max_new_tokens,
-                pad_token_id=pad_id,
-                synced_gpus=world > 1,
-            )
-        policy.train(was_training)
+            completions = generate(
+                pl_module.policy, [p for _, p in mine], self.gen, pad_id_of(tokenizer), tokenizer.eos_token_id,
+                batch_size=len(mine), synced_gpus=world > 1,
+            )  # fmt: skip
         rows = [
-            {
-                "index": i,
-                "prompt": tokenizer.decode(p),
-                "completion": tokenizer.decode(o[ids.shape[1] :], skip_special_tokens=True),
-            }
-            for (i, p), o in zip(mine, out.tolist(), strict=True)
+            {"index": i, "prompt": tokenizer.decode(p), "completion": tokenizer.decode(c, skip_special_tokens=True)}
+            for (i, p), c in zip(mine, completions, strict=True)
         ]
         rows = gather_rows(rows, world, rank, len(prompts))
         if rows is None:

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from dpo.callbacks import optimizer_step_ended_every
-from dpo.data.collate import PreferenceBatch
+from dpo.data.collate import ScoredBatch
 from dpo.logprobs import SequenceLogps, scored_kl, scored_logits, scored_logps
 from dpo.losses import PairLogps, compute_loss, get_loss
 from dpo.reference import sync_reference
@@ -142,13 +142,13 @@ class DPOModule(LightningModule):
             self.reference.eval()
         return self
 
-    def score(self, model: nn.Module, batch: PreferenceBatch) -> tuple[PairLogps, Tensor]:
+    def score(self, model: nn.Module, batch: ScoredBatch) -> tuple[PairLogps, Tensor]:
         """Summed response log-probs of ``model`` and the logits they came from, (N, S, V).
 
-        The logits exist only at the scored (response) positions, for both layouts. A packed batch
-        (``data.layout=shared_prefix``, :mod:`dpo.data.packing`) holds a pair per row; the separate
-        layout holds ``[chosen; rejected]`` rows (:func:`dpo.data.collate.collate`), cut at ``B``.
-        SFT batches hold chosen rows only, and the rejected fields are empty.
+        The logits exist only at the scored (response) positions, in every layout: packed rows
+        (:mod:`dpo.data.packing`) or ``[chosen; rejected]`` rows (:func:`dpo.data.collate.collate`);
+        the batch's ``score_pair`` sums them per pair. SFT batches hold chosen rows only, and the
+        rejected fields are empty.
         """
         logits = scored_logits(model, batch)
         chosen, rejected = scored_logps(logits, batch)
@@ -156,7 +156,7 @@ class DPOModule(LightningModule):
             rejected = SequenceLogps(*(x[:0] for x in rejected))
         return PairLogps(chosen.sum, rejected.sum, chosen.n_tokens, rejected.n_tokens, rejected.unlikely), logits
 
-    def _reference_score(self, batch: PreferenceBatch, policy: PairLogps) -> tuple[PairLogps, Tensor | None]:
+    def _reference_score(self, batch: ScoredBatch, policy: PairLogps) -> tuple[PairLogps, Tensor | None]:
         """The reference's log-probs: precomputed in the batch, the frozen copy, or LoRA's base."""
         if "ref_logps" in batch:  # precomputed for the same rows and response tokens
             ref = batch["ref_logps"]  # (2B,) [chosen; rejected]
@@ -182,7 +182,7 @@ class DPOModule(LightningModule):
             return base
         return None
 
-    def shared_step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+    def shared_step(self, batch: ScoredBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy forward, reference forward without grad, loss, metrics.
 
         Returns:
@@ -228,25 +228,21 @@ class DPOModule(LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if k in bar}, prog_bar=True, **kwargs)
         self.log_dict({k: v for k, v in metrics.items() if k not in bar}, **kwargs)
 
-    def training_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch, "train")
         # With gradient accumulation, log once per optimizer step the mean over its micro-batches,
         # so a step's metrics describe the whole global batch (the sampler gives equal sizes).
         self._pending.append(metrics)
         if len(self._pending) == self.trainer.accumulate_grad_batches:
             mean = {k: torch.stack([m[k] for m in self._pending]).mean() for k in metrics}
-            self._log(mean, "train", batch_size=self._pairs_in(batch))
+            self._log(mean, "train", batch_size=batch["n_pairs"])
             self._pending = []
         return loss
 
-    def validation_step(self, batch: PreferenceBatch, batch_idx: int) -> Tensor:
+    def validation_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch, "val")
-        self._log(metrics, "val", batch_size=self._pairs_in(batch))
+        self._log(metrics, "val", batch_size=batch["n_pairs"])
         return loss
-
-    @staticmethod
-    def _pairs_in(batch: PreferenceBatch) -> int:
-        return batch["n_pairs"]
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.hparams.optimizer, _partial_=True)(self.policy.parameters())
@@ -257,7 +253,7 @@ class DPOModule(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def on_train_batch_end(self, outputs: Any, batch: PreferenceBatch, batch_idx: int) -> None:
+    def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
         """TR-DPO: after every ``sync_every``-th optimizer step, move the reference toward the policy."""
         if self.reference is not None and optimizer_step_ended_every(self.trainer, batch_idx, self.hparams.sync_every):
             sync_reference(self.reference, self.policy, self.hparams.sync_alpha)

@@ -11,34 +11,44 @@ from dpo.data.tokenize import TokenizedPair
 from dpo.logprobs import IGNORE_INDEX
 
 
-class PreferenceBatch(TypedDict):
-    """A padded batch of ``B`` pairs as ``2B`` rows, or ``B`` rows for SFT.
-
-    Row order is ``[chosen_0, ..., chosen_{B-1}, rejected_0, ..., rejected_{B-1}]``: the model
-    runs once on all rows and :meth:`dpo.module.DPOModule.split` cuts at ``B``.
+class ScoredBatch(TypedDict):
+    """What every batch layout gives the model and the log-prob code (:func:`dpo.logprobs.scored_logits`,
+    :func:`dpo.logprobs.scored_logps`): ``R`` rows of ``T`` tokens, ``S`` scored tokens per row.
 
     Attributes:
-        input_ids: (2B, T) prompt + response tokens, right-padded with the pad id.
-        attention_mask: (2B, T) 1 on real tokens.
-        labels: (2B, T) the input ids on response tokens, ``IGNORE_INDEX`` on prompt and padding.
-        score_pos: (2B, S) position whose hidden state predicts each scored (response) token, so
-            the LM head runs only there (:func:`dpo.logprobs.scored_logits`).
-        score_tgt: (2B, S) the scored token ids.
-        score_seg: (2B, S) 0 on chosen rows' scored tokens, 1 on rejected rows', -1 padding.
-        score_pair: (2B, S) the pair (0..B-1) of each row's tokens: row ``i`` holds pair ``i mod B``.
+        input_ids: (R, T) token ids, right-padded with the pad id.
+        attention_mask: (R, T) 1 on real tokens, or a layout's (R, 1, T, T) bool mask.
+        score_pos: (R, S) position whose hidden state predicts each scored (response) token, so
+            the LM head runs only there.
+        score_tgt: (R, S) the scored token ids.
+        score_seg: (R, S) 0 on chosen tokens, 1 on rejected tokens, -1 padding.
+        score_pair: (R, S) index in the batch (0..B-1) of the pair each scored token belongs to.
         n_pairs: ``B``.
-        ref_logps: (2B,) precomputed reference log-probs in the same row order, when present.
+        ref_logps: (2B,) precomputed reference log-probs ``[chosen; rejected]``, when present.
     """
 
     input_ids: Tensor
     attention_mask: Tensor
-    labels: Tensor
     score_pos: Tensor
     score_tgt: Tensor
     score_seg: Tensor
     score_pair: Tensor
     n_pairs: int
     ref_logps: NotRequired[Tensor]
+
+
+class PreferenceBatch(ScoredBatch):
+    """A padded batch of ``B`` pairs as ``2B`` rows, or ``B`` rows for SFT.
+
+    Row order is ``[chosen_0, ..., chosen_{B-1}, rejected_0, ..., rejected_{B-1}]``: the model
+    runs once on all rows; row ``i`` holds pair ``i mod B`` (``score_pair``), and its scored
+    tokens are all chosen (``score_seg`` 0) for ``i < B``, all rejected (1) after.
+
+    Attributes:
+        labels: (2B, T) the input ids on response tokens, ``IGNORE_INDEX`` on prompt and padding.
+    """
+
+    labels: Tensor
 
 
 def pad_id_of(tokenizer: Any) -> int:

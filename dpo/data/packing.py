@@ -15,48 +15,28 @@ Shapes: ``B`` pairs, ``T`` packed tokens, ``S`` scored tokens per row (chosen + 
 
 from __future__ import annotations
 
-from typing import NotRequired, TypedDict
-
 import torch
 from torch import Tensor
 
-from dpo.data.collate import stack_ref_logps
+from dpo.data.collate import ScoredBatch, stack_ref_logps
 from dpo.data.tokenize import TokenizedPair
 
 CHOSEN, REJECTED, NONE = 0, 1, -1
 LAYOUTS = ("separate", "shared_prefix", "packed")
 
 
-class PackedBatch(TypedDict):
-    """A batch of ``B`` pairs packed into ``R`` rows (``R = B`` with one pair per row).
+class PackedBatch(ScoredBatch):
+    """A batch of ``B`` pairs packed into ``R`` rows (``R = B`` with one pair per row); the
+    scoring fields are :class:`dpo.data.collate.ScoredBatch`'s, with ``score_seg`` ``CHOSEN``
+    (0), ``REJECTED`` (1) or ``NONE`` (-1, padding).
 
     Attributes:
-        input_ids: (R, T) each pair's ``prompt | chosen | rejected``, pairs back to back, right-padded.
         position_ids: (R, T) positions; they restart at 0 for each pair, and its rejected segment
             restarts after its prompt.
         attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token.
-        score_pos: (R, S) position whose hidden state predicts each scored token.
-        score_tgt: (R, S) the scored token ids.
-        score_seg: (R, S) ``CHOSEN`` (0), ``REJECTED`` (1) or ``NONE`` (-1, padding).
-        score_pair: (R, S) index in the batch (0..B-1) of the pair each scored token belongs to.
-        n_pairs: ``B``.
-        ref_logps: (2B,) precomputed reference log-probs ``[chosen; rejected]``, when present.
     """
 
-    input_ids: Tensor
     position_ids: Tensor
-    attention_mask: Tensor
-    score_pos: Tensor
-    score_tgt: Tensor
-    score_seg: Tensor
-    score_pair: Tensor
-    n_pairs: int
-    ref_logps: NotRequired[Tensor]
-
-
-def is_packed(batch: dict[str, Tensor]) -> bool:
-    """Whether ``batch`` is packed (pairs in shared-prefix rows) rather than ``[chosen; rejected]`` rows."""
-    return "position_ids" in batch
 
 
 def assign_rows(lengths: list[int], several: bool) -> list[list[int]]:
