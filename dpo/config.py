@@ -45,6 +45,7 @@ SECTION_KEYS: dict[str, set[str]] = {
         "architecture",
         "tokenizer",
         "gradient_checkpointing",
+        "fused_activations",
         "fsdp_block",
     },  # fmt: skip
     "model.tokenizer": {"pretrained", "bpe_vocab_size"},
@@ -158,7 +159,7 @@ def validate(cfg: DictConfig) -> BatchPlan:
     _check_source(cfg, spec.needs_pairs)
     if data.layout not in ("auto", *LAYOUTS):
         raise ConfigError(f"data.layout must be auto or one of {LAYOUTS}, got {data.layout!r}")
-    if data.layout in ("shared_prefix", "packed") and _is_fsdp(cfg):
+    if data.layout in ("shared_prefix", "padding_free") and _is_fsdp(cfg):
         raise ConfigError(
             f"data.layout={data.layout} is untested under FSDP2; use data.layout=auto or separate with trainer=fsdp"
         )
@@ -194,14 +195,14 @@ def _is_fsdp(cfg: DictConfig) -> bool:
 
 
 def resolve_layout(cfg: DictConfig) -> str:
-    """``data.layout=auto``: prompt-prefix sharing (exact, faster) except under FSDP2.
+    """``data.layout=auto``: ``padding_free`` (exact, fastest), except under FSDP2 (``separate``).
 
-    Not ``packed``: on the benchmark's pairs (and most preference data) a second pair rarely fits
-    beside the longest, so rows stay as many and the packing only costs collate time.
+    A model whose attention doesn't go through transformers' attention interface can't run
+    padding-free; ``dpo.train`` then falls back to ``shared_prefix`` (auto only).
     """
     if cfg.data.layout != "auto":
         return cfg.data.layout
-    return "separate" if _is_fsdp(cfg) else "shared_prefix"
+    return "separate" if _is_fsdp(cfg) else "padding_free"
 
 
 def redact(container: Any) -> Any:

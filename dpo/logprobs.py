@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dpo.attention import Segments
+
 
 class SequenceLogps(NamedTuple):
     """Log-probabilities of the masked (response) tokens of each row.
@@ -110,12 +112,13 @@ def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, labels: Tensor)
 def scored_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
     """Logits only at the batch's scored positions: (N, S, V).
 
-    Runs the model's backbone once over ``input_ids`` (with the batch's 2D padding mask, or the
-    packed layout's 4D mask and position ids), gathers the hidden states at ``score_pos`` and
-    applies the LM head there alone, so the head and log-softmax never touch prompt positions:
-    the same numbers as the full forward, with less work (the head is a large share of a small
-    model's FLOPs). Models whose logits are more than ``head(hidden)`` (soft-capping, a logit
-    scale), and FSDP2-sharded models, take the full forward, then the gather.
+    Runs the model's backbone once over ``input_ids`` (with the batch's 2D padding mask, the
+    shared-prefix layout's 4D mask and position ids, or the padding-free layout's ``segments``),
+    gathers the hidden states at ``score_pos`` and applies the LM head there alone, so the head
+    and log-softmax never touch prompt positions: the same numbers as the full forward, with less
+    work (the head is a large share of a small model's FLOPs). Models whose logits are more than
+    ``head(hidden)`` (soft-capping, a logit scale), and FSDP2-sharded models, take the full
+    forward, then the gather.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay active
     mask = batch["attention_mask"]  # (N, T) padding mask, or (N, 1, T, T) bool when packed
@@ -123,13 +126,31 @@ def scored_logits(model: Any, batch: dict[str, Tensor]) -> Tensor:
         dtype = next(inner.parameters()).dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": batch.get("position_ids")}
+    segments = None
+    if "segments" in batch:  # padding-free: attention pair by pair (dpo.attention)
+        segments = inputs["segments"] = Segments(batch["segments"].tolist())
     score_pos = batch["score_pos"]  # (N, S)
     if not _plain_head(inner.config) or _is_fsdp(model):
         logits = model(**inputs).logits  # (N, T, V)
-        return torch.gather(logits, 1, score_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
-    hidden = inner.base_model(**inputs).last_hidden_state  # (N, T, H)
-    pos = score_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (N, S, H)
-    return inner.get_output_embeddings()(torch.gather(hidden, 1, pos))  # (N, S, V)
+        out = torch.gather(logits, 1, score_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
+    else:
+        hidden = inner.base_model(**inputs).last_hidden_state  # (N, T, H)
+        pos = score_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (N, S, H)
+        out = inner.get_output_embeddings()(torch.gather(hidden, 1, pos))  # (N, S, V)
+    if segments is not None:
+        _check_segments_used(inner.config, segments)
+    return out
+
+
+def _check_segments_used(config: Any, segments: Segments) -> None:
+    """A model that didn't hand ``segments`` to each attention layer let pairs see each other: refuse."""
+    layers = getattr(config, "num_hidden_layers", None)
+    if segments.calls == 0 or (layers is not None and segments.calls != layers):
+        raise RuntimeError(
+            f"data.layout=padding_free: {segments.calls} attention layers of {layers} ran pair by pair "
+            f"(attention implementation {config._attn_implementation!r}); this model needs "
+            "data.layout=shared_prefix"
+        )
 
 
 def _is_fsdp(model: Any) -> bool:

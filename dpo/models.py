@@ -130,6 +130,26 @@ def _convert_gguf_wheel(folder: Path, spec: tuple[str, str]) -> None:
         tokenizer.save_pretrained(folder)
 
 
+def fuse_activations(model: nn.Module) -> int:
+    """Swap the tanh-GELUs that transformers composes in Python (``gelu_new``, ``gelu_fast``: GPT-2's)
+    for PyTorch's fused kernel, and return how many modules were swapped.
+
+    The same function (transformers' ``GELUTanh``: "equivalent to NewGELU and FastGELU but much
+    faster", equal up to fp32 rounding), one kernel instead of six elementwise ops and their
+    autograd graph: less time and less activation memory. The config keeps its activation name,
+    so an export is unchanged.
+    """
+    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if type(child) in (NewGELUActivation, FastGELUActivation):
+                setattr(parent, name, GELUTanh())
+                swapped += 1
+    return swapped
+
+
 def disable_dropout(model: nn.Module) -> None:
     """Set every dropout probability to 0 (DPO's log-ratios must be deterministic)."""
     for module in model.modules():
@@ -192,6 +212,7 @@ def load_policy(
     revision: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    fused_activations: bool = True,
 ) -> PreTrainedModel:
     """The causal LM at ``pretrained``, or one built with random weights from ``architecture``.
 
@@ -202,6 +223,7 @@ def load_policy(
         revision: hub revision.
         dtype: parameter dtype name (``float32``, ``bfloat16``).
         trust_remote_code: allow model code from the hub; off unless the user asks.
+        fused_activations: run GPT-2's tanh-GELU as one fused kernel (:func:`fuse_activations`).
     """
     torch_dtype = getattr(torch, dtype)
     if pretrained is not None:
@@ -221,6 +243,8 @@ def load_policy(
             config.pad_token_id = tokenizer.pad_token_id
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     disable_dropout(model)
+    if fused_activations:
+        fuse_activations(model)
     return model
 
 

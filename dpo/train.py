@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from dpo.attention import supports_segments, use_segment_attention
 from dpo.callbacks import RewardKLEval
 from dpo.config import ConfigError, loss_params, redact, resolve_layout, validate
 from dpo.data.datamodule import PreferenceDataModule
@@ -97,6 +98,22 @@ def build_tokenizer(cfg: DictConfig) -> Any:
     )
 
 
+def _prepare_layout(cfg: DictConfig, policy: Any, datamodule: PreferenceDataModule) -> None:
+    """Padding-free batches need the policy on segment attention (copies made later inherit it)."""
+    if datamodule.layout != "padding_free" or not datamodule.pairs:
+        return
+    if supports_segments(policy):
+        use_segment_attention(policy)
+    elif cfg.data.layout == "auto":
+        datamodule.layout = "shared_prefix"
+        log.info(f"data.layout=auto: {type(policy).__name__} can't run padding-free; using shared_prefix")
+    else:
+        raise ConfigError(
+            f"data.layout=padding_free needs a model whose attention goes through transformers' "
+            f"AttentionInterface; {type(policy).__name__} doesn't: use data.layout=shared_prefix"
+        )
+
+
 def _metrics(results: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
@@ -146,7 +163,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         revision=m.revision,
         dtype=m.dtype,
         trust_remote_code=m.trust_remote_code,
+        fused_activations=m.fused_activations,
     )
+    _prepare_layout(cfg, policy, datamodule)
     ref_cfg = cfg.reference
     if ref_cfg.kind == "lora":
         policy = apply_lora(policy, ref_cfg.r, ref_cfg.alpha, ref_cfg.dropout, ref_cfg.target_modules)

@@ -32,11 +32,14 @@ def test_fp32_losses_match_trl_step_for_step(bench):
     """
     module, work = bench
     theirs = module.run_trl(work, "tiny", steps=3)["losses"]
-    ours = module.run_ours(work, "tiny", steps=3, levers=["data.layout=separate"])["losses"]
-    shared = module.run_ours(work, "tiny", steps=3, levers=["data.layout=shared_prefix"])["losses"]
+    ours = module.run_ours(work, "tiny", steps=3, levers=module.OURS["ours_separate"])["losses"]
     assert len(theirs) == len(ours) == 3 and theirs[0] == pytest.approx(0.6931472, abs=1e-6)
     assert ours[1] == pytest.approx(theirs[1], abs=2e-6) and ours == pytest.approx(theirs, abs=1e-5)
-    assert shared == pytest.approx(theirs, abs=1e-5)  # prefix sharing is exact, not an approximation
+    # Prefix sharing (padding-free) and the precomputed reference are exact, not approximations.
+    for variant in ("ours_exact", "ours_fast"):
+        assert module.run_ours(work, "tiny", steps=3, levers=module.OURS[variant])["losses"] == pytest.approx(
+            theirs, abs=1e-5
+        ), variant
 
 
 def test_token_count_covers_both_rows(bench):

@@ -117,7 +117,7 @@ def test_training_split_smaller_than_a_global_batch_fails_before_weights_load(tm
 def test_layout_auto_shares_the_prompt_except_under_fsdp(tmp_path):
     from dpo.config import resolve_layout
 
-    assert resolve_layout(compose_config([], tmp_path)) == "shared_prefix"
+    assert resolve_layout(compose_config([], tmp_path)) == "padding_free"
     assert resolve_layout(compose_config(["trainer=fsdp_cpu"], tmp_path)) == "separate"
     assert resolve_layout(compose_config(["data.layout=separate"], tmp_path)) == "separate"
     with pytest.raises(ConfigError, match="untested under FSDP2"):

@@ -1,10 +1,11 @@
-"""Prompt-prefix sharing is exact: packed log-probs equal the separate layout's."""
+"""Prompt-prefix sharing is exact: shared-prefix and padding-free log-probs equal the separate layout's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from dpo.attention import use_segment_attention
 from dpo.data.collate import collate
 from dpo.data.packing import pack_pairs
 from dpo.data.sources import PreferenceRow
@@ -23,25 +24,28 @@ def pairs_for(tokenizer, max_length=64, max_prompt_length=16, side="keep_end"):
     return [pt(r) for r in rows], pt.stats
 
 
-@pytest.mark.parametrize("several", [False, True])
+def pack(pairs, pad, layout, model=None):
+    """``layout`` batch of ``pairs``; padding-free switches ``model`` to segment attention first."""
+    if layout == "padding_free" and model is not None:
+        use_segment_attention(model)
+    return pack_pairs(pairs, pad_id=pad, padding_free=layout == "padding_free")
+
+
+@pytest.mark.parametrize("layout", ["shared_prefix", "padding_free"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("side", ["keep_end", "keep_start"])
-def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, side, several):
+def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, side, layout):
     tiny_model.config._attn_implementation = attn
     tiny_model.eval()
     pairs, stats = pairs_for(bpe_tokenizer, side=side)
     assert stats.prompt_truncated == 1 and stats.response_truncated == 1
     pad = bpe_tokenizer.pad_token_id
     sep = collate(pairs, pad_id=pad)
-    packed = pack_pairs(pairs, pad_id=pad, several=several)
-    if several:  # the two short pairs share a row, the long one fills its own
-        assert packed["input_ids"].shape[0] == 2
     with torch.no_grad():
         sep_logits = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
-        ref_logits = tiny_model(
-            input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]
-        ).logits + 0.1 * torch.randn_like(sep_logits)
+        ref_logits = sep_logits + 0.1 * torch.randn_like(sep_logits)
         sep_lp = sequence_logps(sep_logits, sep["labels"])
+        packed = pack(pairs, pad, layout, tiny_model)
         logits = scored_logits(tiny_model, packed)
         chosen, rejected = scored_logps(logits, packed)
     b = len(pairs)
@@ -50,10 +54,31 @@ def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, sid
     torch.testing.assert_close(chosen.n_tokens, sep_lp.n_tokens[:b])
     torch.testing.assert_close(rejected.n_tokens, sep_lp.n_tokens[b:])
     # The head ran only on scored positions: S = a row's chosen + rejected tokens, not its width.
-    if not several:
-        assert logits.shape[1] == max(len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    responses = [len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
+    assert logits.shape[1] == (sum(responses) if layout == "padding_free" else max(responses))
+    if layout == "padding_free":  # one row, not one token of padding
+        assert packed["input_ids"].shape == (1, sum(len(p.prompt_ids) for p in pairs) + sum(responses))
     assert scored_kl(logits, logits, packed).abs().max() == 0
     assert sequence_kl(sep_logits, ref_logits, sep["labels"]).shape == (2 * b,)
+
+
+def test_segment_attention_is_sdpa_without_segments(tiny_model, bpe_tokenizer):
+    """Generation and padded batches run through the segment-attention implementation unchanged."""
+    tiny_model.eval()
+    sep = collate(pairs_for(bpe_tokenizer)[0], pad_id=bpe_tokenizer.pad_token_id)
+    with torch.no_grad():
+        expected = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
+        use_segment_attention(tiny_model)
+        got = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
+    assert tiny_model.config._attn_implementation == "dpo_segments"
+    torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_padding_free_refuses_a_model_that_drops_the_segments(tiny_model, bpe_tokenizer):
+    """Under plain sdpa nobody reads ``segments``: pairs would attend to each other, so it must raise."""
+    batch = pack_pairs(pairs_for(bpe_tokenizer)[0], pad_id=bpe_tokenizer.pad_token_id, padding_free=True)
+    with pytest.raises(RuntimeError, match="0 attention layers of 2 ran pair by pair"):
+        scored_logits(tiny_model, batch)
 
 
 @pytest.mark.parametrize("plain_head", [True, False])
@@ -88,13 +113,14 @@ def test_response_only_head_equals_full_forward_in_separate_layout(tiny_model, b
     torch.testing.assert_close(kl, sequence_kl(full, ref, sep["labels"])[:b], atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["separate", "shared_prefix", "packed"])
-def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout):
-    """The response-only head and the packed rows give the full-logit path's gradients, not just its values."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("layout", ["separate", "shared_prefix", "padding_free"])
+def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout, checkpointing):
+    """The response-only head and the packed rows give the full-logit path's gradients, not just its
+    values, also when gradient checkpointing recomputes the attention in backward."""
     pairs, _ = pairs_for(bpe_tokenizer)
     pad = bpe_tokenizer.pad_token_id
     sep = collate(pairs, pad_id=pad)
-    batch = sep if layout == "separate" else pack_pairs(pairs, pad_id=pad, several=layout == "packed")
 
     def grads(loss):
         tiny_model.zero_grad()
@@ -106,6 +132,9 @@ def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout):
     )
     b = len(pairs)
     expected = grads((full.sum[:b] - 0.5 * full.sum[b:]).sum())
+    batch = sep if layout == "separate" else pack(pairs, pad, layout, tiny_model)
+    if checkpointing:
+        tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     chosen, rejected = scored_logps(scored_logits(tiny_model, batch), batch)
     got = grads((chosen.sum - 0.5 * rejected.sum).sum())
     for k, g in expected.items():
@@ -150,9 +179,48 @@ def test_training_with_shared_prefix_follows_the_separate_trajectory(tmp_path, r
         return {k: [float(r[k]) for r in rows if r.get(k)] for k in keys}, metrics
 
     sep, sep_final = run("separate")
-    for layout in ("shared_prefix", "packed"):
+    for layout in ("shared_prefix", "padding_free"):
         packed, packed_final = run(layout)
         for key, values in sep.items():
             assert len(values) == 4 and packed[key] == pytest.approx(values, abs=1e-5, rel=1e-6), (layout, key)
         for key, value in sep_final.items():
             assert packed_final[key] == pytest.approx(value, abs=1e-5, rel=1e-6), (layout, key)
+
+
+def test_padding_free_with_grouped_query_attention(bpe_tokenizer):
+    """A Llama-family model (SmolLM2's) with 2 key/value heads for 4 query heads, padding-free = separate."""
+    from dpo.models import load_policy
+
+    torch.manual_seed(0)
+    arch = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    arch |= {"num_attention_heads": 4, "num_key_value_heads": 2}
+    model = load_policy(None, architecture=arch, tokenizer=bpe_tokenizer)
+    model.eval()
+    pairs, _ = pairs_for(bpe_tokenizer)
+    sep = collate(pairs, pad_id=bpe_tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
+        expected = sequence_logps(full, sep["labels"])
+        batch = pack(pairs, bpe_tokenizer.pad_token_id, "padding_free", model)
+        chosen, rejected = scored_logps(scored_logits(model, batch), batch)
+    torch.testing.assert_close(torch.cat([chosen.sum, rejected.sum]), expected.sum, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_layout_falls_back_to_shared_prefix_off_the_attention_interface(tmp_path, tiny_model, bpe_tokenizer):
+    from conftest import compose_config
+    from dpo.config import ConfigError
+    from dpo.train import _prepare_layout, build_datamodule
+
+    class OldStyle(type(tiny_model)):
+        _supports_attention_backend = False
+
+    tiny_model.__class__ = OldStyle  # a model whose attention bypasses transformers' interface
+    for layout, expected in (("auto", "shared_prefix"), ("padding_free", None)):
+        cfg = compose_config([f"data.layout={layout}"], tmp_path)
+        datamodule = build_datamodule(cfg, bpe_tokenizer, pairs=True, micro_batch_size=2)
+        if expected is None:
+            with pytest.raises(ConfigError, match="OldStyle doesn't: use data.layout=shared_prefix"):
+                _prepare_layout(cfg, tiny_model, datamodule)
+        else:
+            _prepare_layout(cfg, tiny_model, datamodule)
+            assert datamodule.layout == expected and tiny_model.config._attn_implementation != "dpo_segments"

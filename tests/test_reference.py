@@ -36,7 +36,7 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, caplog):
     live, pre = trajectory(tmp_path / "live"), trajectory(tmp_path / "pre")
     assert len(live["train/loss"]) == 4
     for key in live:
-        # Precomputed with separate rows, trained with the packed layout: equal up to fp32 rounding.
+        # Precomputed in eval batches, trained in training batches: equal up to fp32 rounding.
         assert pre[key] == pytest.approx(live[key], abs=5e-6), key
     with caplog.at_level("INFO"):
         run(tmp_path, "pre2", "reference=precomputed", cache=tmp_path / "cache")

@@ -117,3 +117,21 @@ def test_unreachable_hub_without_offline_flag_fails_fast(monkeypatch):
     with pytest.raises(ModelLoadError, match="hub is unreachable"):
         load_policy("someone/no-such-model")
     assert time.time() - start < 10
+
+
+def test_fused_gelu_is_gpt2_gelu_new_to_fp32_rounding(tmp_path, bpe_tokenizer):
+    """The fused tanh-GELU computes gelu_new's function; the export still says gelu_new."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from conftest import TINY_ARCH
+
+    torch.manual_seed(0)
+    plain = load_policy(None, architecture=TINY_ARCH, tokenizer=bpe_tokenizer, fused_activations=False)
+    fused = load_policy(None, architecture=TINY_ARCH, tokenizer=bpe_tokenizer)
+    fused.load_state_dict(plain.state_dict())
+    assert [type(b.mlp.act) for b in plain.transformer.h] == [NewGELUActivation] * 2
+    assert [type(b.mlp.act) for b in fused.transformer.h] == [GELUTanh] * 2
+    ids = torch.randint(0, len(bpe_tokenizer), (2, 24))
+    torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+    fused.save_pretrained(tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).config.activation_function == "gelu_new"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from typing import Any
@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data import cache
-from dpo.data.collate import collate, pad_id_of
+from dpo.data.collate import ScoredBatch, collate, pad_id_of
 from dpo.data.formats import load_rows
 from dpo.data.packing import LAYOUTS, pack_pairs
 from dpo.data.sources import SourceSpec, source_fingerprint
@@ -132,9 +132,10 @@ class PreferenceDataModule(LightningDataModule):
         pairs: serve chosen and rejected (DPO) or chosen only (SFT).
         on_bad_row: ``error`` stops at the first bad row; ``skip`` counts and reports them.
         group_by_prompt: keep the pairs of one prompt together when shuffling.
-        layout: ``separate`` (chosen and rejected rows), ``shared_prefix`` (one packed row per
-            pair, the prompt processed once; :mod:`dpo.data.packing`) or ``packed`` (shared prefix,
-            several pairs per row to fill the padding). SFT always uses separate.
+        layout: ``separate`` (chosen and rejected rows), ``shared_prefix`` (one row per pair, the
+            prompt processed once; :mod:`dpo.data.packing`) or ``padding_free`` (shared prefix, all
+            pairs in one unpadded row; the model must use :mod:`dpo.attention`). Settable until the
+            dataloaders are made. SFT always uses separate.
         cache_dir: folder of the tokenized cache; None disables caching.
         shuffle: shuffle training pairs each epoch (seeded by ``seed``).
         seed: seed of the training shuffle.
@@ -175,14 +176,22 @@ class PreferenceDataModule(LightningDataModule):
         self.datasets: dict[str, TokenizedDataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
         self.cache_hits: dict[str, bool] = {}
-        pad_id = pad_id_of(tokenizer)
+        self.pad_id = pad_id_of(tokenizer)
+        self.layout = layout
         if layout not in LAYOUTS:
             raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
-        if layout != "separate" and pairs:
-            self._collate = partial(pack_pairs, pad_id=pad_id, several=layout == "packed")
-        else:
-            self._collate = partial(collate, pad_id=pad_id, pairs=pairs)
-        self.pair_collate = partial(collate, pad_id=pad_id, pairs=True)
+
+    @property
+    def pair_collate(self) -> Callable[[list[TokenizedPair]], ScoredBatch]:
+        """Batches of pairs in the configured layout (also used to precompute reference log-probs)."""
+        if self.layout == "separate":
+            return partial(collate, pad_id=self.pad_id, pairs=True)
+        return partial(pack_pairs, pad_id=self.pad_id, padding_free=self.layout == "padding_free")
+
+    @property
+    def collate_fn(self) -> Callable[[list[TokenizedPair]], ScoredBatch]:
+        """The training and validation batches: pairs in the layout, or chosen rows for SFT."""
+        return self.pair_collate if self.pairs else partial(collate, pad_id=self.pad_id, pairs=False)
 
     def cache_key(self, split: str) -> str:
         """Fingerprint of one tokenized split (see :mod:`dpo.data.cache`)."""
@@ -276,7 +285,7 @@ class PreferenceDataModule(LightningDataModule):
             if 0 < done < len(sampler) // self.batch_size:
                 sampler.skip_batches = done
         return DataLoader(
-            data, batch_size=self.batch_size, sampler=sampler, collate_fn=self._collate, num_workers=self.num_workers
+            data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -290,7 +299,7 @@ class PreferenceDataModule(LightningDataModule):
             shard,
             batch_size=self.eval_batch_size,
             shuffle=False,
-            collate_fn=self._collate,
+            collate_fn=self.collate_fn,
             num_workers=self.num_workers,
         )
 

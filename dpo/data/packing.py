@@ -1,19 +1,30 @@
-"""Prompt-prefix sharing: one packed row per pair, ``prompt | chosen | rejected``.
+"""Prompt-prefix sharing: each pair as one sequence ``prompt | chosen | rejected``.
 
-The prompt is processed once instead of twice. Exactness rests on three things, all built here:
+The prompt is processed once instead of twice. Two layouts are built here:
 
-* the 4D attention mask lets every token see the tokens before it, except that rejected tokens
-  never see chosen tokens (and padding sees nothing real);
+* ``shared_prefix``: one row per pair, right-padded to the longest, with a 4D attention mask;
+  works with any model that takes a 4D mask.
+* ``padding_free``: every pair of the micro-batch back to back in a single row, no padding at
+  all; attention runs pair by pair (:mod:`dpo.attention`), so no (T, T) mask is built.
+
+Exactness rests on three things, all built here:
+
+* attention lets every token see the tokens before it in its own pair, except that rejected
+  tokens never see chosen tokens (the 4D mask, or the ``segments`` that :mod:`dpo.attention`
+  reads);
 * rejected position ids restart where the chosen ones did (right after the prompt);
 * each response token is scored from the hidden state of the token that precedes it *in its own
   sequence*: the first rejected token is predicted from the last prompt token, not from the last
   chosen token. ``score_pos`` holds those predictor positions, so the LM head and log-softmax run
   only there (never on prompt positions).
 
-Shapes: ``B`` pairs, ``T`` packed tokens, ``S`` scored tokens per row (chosen + rejected, padded).
+Shapes: ``B`` pairs, ``R`` rows (``B``, or 1 when padding-free), ``T`` tokens per row, ``S``
+scored tokens per row (chosen + rejected, padded).
 """
 
 from __future__ import annotations
+
+from typing import NotRequired
 
 import torch
 from torch import Tensor
@@ -22,63 +33,47 @@ from dpo.data.collate import ScoredBatch, stack_ref_logps
 from dpo.data.tokenize import TokenizedPair
 
 CHOSEN, REJECTED, NONE = 0, 1, -1
-LAYOUTS = ("separate", "shared_prefix", "packed")
+LAYOUTS = ("separate", "shared_prefix", "padding_free")
 
 
 class PackedBatch(ScoredBatch):
-    """A batch of ``B`` pairs packed into ``R`` rows (``R = B`` with one pair per row); the
-    scoring fields are :class:`dpo.data.collate.ScoredBatch`'s, with ``score_seg`` ``CHOSEN``
-    (0), ``REJECTED`` (1) or ``NONE`` (-1, padding).
+    """A batch of ``B`` pairs packed into ``R`` rows; the scoring fields are
+    :class:`dpo.data.collate.ScoredBatch`'s, with ``score_seg`` ``CHOSEN`` (0), ``REJECTED`` (1)
+    or ``NONE`` (-1, padding).
 
     Attributes:
         position_ids: (R, T) positions; they restart at 0 for each pair, and its rejected segment
             restarts after its prompt.
-        attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token.
+        attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token; or,
+            padding-free, (1, T) ones, attention being given by ``segments``.
+        segments: padding-free only: (B, 4) ``offset, prompt, chosen, rejected`` token counts of
+            each pair in the row (:class:`dpo.attention.Segments`).
     """
 
     position_ids: Tensor
+    segments: NotRequired[Tensor]
 
 
-def assign_rows(lengths: list[int], several: bool) -> list[list[int]]:
-    """Which pairs share a row: one each, or first-fit decreasing into rows no wider than the longest.
+def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = False) -> PackedBatch:
+    """Pack pairs one per row (padded, 4D mask) or all into one row (``padding_free``), with positions
+    and scoring indices.
 
-    Capping a row at the longest pair keeps the padded width (and attention cost per row) of the
-    one-pair-per-row layout while filling the padding with other pairs.
-    """
-    if not several:
-        return [[i] for i in range(len(lengths))]
-    cap = max(lengths)
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        j = next((j for j, free in enumerate(room) if free >= lengths[i]), None)
-        if j is None:
-            rows.append([])
-            room.append(cap)
-            j = len(rows) - 1
-        rows[j].append(i)
-        room[j] -= lengths[i]
-    return [sorted(r) for r in rows]
-
-
-def pack_pairs(examples: list[TokenizedPair], pad_id: int, several: bool = False) -> PackedBatch:
-    """Pack pairs into rows (one per row, or ``several`` per row) with masks, positions and scoring indices.
-
-    Pairs sharing a row never see each other: the mask is block-diagonal, one causal block per
-    pair, and positions restart at each pair, so every pair's log-probs equal its own row's.
+    Pairs never see each other and positions restart at each pair, so every pair's log-probs
+    equal those of its own two rows.
     """
     lengths = [len(e.prompt_ids) + len(e.chosen_ids) + len(e.rejected_ids) for e in examples]
-    rows = assign_rows(lengths, several)
+    rows = [list(range(len(examples)))] if padding_free else [[i] for i in range(len(examples))]
     width = max(sum(lengths[i] for i in row) for row in rows)
     scored = max(sum(len(examples[i].chosen_ids) + len(examples[i].rejected_ids) for i in row) for row in rows)
     r_ = len(rows)
     input_ids = torch.full((r_, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((r_, width), dtype=torch.long)
-    mask = torch.zeros((r_, 1, width, width), dtype=torch.bool)
+    mask = None if padding_free else torch.zeros((r_, 1, width, width), dtype=torch.bool)
     score_pos = torch.zeros((r_, scored), dtype=torch.long)
     score_tgt = torch.full((r_, scored), pad_id, dtype=torch.long)
     score_seg = torch.full((r_, scored), NONE, dtype=torch.long)
     score_pair = torch.zeros((r_, scored), dtype=torch.long)
+    segments = []
     for k, row in enumerate(rows):
         o = s = 0  # token offset and scored offset of the next pair in this row
         for i in row:
@@ -88,9 +83,11 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, several: bool = False
             input_ids[k, o : o + n] = torch.tensor(e.prompt_ids + e.chosen_ids + e.rejected_ids)
             position_ids[k, o : o + p + c] = torch.arange(p + c)
             position_ids[k, o + p + c : o + n] = torch.arange(p, p + r)
-            causal = torch.ones((n, n), dtype=torch.bool).tril()  # (n, n)
-            causal[p + c : n, p : p + c] = False  # rejected never sees chosen
-            mask[k, 0, o : o + n, o : o + n] = causal
+            if mask is not None:
+                causal = torch.ones((n, n), dtype=torch.bool).tril()  # (n, n)
+                causal[p + c : n, p : p + c] = False  # rejected never sees chosen
+                mask[k, 0, o : o + n, o : o + n] = causal
+            segments.append((o, p, c, r))
             # Chosen token t (packed index p + t) is predicted at p + t - 1; rejected token t at
             # p + c + t - 1, except its first token, predicted by the last prompt token p - 1.
             chosen_pos = torch.arange(p - 1, p + c - 1)
@@ -101,12 +98,16 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, several: bool = False
             score_seg[k, s + c : s + c + r] = REJECTED
             score_pair[k, s : s + c + r] = i
             o, s = o + n, s + c + r
-        mask[k, 0, o:, o:] = torch.eye(width - o, dtype=torch.bool)  # padding attends only itself
+        if mask is not None:
+            mask[k, 0, o:, o:] = torch.eye(width - o, dtype=torch.bool)  # padding attends only itself
     batch = PackedBatch(
-        input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
+        input_ids=input_ids, position_ids=position_ids,
+        attention_mask=torch.ones((1, width), dtype=torch.long) if mask is None else mask,
         score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,
         n_pairs=len(examples),
     )  # fmt: skip
+    if padding_free:
+        batch["segments"] = torch.tensor(segments, dtype=torch.long)  # (B, 4)
     if examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)
     return batch

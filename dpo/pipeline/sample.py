@@ -65,7 +65,10 @@ def sample(cfg: DictConfig) -> Path:
     tokenizer = load_tokenizer(materialize(m.tokenizer.pretrained, cfg.paths.cache_dir) or pretrained,
                                revision=m.revision, trust_remote_code=m.trust_remote_code)  # fmt: skip
     ids = [tokenizer(t)["input_ids"][-cfg.prompts.max_tokens :] for t in prompts]
-    model = load_policy(pretrained, revision=m.revision, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+    model = load_policy(
+        pretrained, revision=m.revision, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
+        fused_activations=m.fused_activations,
+    )  # fmt: skip
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     started = time.time()

@@ -1,0 +1,112 @@
+"""Segment attention: the attention of the padding-free layout (:mod:`dpo.data.packing`).
+
+A padding-free batch is one row holding every pair of the micro-batch back to back,
+``prompt | chosen | rejected | prompt | chosen | rejected | ...``, with no padding token at all.
+Attention must not cross pairs, and inside a pair the rejected tokens see the prompt but never
+the chosen tokens. A (T, T) mask would make attention quadratic in the whole micro-batch, so
+instead attention runs pair by pair, as two SDPA calls: causal over ``prompt | chosen``, then the
+rejected queries over ``[prompt; rejected]`` keys with a bottom-right-aligned causal mask. The
+numbers are those of the pair's own two rows; the linear layers see no padding.
+
+It is registered with transformers' ``AttentionInterface`` under :data:`NAME` (the library's
+extension point, no patching) and behaves exactly like ``sdpa`` whenever the forward carries no
+``segments`` keyword, so generation and padded layouts run through it unchanged. Models built on
+that interface (``_supports_attention_backend``: GPT-2, Llama, Qwen2, Mistral, SmolLM2, ...) hand
+the keyword down to every attention layer; :func:`dpo.logprobs.scored_logits` checks that each
+layer really ran segment-wise, so a model that drops the keyword fails loudly, never silently.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "dpo_segments"
+
+
+class Segments:
+    """The pairs of a padding-free row, and a count of the attention layers that used them.
+
+    Args:
+        spans: per pair ``(offset, prompt, chosen, rejected)`` token counts, in row order.
+    """
+
+    def __init__(self, spans: list[list[int]]) -> None:
+        self.spans = spans
+        self.calls = 0
+
+
+def segment_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    segments: Segments | None = None,
+    **kwargs,
+) -> tuple[Tensor, None]:
+    """Attention of one layer; ``query``/``key``/``value`` are (1, H, T, D) (keys may have fewer heads).
+
+    Returns:
+        ``(out, None)`` with ``out`` (1, T, H, D), as transformers' attention functions do.
+    """
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    if attention_mask is not None or query.shape[0] != 1:
+        raise ValueError("segment attention takes one unmasked padding-free row")
+    for unsupported in ("sliding_window", "softcap"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"segment attention has no {unsupported}; use data.layout=shared_prefix for this model")
+    segments.calls += 1
+    groups = query.shape[1] // key.shape[1]  # grouped-query attention: repeat the key/value heads
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    dropout = dropout if module.training else 0.0
+    # One split per tensor into the pairs' ``prompt | chosen`` and ``rejected`` pieces, not a slice
+    # per piece: each slice's backward would write its gradient into a zeroed copy of the whole row.
+    sizes = [n for _, p, c, r in segments.spans for n in (p + c, r)]
+    qs, ks, vs = (x.split(sizes, dim=2) for x in (query, key, value))  # each 2B pieces (1, H, n, D)
+    outs = []
+    for j, (_, p, _, r) in enumerate(segments.spans):
+        # prompt | chosen: plain causal attention within the pair.
+        q, k, v = qs[2 * j], ks[2 * j], vs[2 * j]
+        outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling))
+        if r:
+            # rejected queries over [prompt; rejected] keys; rejected token i sees the prompt and rejected 0..i.
+            keys = torch.cat([k[:, :, :p], ks[2 * j + 1]], dim=2)  # (1, H, p + r, D)
+            values = torch.cat([v[:, :, :p], vs[2 * j + 1]], dim=2)
+            mask = torch.ones(r, p + r, dtype=torch.bool, device=query.device).tril(diagonal=p)  # (r, p + r)
+            out = F.scaled_dot_product_attention(
+                qs[2 * j + 1], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling
+            )
+            outs.append(out)
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None  # (1, T, H, D)
+
+
+AttentionInterface.register(NAME, segment_attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get sdpa's masks
+
+
+def supports_segments(model: nn.Module) -> bool:
+    """Whether ``model``'s attention goes through transformers' ``AttentionInterface``."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(type(inner), "_supports_attention_backend", False))
+
+
+def use_segment_attention(model: nn.Module) -> None:
+    """Switch ``model`` (a transformers causal LM) to segment attention; copies made later inherit it.
+
+    Raises:
+        ValueError: the model's attention does not go through the interface.
+    """
+    if not supports_segments(model):
+        raise ValueError(
+            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
+            "which data.layout=padding_free needs; use data.layout=shared_prefix"
+        )
+    model.set_attn_implementation(NAME)
