@@ -67,7 +67,7 @@ def sample(cfg: DictConfig) -> Path:
     ids = [tokenizer(t)["input_ids"][-cfg.prompts.max_tokens :] for t in prompts]
     model = load_policy(
         pretrained, revision=m.revision, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-        fused_activations=m.fused_activations,
+        fused_activations=m.get("fused_activations", True),
     )  # fmt: skip
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
