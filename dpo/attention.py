@@ -32,7 +32,8 @@ class Segments:
     """The pairs of a padding-free row, and a count of the attention layers that used them.
 
     Args:
-        spans: per pair ``(offset, prompt, chosen, rejected)`` token counts, in row order.
+        spans: per pair ``(prompt, chosen, rejected)`` token counts, in row order; the pairs fill
+            the row from its first token to its last.
     """
 
     def __init__(self, spans: list[list[int]]) -> None:
@@ -69,10 +70,12 @@ def segment_attention_forward(
     dropout = dropout if module.training else 0.0
     # One split per tensor into the pairs' ``prompt | chosen`` and ``rejected`` pieces, not a slice
     # per piece: each slice's backward would write its gradient into a zeroed copy of the whole row.
-    sizes = [n for _, p, c, r in segments.spans for n in (p + c, r)]
+    sizes = [n for p, c, r in segments.spans for n in (p + c, r)]
+    if sum(sizes) != query.shape[2]:
+        raise ValueError(f"segments cover {sum(sizes)} tokens of a {query.shape[2]}-token row")
     qs, ks, vs = (x.split(sizes, dim=2) for x in (query, key, value))  # each 2B pieces (1, H, n, D)
     outs = []
-    for j, (_, p, _, r) in enumerate(segments.spans):
+    for j, (p, _, r) in enumerate(segments.spans):
         # prompt | chosen: plain causal attention within the pair.
         q, k, v = qs[2 * j], ks[2 * j], vs[2 * j]
         outs.append(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=scaling))

@@ -145,7 +145,7 @@ class DPOModule(LightningModule):
     def score(self, model: nn.Module, batch: ScoredBatch) -> tuple[PairLogps, Tensor]:
         """Summed response log-probs of ``model`` and the logits they came from, (N, S, V).
 
-        The logits exist only at the scored (response) positions, in every layout: packed rows
+        The logits exist only at the scored (response) positions, in every layout: pair rows
         (:mod:`dpo.data.packing`) or ``[chosen; rejected]`` rows (:func:`dpo.data.collate.collate`);
         the batch's ``score_pair`` sums them per pair. SFT batches hold chosen rows only, and the
         rejected fields are empty.

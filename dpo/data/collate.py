@@ -106,6 +106,6 @@ def collate(
 
 def stack_ref_logps(examples: list[TokenizedPair]) -> Tensor:
     """Precomputed reference log-probs of a batch as (2B,) ``[chosen; rejected]``, the row order of
-    the separate layout (the packed layout uses the same order)."""
+    the separate layout (the pair layouts use the same order)."""
     chosen, rejected = zip(*(ex.ref_logps for ex in examples), strict=True)
     return torch.tensor(chosen + rejected, dtype=torch.float32)

@@ -46,8 +46,8 @@ class PackedBatch(ScoredBatch):
             restarts after its prompt.
         attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token; or,
             padding-free, (1, T) ones, attention being given by ``segments``.
-        segments: padding-free only: (B, 4) ``offset, prompt, chosen, rejected`` token counts of
-            each pair in the row (:class:`dpo.attention.Segments`).
+        segments: padding-free only: (B, 3) ``prompt, chosen, rejected`` token counts of each
+            pair, in row order (:class:`dpo.attention.Segments`).
     """
 
     position_ids: Tensor
@@ -87,7 +87,7 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = 
                 causal = torch.ones((n, n), dtype=torch.bool).tril()  # (n, n)
                 causal[p + c : n, p : p + c] = False  # rejected never sees chosen
                 mask[k, 0, o : o + n, o : o + n] = causal
-            segments.append((o, p, c, r))
+            segments.append((p, c, r))
             # Chosen token t (packed index p + t) is predicted at p + t - 1; rejected token t at
             # p + c + t - 1, except its first token, predicted by the last prompt token p - 1.
             chosen_pos = torch.arange(p - 1, p + c - 1)
@@ -107,7 +107,7 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = 
         n_pairs=len(examples),
     )  # fmt: skip
     if padding_free:
-        batch["segments"] = torch.tensor(segments, dtype=torch.long)  # (B, 4)
+        batch["segments"] = torch.tensor(segments, dtype=torch.long)  # (B, 3)
     if examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)
     return batch
