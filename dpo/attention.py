@@ -59,11 +59,15 @@ def segment_attention_forward(
     """
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    if attention_mask is not None or query.shape[0] != 1:
-        raise ValueError("segment attention takes one unmasked padding-free row")
-    for unsupported in ("sliding_window", "softcap"):
-        if kwargs.get(unsupported) is not None:
-            raise ValueError(f"segment attention has no {unsupported}; use data.layout=shared_prefix for this model")
+    if query.shape[0] != 1:
+        raise ValueError(f"segment attention takes one padding-free row, got {query.shape[0]}")
+    # The row has no padding, so whatever mask the model built from it is causal, or causal within
+    # a sliding window, which the length check below covers: the pair structure replaces it.
+    if kwargs.get("softcap") is not None:
+        raise ValueError("segment attention has no logit soft-capping; use data.layout=shared_prefix for this model")
+    window = kwargs.get("sliding_window")
+    if window is not None and max(p + max(c, r) for p, c, r in segments.spans) >= window:
+        raise ValueError(f"a pair is longer than the sliding window ({window}); use data.layout=shared_prefix")
     segments.calls += 1
     groups = query.shape[1] // key.shape[1]  # grouped-query attention: repeat the key/value heads
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
@@ -98,7 +102,10 @@ AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get sdpa's ma
 def supports_segments(model: nn.Module) -> bool:
     """Whether ``model``'s attention goes through transformers' ``AttentionInterface``."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return bool(getattr(type(inner), "_supports_attention_backend", False))
+    config = inner.config
+    # Soft-capped scores (Gemma-2) are not SDPA's; chunked attention (Llama-4) is not a causal mask.
+    unusual = getattr(config, "attn_logit_softcapping", None) or getattr(config, "attention_chunk_size", None)
+    return bool(getattr(type(inner), "_supports_attention_backend", False)) and not unusual
 
 
 def use_segment_attention(model: nn.Module) -> None:

@@ -62,7 +62,7 @@ def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, sid
     assert sequence_kl(sep_logits, ref_logits, sep["labels"]).shape == (2 * b,)
 
 
-def test_segment_attention_is_sdpa_without_segments(tiny_model, bpe_tokenizer):
+def test_segment_attention_is_sdpa_without_segments(tmp_path, tiny_model, bpe_tokenizer):
     """Generation and padded batches run through the segment-attention implementation unchanged."""
     tiny_model.eval()
     sep = collate(pairs_for(bpe_tokenizer)[0], pad_id=bpe_tokenizer.pad_token_id)
@@ -72,6 +72,8 @@ def test_segment_attention_is_sdpa_without_segments(tiny_model, bpe_tokenizer):
         got = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
     assert tiny_model.config._attn_implementation == "dpo_segments"
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+    tiny_model.save_pretrained(tmp_path)  # an export loads without dpo: the choice is not saved
+    assert "dpo_segments" not in (tmp_path / "config.json").read_text()
 
 
 def test_padding_free_refuses_a_model_that_drops_the_segments(tiny_model, bpe_tokenizer):
@@ -187,21 +189,31 @@ def test_training_with_shared_prefix_follows_the_separate_trajectory(tmp_path, r
             assert packed_final[key] == pytest.approx(value, abs=1e-5, rel=1e-6), (layout, key)
 
 
-def test_padding_free_with_grouped_query_attention(bpe_tokenizer):
-    """A Llama-family model (SmolLM2's) with 2 key/value heads for 4 query heads, padding-free = separate."""
+@pytest.mark.parametrize("model_type, window", [("llama", None), ("mistral", 4096), ("mistral", 16)])
+def test_padding_free_with_grouped_query_attention(bpe_tokenizer, model_type, window):
+    """Llama-family models (SmolLM2's) with 2 key/value heads for 4 query heads: padding-free = separate.
+
+    A sliding window longer than every pair changes nothing; a shorter one would, so it is refused.
+    """
     from dpo.models import load_policy
 
     torch.manual_seed(0)
-    arch = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
+    arch = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
     arch |= {"num_attention_heads": 4, "num_key_value_heads": 2}
+    if model_type == "mistral":
+        arch["sliding_window"] = window
     model = load_policy(None, architecture=arch, tokenizer=bpe_tokenizer)
     model.eval()
     pairs, _ = pairs_for(bpe_tokenizer)
     sep = collate(pairs, pad_id=bpe_tokenizer.pad_token_id)
+    batch = pack(pairs, bpe_tokenizer.pad_token_id, "padding_free", model)
     with torch.no_grad():
+        if window == 16:
+            with pytest.raises(ValueError, match="longer than the sliding window"):
+                scored_logits(model, batch)
+            return
         full = model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
         expected = sequence_logps(full, sep["labels"])
-        batch = pack(pairs, bpe_tokenizer.pad_token_id, "padding_free", model)
         chosen, rejected = scored_logps(scored_logits(model, batch), batch)
     torch.testing.assert_close(torch.cat([chosen.sum, rejected.sum]), expected.sum, atol=1e-5, rtol=1e-5)
 
