@@ -116,7 +116,7 @@ def use_segment_attention(model: nn.Module) -> None:
     """
     if not supports_segments(model):
         raise ValueError(
-            f"{type(model).__name__} does not route attention through transformers' AttentionInterface, "
-            "which data.layout=padding_free needs; use data.layout=shared_prefix"
+            "data.layout=padding_free needs a model whose attention goes through transformers' "
+            f"AttentionInterface; {type(model).__name__} doesn't: use data.layout=shared_prefix"
         )
     model.set_attn_implementation(NAME)

@@ -102,16 +102,14 @@ def _prepare_layout(cfg: DictConfig, policy: Any, datamodule: PreferenceDataModu
     """Padding-free batches need the policy on segment attention (copies made later inherit it)."""
     if datamodule.layout != "padding_free" or not datamodule.pairs:
         return
-    if supports_segments(policy):
-        use_segment_attention(policy)
-    elif cfg.data.layout == "auto":
+    if cfg.data.layout == "auto" and not supports_segments(policy):
         datamodule.layout = "shared_prefix"
         log.info(f"data.layout=auto: {type(policy).__name__} can't run padding-free; using shared_prefix")
-    else:
-        raise ConfigError(
-            f"data.layout=padding_free needs a model whose attention goes through transformers' "
-            f"AttentionInterface; {type(policy).__name__} doesn't: use data.layout=shared_prefix"
-        )
+        return
+    try:
+        use_segment_attention(policy)
+    except ValueError as e:  # padding_free asked for by name, on a model that can't run it
+        raise ConfigError(str(e)) from None
 
 
 def _metrics(results: list[dict[str, float]]) -> dict[str, float]:
