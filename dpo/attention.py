@@ -12,11 +12,14 @@ It is registered with transformers' ``AttentionInterface`` under :data:`NAME` (t
 extension point, no patching) and behaves exactly like ``sdpa`` whenever the forward carries no
 ``segments`` keyword, so generation and padded layouts run through it unchanged. Models built on
 that interface (``_supports_attention_backend``: GPT-2, Llama, Qwen2, Mistral, SmolLM2, ...) hand
-the keyword down to every attention layer; :func:`dpo.logprobs.scored_logits` checks that each
+the keyword down to every attention layer; :func:`dpo.forward.scored_logits` checks that each
 layer really ran segment-wise, so a model that drops the keyword fails loudly, never silently.
+A model runs it when loaded with ``attn_implementation=NAME`` (:func:`dpo.forward.attention_for`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,24 +102,9 @@ AttentionInterface.register(NAME, segment_attention_forward)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # padded batches get sdpa's masks
 
 
-def supports_segments(model: nn.Module) -> bool:
-    """Whether ``model``'s attention goes through transformers' ``AttentionInterface``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = inner.config
+def supports_segments(model_class: type, config: Any) -> bool:
+    """Whether models of ``model_class`` with ``config`` can run segment attention: their attention
+    goes through transformers' ``AttentionInterface`` and is plain scaled dot-product attention."""
     # Soft-capped scores (Gemma-2) are not SDPA's; chunked attention (Llama-4) is not a causal mask.
     unusual = getattr(config, "attn_logit_softcapping", None) or getattr(config, "attention_chunk_size", None)
-    return bool(getattr(type(inner), "_supports_attention_backend", False)) and not unusual
-
-
-def use_segment_attention(model: nn.Module) -> None:
-    """Switch ``model`` (a transformers causal LM) to segment attention; copies made later inherit it.
-
-    Raises:
-        ValueError: the model's attention does not go through the interface.
-    """
-    if not supports_segments(model):
-        raise ValueError(
-            "data.layout=padding_free needs a model whose attention goes through transformers' "
-            f"AttentionInterface; {type(model).__name__} doesn't: use data.layout=shared_prefix"
-        )
-    model.set_attn_implementation(NAME)
+    return bool(getattr(model_class, "_supports_attention_backend", False)) and not unusual

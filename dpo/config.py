@@ -1,84 +1,60 @@
-"""Config schema checks and derived numbers, run on the composed config before any weights load."""
+"""Checks of a composed config, and what is derived from it, before any data or weights load.
+
+* :func:`check_schema`: every key of our groups is in its schema (:mod:`dpo.schema`), no ``???``
+  is left, and a group's selector (``loss.name``, ``reference.kind``, ``reward.name``) matches the
+  schema it was composed with.
+* :func:`check_targets`: the keys of every ``_target_`` node (trainer, callbacks, loggers, the
+  optimizer, the launcher) are parameters of its target.
+* :func:`validate`: both, then every cross-field check in one place, returning the :class:`Plan`
+  (batch split over devices and accumulation, and the batch layout).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
+from dpo.data.batch import Layout
 from dpo.data.formats import get_format
-from dpo.data.packing import LAYOUTS
-from dpo.data.sources import DataError, bundled_path
+from dpo.data.sources import DataError
+from dpo.forward import LayoutError, choose_layout
 from dpo.losses import check_loss_params, get_loss
+from dpo.models import ModelLoadError, max_positions
+from dpo.schema import OUR_GROUPS, SELECTORS
+
+T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A composed config that cannot run; the message names the key."""
 
 
-# The keys each section of ours must have; a typo in an experiment file fails here, by name.
-SECTION_KEYS: dict[str, set[str]] = {
-    "data": {
-        "source",
-        "on_bad_row",
-        "group_by_prompt",
-        "layout",
-        "cache_dir",
-        "batch_size",
-        "micro_batch_size",
-        "eval_batch_size",
-        "max_length",
-        "max_prompt_length",
-        "truncation_side",
-        "shuffle",
-        "num_workers",
-    },  # fmt: skip
-    "data.source": {"format", "path", "name", "data_dir", "revision", "splits", "max_rows", "options"},
-    "model": {
-        "pretrained",
-        "revision",
-        "dtype",
-        "trust_remote_code",
-        "architecture",
-        "tokenizer",
-        "gradient_checkpointing",
-        "fused_activations",
-        "fsdp_block",
-    },  # fmt: skip
-    "model.tokenizer": {"pretrained", "bpe_vocab_size"},
-    "optim": {"optimizer", "warmup_steps", "decay"},
-}
-REFERENCE_KEYS = {
-    "copy": {"kind", "sync_every", "sync_alpha"},
-    "lora": {"kind", "r", "alpha", "dropout", "target_modules"},
-    "precomputed": {"kind", "batch_size"},
-    "none": {"kind"},
-}
-_SECRET = re.compile(r"api_?key|secret|password|credential|^(hf_|auth_|access_)?token$", re.IGNORECASE)
-
-
-def register_resolvers() -> None:
-    """``${bundled:NAME}`` resolves to a data file shipped in ``dpo/data/files``."""
-    if not OmegaConf.has_resolver("bundled"):
-        OmegaConf.register_new_resolver("bundled", bundled_path)
-
-
-register_resolvers()
+USER_ERRORS = (ConfigError, DataError, ModelLoadError)
+"""Mistakes a user can fix (config, data, model location): one clear line, no traceback (:mod:`dpo.cli`)."""
 
 
 @dataclass(frozen=True)
-class BatchPlan:
-    """How the global batch is spread: ``batch_size = micro_batch_size * world_size * accumulate``."""
+class Plan:
+    """What a run derives from its config: how the global batch is spread, and the batch layout.
+
+    ``batch_size = micro_batch_size * world_size * accumulate_grad_batches``.
+    """
 
     world_size: int
     micro_batch_size: int
     accumulate_grad_batches: int
+    layout: Layout = Layout.separate
 
 
-def plan_batch(batch_size: int, micro_batch_size: int, devices: Any, num_nodes: int) -> BatchPlan:
+def plan_batch(batch_size: int, micro_batch_size: int, devices: Any, num_nodes: int) -> Plan:
     """Derive gradient accumulation from the global batch (pairs per optimizer step).
 
     Raises:
@@ -94,27 +70,108 @@ def plan_batch(batch_size: int, micro_batch_size: int, devices: Any, num_nodes: 
             f"{micro_batch_size} x world size {world} (trainer.devices={devices} x "
             f"trainer.num_nodes={num_nodes}) = {per_step}"
         )
-    return BatchPlan(world, micro_batch_size, batch_size // per_step)
+    return Plan(world, micro_batch_size, batch_size // per_step)
 
 
-def _check_keys(cfg: DictConfig, section: str) -> None:
-    node = OmegaConf.select(cfg, section)
-    if node is None:
-        raise ConfigError(f"missing config section {section!r}")
-    have, want = set(node.keys()), SECTION_KEYS[section]
-    if unknown := sorted(have - want):
-        raise ConfigError(f"unknown key(s) {[f'{section}.{k}' for k in unknown]}; valid keys: {sorted(want)}")
-    if missing := sorted(want - have):
-        raise ConfigError(f"missing key(s) {[f'{section}.{k}' for k in missing]}")
-
-
-def require_keys(cfg: DictConfig, keys: list[str]) -> None:
-    """Raise :class:`ConfigError` naming the first of ``keys`` that is absent, ``???`` or null."""
+def check_schema(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for a ``???`` left, a key outside its schema, or a mismatched selector."""
     if missing := OmegaConf.missing_keys(cfg):
         raise ConfigError(f"required config value(s) not set: {sorted(missing)}")
-    for key in keys:
-        if OmegaConf.select(cfg, key, default=None) is None:
-            raise ConfigError(f"config key {key!r} must be set")
+    for group in OUR_GROUPS:
+        if group not in cfg:
+            continue
+        schema = OmegaConf.get_type(cfg[group])
+        if not dataclasses.is_dataclass(schema):
+            raise ConfigError(
+                f"config group {group!r} has no schema: its YAML file must begin its defaults list with "
+                f"`- /schema/{group}@_here_`" + (": <choice>" if group in SELECTORS else "")
+            )
+        if group in SELECTORS:
+            key = SELECTORS[group]
+            composed = next(f.default for f in dataclasses.fields(schema) if f.name == key)
+            if cfg[group][key] != composed:
+                raise ConfigError(
+                    f"{group}.{key}={cfg[group][key]} but the {group} config was composed for {composed!r}: "
+                    f"choose it with {group}={cfg[group][key]}"
+                )
+    _check_typed_keys(cfg, "")
+
+
+def _check_typed_keys(node: Any, where: str) -> None:
+    """Keys of every structured node are its dataclass's fields (``+key=`` overrides can add others)."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        if unknown := sorted(set(node.keys()) - known):
+            raise ConfigError(f"unknown key(s) {[where + str(k) for k in unknown]}; valid keys: {sorted(known)}")
+    for key in node.keys():
+        if not OmegaConf.is_missing(node, key) and isinstance(node._get_node(key), DictConfig):
+            _check_typed_keys(node[key], f"{where}{key}.")
+
+
+# Targets that pass **kwargs on: their keys are checked against where they go.
+KWARGS_GO_TO = {
+    "lightning.pytorch.loggers.WandbLogger": "wandb.init",
+    "lightning.pytorch.loggers.wandb.WandbLogger": "wandb.init",
+}
+
+
+def check_targets(node: Any, where: str, *, partial_args: tuple[str, ...] = ()) -> None:
+    """Raise :class:`ConfigError` naming a key that no ``_target_`` in ``node`` accepts.
+
+    ``partial_args``: parameters given when a ``_partial_`` target is called (an optimizer's
+    ``params``), which the config must not set.
+    """
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            _check_target(node, where, partial_args)
+        for key in node.keys():
+            if isinstance(node._get_node(key), DictConfig):
+                check_targets(node[key], f"{where}.{key}", partial_args=partial_args)
+
+
+def _check_target(node: DictConfig, where: str, partial_args: tuple[str, ...]) -> None:
+    path = node["_target_"]
+    try:
+        target = get_object(path)
+    except Exception as e:  # hydra raises ImportError or its own errors for an unknown path
+        raise ConfigError(f"{where}._target_={path!r} cannot be imported: {e}") from None
+    params = _parameters(target)
+    if path in KWARGS_GO_TO:
+        params = (params - {None}) | _parameters(get_object(KWARGS_GO_TO[path]))
+    if None in params:  # takes **kwargs we can't follow: nothing to check against
+        return
+    keys = {k for k in node.keys() if not str(k).startswith("_")}
+    if unknown := sorted(keys - params - set(partial_args)):
+        raise ConfigError(f"unknown key(s) {[f'{where}.{k}' for k in unknown]} for {path}; valid: {sorted(params)}")
+
+
+def _parameters(target: Any) -> set[str | None]:
+    """Named parameters of a class's ``__init__`` or a function; ``None`` in the set if it takes **kwargs."""
+    sig = inspect.signature(target)
+    out: set[str | None] = set()
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_KEYWORD:
+            out.add(None)
+        elif p.kind is not p.VAR_POSITIONAL:
+            out.add(p.name)
+    return out
+
+
+def typed(node: Any, schema: type[T]) -> T:
+    """``node`` (a config node, or a plain mapping) as an instance of its ``schema`` dataclass.
+
+    Raises:
+        ConfigError: a key or value the schema does not allow, naming it.
+    """
+    if isinstance(node, DictConfig):  # interpolations resolve against the whole config first
+        node = OmegaConf.to_container(node, resolve=True)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except (ConfigKeyError, ValidationError) as e:
+        raise ConfigError(f"{schema.__name__}: {e.msg} (key {e.full_key!r})") from None
 
 
 def loss_params(cfg: DictConfig) -> dict[str, Any]:
@@ -122,31 +179,41 @@ def loss_params(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}
 
 
-def validate(cfg: DictConfig) -> BatchPlan:
-    """Check the composed config; return the batch plan. Loads nothing.
+def is_sharded(trainer: DictConfig) -> bool:
+    """Whether the trainer's strategy shards parameters (FSDP), from the strategy's class."""
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
 
-    Checks: no ``???`` left; known keys in our sections; loss name and parameters; a reference
-    when the loss needs one; prompt length below total length; batch divisibility.
+    strategy = OmegaConf.select(trainer, "strategy", default="auto")
+    if isinstance(strategy, DictConfig):
+        cls = get_object(strategy["_target_"])
+    else:
+        # StrategyRegistry.get would build the strategy; its entry names the class.
+        cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
+    return isinstance(cls, type) and issubclass(cls, FSDPStrategy | ModelParallelStrategy)
+
+
+def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None = None) -> Plan:
+    """Check the composed config against its schema, its targets, itself and the model; return the plan.
+
+    Cross-field checks: the loss's parameters and whether it has the reference it needs; prompt
+    length below total length, total length within the model's positions; the data format gives
+    what the loss needs; the batch divides over devices and accumulation; the layout suits model
+    and strategy. Loads nothing: ``model_config`` and ``model_class`` are the model's
+    transformers config and class (:func:`dpo.models.load_config`, no weights); without them the
+    model checks are skipped and the layout is left ``auto``.
     """
-    if missing := OmegaConf.missing_keys(cfg):
-        raise ConfigError(f"required config value(s) not set: {sorted(missing)}")
-    for section in SECTION_KEYS:
-        _check_keys(cfg, section)
-    for key in ("name", "nll_weight"):
-        if key not in cfg.loss:
-            raise ConfigError(f"missing key 'loss.{key}'")
+    check_schema(cfg)
+    if HydraConfig.initialized():  # the launcher's own schema (e.g. SlurmQueueConf), after `+` overrides
+        _check_typed_keys(HydraConfig.get().launcher, "hydra.launcher.")
+    for group in ("trainer", "callbacks", "logger"):
+        check_targets(cfg.get(group), group)
+    check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",))
     try:
         spec = get_loss(cfg.loss.name)
         check_loss_params(cfg.loss.name, loss_params(cfg))
     except (KeyError, ValueError) as e:
         raise ConfigError(str(e.args[0])) from None
-    kind = OmegaConf.select(cfg, "reference.kind")
-    if kind not in REFERENCE_KEYS:
-        raise ConfigError(f"reference.kind={kind!r}; choose from {sorted(REFERENCE_KEYS)}")
-    if unknown := sorted(set(cfg.reference) - REFERENCE_KEYS[kind]):
-        raise ConfigError(f"unknown key(s) {[f'reference.{k}' for k in unknown]} for reference.kind={kind}")
-    if missing := sorted(REFERENCE_KEYS[kind] - set(cfg.reference)):
-        raise ConfigError(f"missing key(s) {[f'reference.{k}' for k in missing]}")
+    kind = cfg.reference.kind
     if spec.needs_reference and kind == "none":
         raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
     if kind == "copy" and cfg.reference.sync_every and not 0 < cfg.reference.sync_alpha <= 1:
@@ -156,16 +223,23 @@ def validate(cfg: DictConfig) -> BatchPlan:
         raise ConfigError(
             f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
         )
-    _check_source(cfg, spec.needs_pairs)
-    if data.layout not in ("auto", *LAYOUTS):
-        raise ConfigError(f"data.layout must be auto or one of {LAYOUTS}, got {data.layout!r}")
-    if data.layout in ("shared_prefix", "padding_free") and _is_fsdp(cfg):
+    positions = max_positions(model_config) if model_config is not None else None
+    if positions is not None and data.max_length > positions:
         raise ConfigError(
-            f"data.layout={data.layout} is untested under FSDP2; use data.layout=auto or separate with trainer=fsdp"
+            f"data.max_length={data.max_length} exceeds the model's {positions} positions; lower data.max_length"
         )
+    _check_source(cfg, spec.needs_pairs)
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
-    return plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+    plan = plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+    layout = Layout(data.layout)
+    if model_class is not None:
+        try:
+            layout = choose_layout(layout, model_class, model_config, sharded=is_sharded(cfg.trainer),
+                                   pairs=spec.needs_pairs)  # fmt: skip
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
+    return dataclasses.replace(plan, layout=layout)
 
 
 def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
@@ -186,23 +260,9 @@ def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
             f"loss {cfg.loss.name!r} needs preference pairs but data format {source.format!r} gives none "
             "(its rows have no rejected response); use loss=sft or a pairs data set"
         )
-    if cfg.data.on_bad_row not in ("error", "skip"):
-        raise ConfigError(f"data.on_bad_row must be error or skip, got {cfg.data.on_bad_row!r}")
 
 
-def _is_fsdp(cfg: DictConfig) -> bool:
-    return "ModelParallel" in str(OmegaConf.select(cfg, "trainer.strategy._target_"))
-
-
-def resolve_layout(cfg: DictConfig) -> str:
-    """``data.layout=auto``: ``padding_free`` (exact, fastest), except under FSDP2 (``separate``).
-
-    A model whose attention doesn't go through transformers' attention interface can't run
-    padding-free; ``dpo.train`` then falls back to ``shared_prefix`` (auto only).
-    """
-    if cfg.data.layout != "auto":
-        return cfg.data.layout
-    return "separate" if _is_fsdp(cfg) else "padding_free"
+_SECRET = re.compile(r"api_?key|secret|password|credential|^(hf_|auth_|access_)?token$", re.IGNORECASE)
 
 
 def redact(container: Any) -> Any:
@@ -214,3 +274,12 @@ def redact(container: Any) -> Any:
     if isinstance(container, list):
         return [redact(v) for v in container]
     return container
+
+
+def require_keys(cfg: DictConfig, keys: list[str]) -> None:
+    """Raise :class:`ConfigError` naming the first of ``keys`` that is absent, ``???`` or null."""
+    if missing := OmegaConf.missing_keys(cfg):
+        raise ConfigError(f"required config value(s) not set: {sorted(missing)}")
+    for key in keys:
+        if OmegaConf.select(cfg, key, default=None) is None:
+            raise ConfigError(f"config key {key!r} must be set")

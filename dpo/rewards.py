@@ -25,13 +25,13 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo.data.cache import locked_cache
+from dpo.io import locked_cache
 from dpo.log import get_logger
 
 log = get_logger(__name__)
@@ -55,6 +55,12 @@ def build_reward(name: str, **params: Any) -> Reward:
     if name not in REWARDS:
         raise ValueError(f"unknown reward {name!r}; registered: {sorted(REWARDS)}")
     return REWARDS[name](**params)
+
+
+def reward_from_config(config: Mapping[str, Any]) -> Reward:
+    """The reward a ``conf/reward`` node (a mapping with ``name``) describes."""
+    params = {str(k): v for k, v in config.items()}
+    return build_reward(params.pop("name"), **params)
 
 
 @register("vader")

@@ -18,10 +18,11 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
+from dpo.cli import CONF_DIR  # noqa: E402
 from dpo.data.formats import load_rows  # noqa: E402
 from dpo.data.sources import SourceSpec, bundled_path  # noqa: E402
-from dpo.models import export_pretrained, load_policy, train_bpe_tokenizer  # noqa: E402
-from dpo.train import CONF_DIR  # noqa: E402
+from dpo.models import ModelConfig, export_pretrained, load_policy, train_bpe_tokenizer  # noqa: E402
+from dpo.schema import reward_schema  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -31,7 +32,7 @@ TINY_ARCH = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_p
 def bundled_spec(max_rows: int | None = None) -> SourceSpec:
     """The bundled reviews as a source; validation doubles as training data in quick tests."""
     path = bundled_path("reviews_val.jsonl")
-    return SourceSpec("fields", {"train": bundled_path("reviews_train.jsonl"), "val": path}, max_rows=max_rows)
+    return SourceSpec("fields", {"train": bundled_path("reviews_train.jsonl"), "val": path}, None, max_rows=max_rows)
 
 
 @pytest.fixture(scope="session")
@@ -50,14 +51,14 @@ def bpe_tokenizer(bundled_rows):
 def tiny_model(bpe_tokenizer):
     """A 2-layer GPT-2 with random weights (seeded)."""
     torch.manual_seed(0)
-    return load_policy(None, architecture=TINY_ARCH, tokenizer=bpe_tokenizer)
+    return load_policy(ModelConfig(None, architecture=TINY_ARCH), tokenizer=bpe_tokenizer)
 
 
 @pytest.fixture(scope="session")
 def exported_tiny(tmp_path_factory, bpe_tokenizer):
     """A directory holding a tiny model and tokenizer, as a Hugging Face export."""
     torch.manual_seed(0)
-    model = load_policy(None, architecture=TINY_ARCH, tokenizer=bpe_tokenizer)
+    model = load_policy(ModelConfig(None, architecture=TINY_ARCH), tokenizer=bpe_tokenizer)
     return str(export_pretrained(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny") / "hf"))
 
 
@@ -82,6 +83,7 @@ FAST = [
     "debug=fast",
     "data.max_length=64",
     "data.max_prompt_length=32",
+    "data.source.max_rows=64",
     "callbacks.model_checkpoint.every_n_train_steps=null",
 ]
 TINY_MODEL = {"n_layer": 1, "n_embd": 32, "n_head": 2}
@@ -114,7 +116,7 @@ def shrink(cfg: DictConfig, exported_tiny: str | None = None) -> DictConfig:
             source.path = str(FIXTURES / FIXTURE_FOR_FORMAT[source.format])
             source.name = source.data_dir = None
         if cfg.get("reward") is not None and cfg.reward.name == "hf_classifier":  # the paper's RoBERTa: a hub model
-            cfg.reward = {"name": "vader"}
+            cfg.reward = OmegaConf.structured(reward_schema("vader"))
         cfg.trainer.accelerator = "cpu"
         cfg.trainer.precision = "32-true"
     return cfg

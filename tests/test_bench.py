@@ -22,6 +22,7 @@ def bench(tmp_path_factory):
     sys.path.remove(str(BENCH))
 
 
+@pytest.mark.slow
 def test_fp32_losses_match_trl_step_for_step(bench):
     """Same model, pairs, tokenization, optimizer, clipping and order: the two trainers do the same work.
 

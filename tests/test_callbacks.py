@@ -43,6 +43,7 @@ def test_greedy_samples_are_written_and_match_plain_generate(tmp_path):
     assert tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == rows[0]["completion"]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path):
     def losses(name, *extra):
         cfg = shrink(

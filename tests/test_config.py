@@ -1,53 +1,72 @@
-"""Configs: every experiment and loss composes and runs; bad configs fail by key before weights load."""
+"""Configs: every experiment, loss and data config composes, validates and builds (no training);
+a wrong key or type in any group fails by name before anything loads; the demo's tuning never leaks."""
 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 import dpo.train
 from conftest import FAST, FIXTURES, compose_config, shrink
+from dpo.cli import CONF_DIR
 from dpo.config import ConfigError, plan_batch, validate
 from dpo.data.formats import get_format
 from dpo.data.sources import DataError, bundled_path
-from dpo.train import CONF_DIR, train
+from dpo.reference import NoReference
+from dpo.train import build, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LOSS_CONFIGS = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
+DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml"))
+BUNDLED_SPLITS = [
+    f"data.source.splits.train={bundled_path('reviews_train.jsonl')}",
+    f"data.source.splits.val={bundled_path('reviews_val.jsonl')}",
+]
 
 
-def run_fast(tmp_path, overrides, exported_tiny=None):
-    cfg = shrink(compose_config([*FAST, "trainer.max_steps=1", *overrides], tmp_path), exported_tiny)
-    return cfg, train(cfg)
+def build_and_step(cfg):
+    """Build the job and run one training step's maths on its first batch (no Trainer.fit)."""
+    run = build(cfg)
+    batch = next(iter(run.datamodule.train_dataloader()))
+    loss, metrics = run.module.shared_step(batch, "train")
+    assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+    return run, metrics
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_runs_one_step(tmp_path, exported_tiny, name):
-    cfg, metrics = run_fast(tmp_path, [f"experiment={name}"], exported_tiny)
-    assert math.isfinite(metrics["val/loss"])
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
-    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
+def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny, name):
+    cfg = shrink(compose_config([*FAST, f"experiment={name}"], tmp_path), exported_tiny)
+    run, metrics = build_and_step(cfg)
+    assert run.plan.accumulate_grad_batches >= 1 and (tmp_path / "config.yaml").is_file()
+    assert ("train/rewards/accuracy" in metrics) == run.module.spec.needs_pairs
 
 
 @pytest.mark.parametrize("name", LOSS_CONFIGS)
-def test_every_loss_config_runs_one_step(tmp_path, name):
-    cfg, metrics = run_fast(tmp_path, [f"loss={name}"])
-    assert math.isfinite(metrics["val/loss"])
-    if name != "sft":
-        assert "val/rewards/accuracy" in metrics
+def test_every_loss_config_builds_and_starts_at_the_reference(tmp_path, monkeypatch, name):
+    """At step 0 policy == reference: every implicit reward is 0 and DPO's loss is ln 2. A loss that
+    needs no reference never builds or runs one."""
+    from dpo.losses import get_loss
 
+    if not get_loss(compose_config([f"loss={name}"], tmp_path).loss.name).needs_reference:
 
-def test_reference_free_losses_never_build_a_reference(tmp_path, monkeypatch):
-    def no_copy(*args, **kwargs):
-        raise AssertionError("a reference model was built for a reference-free loss")
+        def no_copy(*args, **kwargs):
+            raise AssertionError("a reference model was built for a reference-free loss")
 
-    monkeypatch.setattr(dpo.train, "make_reference", no_copy)
-    for loss in ("simpo", "ref_free_dpo", "sft"):
-        _, metrics = run_fast(tmp_path / loss, [f"loss={loss}"])
-        assert "val/kl/chosen" not in metrics  # no reference ran either
+        monkeypatch.setattr(dpo.reference.FrozenCopy, "of", no_copy)
+    run, metrics = build_and_step(compose_config([*FAST, f"loss={name}"], tmp_path))
+    if run.module.spec.needs_reference:
+        assert metrics["train/rewards/margin"] == 0 and metrics["train/kl/chosen"] == 0
+    else:
+        assert isinstance(run.module.reference, NoReference) and "train/kl/chosen" not in metrics
+    if name in ("dpo", "cdpo", "robust_dpo"):
+        assert metrics["train/loss"].item() == pytest.approx(math.log(2), abs=1e-6)
 
 
 @pytest.fixture
@@ -60,36 +79,82 @@ def no_weights(monkeypatch):
     monkeypatch.setattr(dpo.train, "load_policy", fail)
 
 
-@pytest.mark.parametrize(
-    ("overrides", "pattern"),
-    [
-        (["+loss.betta=0.1"], r"has no parameter\(s\) \['betta'\]"),
-        (["+data.batchsize=8"], r"unknown key\(s\) \['data.batchsize'\]"),
-        (["data.batch_size=30"], r"data.batch_size=30 must be a positive multiple of data.micro_batch_size=16"),
-        (["data.max_prompt_length=128"], r"max_prompt_length \(128\) < data.max_length \(128\)"),
-        (["reference=none"], r"needs a reference model but reference=none"),
-        (["+reference.rank=4"], r"unknown key\(s\) \['reference.rank'\] for reference.kind=copy"),
-        (["reference.sync_every=10", "reference.sync_alpha=1.5"], r"sync_alpha must be in \(0, 1\]"),
-        (["data=local"], r"not set: \['data.source.splits.train', 'data.source.splits.val'\]"),
-        (["+data.source.options.prefix=3"], r"options \['prefix'\] unknown for format 'fields'"),
-        (["data=imdb"], r"needs preference pairs but data format 'imdb' gives none"),
-        (["data.source.format=reddit"], r"'reddit' is not a known format"),
-        (["data.on_bad_row=ignore"], r"on_bad_row must be error or skip"),
-        (["model=hf"], r"not set: \['model.pretrained'\]"),
-        (["loss.name=dpoo"], r"'dpoo' is not a registered loss"),
-        (["trainer.devices=3"], r"world size 3"),
-        (["~data.shuffle"], r"missing key\(s\) \['data.shuffle'\]"),
-    ],
-)
+# A wrong key and a wrong type in each of our groups, a wrong key in each third-party group, and the
+# cross-field checks. Keys Hydra types fail when it composes; `+key=` additions and cross-field
+# mistakes fail in dpo.config.validate. All before any data or weights load.
+COMPOSE_ERRORS = [
+    (["model.dtyp=float32"], r"Key 'dtyp' not in 'ModelConfig'"),
+    (["model.dtype=fp16"], r"Invalid value 'fp16', expected one of \[float32, bfloat16, float16\]"),
+    (["model.gradient_checkpointing=maybe"], r"gradient_checkpointing"),
+    (["data.batchsize=8"], r"Key 'batchsize' not in 'DataConfig'"),
+    (["data.batch_size=abc"], r"full_key: data.batch_size"),
+    (["data.layout=packed"], r"Invalid value 'packed', expected one of \[auto, separate, shared_prefix"),
+    (["data.source.max_rows=many"], r"full_key: data.source.max_rows"),
+    (["loss.betta=0.1"], r"Key 'betta' not in 'LossConfig_dpo'"),
+    (["loss.beta=abc"], r"full_key: loss.beta"),
+    (["optim.decay=exp"], r"Invalid value 'exp', expected one of \[constant, linear, cosine\]"),
+    (["optim.warmup_steps=1.5"], r"full_key: optim.warmup_steps"),
+    (["reference.rank=4"], r"Key 'rank' not in 'CopyConfig'"),
+    (["reference=lora", "reference.r=big"], r"full_key: reference.r"),
+    (["reward=tfidf", "reward.seed=abc"], r"full_key: reward.seed"),
+    (["reward.output=prob"], r"Key 'output' not in 'RewardConfig_vader'"),
+    (["paths.cachedir=/tmp"], r"Key 'cachedir' not in 'PathsConfig'"),
+    (["seed=abc"], r"full_key: seed"),
+    (["trainer.max_stepz=3"], r"max_stepz"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), COMPOSE_ERRORS)
+def test_a_wrong_key_or_type_fails_when_hydra_composes(overrides, pattern):
+    import re
+
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_config(overrides, Path("unused"))
+    message = f"{info.value} {info.value.__cause__}"  # Hydra's message and the OmegaConf error under it
+    assert re.search(pattern, message), message
+
+
+VALIDATE_ERRORS = [
+    (["+model.flash=true"], r"unknown key\(s\) \['model.flash'\]"),
+    (["+model.tokenizer.size=3"], r"unknown key\(s\) \['model.tokenizer.size'\]"),
+    (["+data.batchsize=8"], r"unknown key\(s\) \['data.batchsize'\]"),
+    (["+data.source.split=train"], r"unknown key\(s\) \['data.source.split'\]"),
+    (["+loss.betta=0.1"], r"unknown key\(s\) \['loss.betta'\]"),
+    (["+optim.momentum=0.9"], r"unknown key\(s\) \['optim.momentum'\]"),
+    (["+optim.optimizer.lrr=0.1"], r"\['optim.optimizer.lrr'\] for torch.optim.AdamW"),
+    (["+reference.rank=4"], r"unknown key\(s\) \['reference.rank'\]"),
+    (["+reward.model=x"], r"unknown key\(s\) \['reward.model'\]"),
+    (["+paths.tmp=x"], r"unknown key\(s\) \['paths.tmp'\]"),
+    (["+foo=1"], r"unknown key\(s\) \['foo'\]"),
+    (["+trainer.max_stepz=3"], r"\['trainer.max_stepz'\] for lightning.pytorch.Trainer"),
+    (["+callbacks.model_checkpoint.every_n_train_step=3"], r"\['callbacks.model_checkpoint.every_n_train_step'\]"),
+    (["+callbacks.samples.prompts=3"], r"\['callbacks.samples.prompts'\] for dpo.callbacks.GenerationSamples"),
+    (["logger=default", "+logger.wandb.projcet=x"], r"\['logger.wandb.projcet'\] for lightning.pytorch.loggers"),
+    (["+logger.csv.flush=1"], r"\['logger.csv.flush'\] for lightning.pytorch.loggers.CSVLogger"),
+    (["loss.name=ipo_sum"], r"loss.name=ipo_sum but the loss config was composed for 'dpo': choose it with loss="),
+    (["reference.kind=lora"], r"reference.kind=lora but the reference config was composed for 'copy'"),
+    (["data.batch_size=30"], r"data.batch_size=30 must be a positive multiple of data.micro_batch_size=16"),
+    (["data.max_prompt_length=128"], r"max_prompt_length \(128\) < data.max_length \(128\)"),
+    (["data.max_length=300", "data.max_prompt_length=64"], r"data.max_length=300 exceeds the model's 256 positions"),
+    (["reference=none"], r"needs a reference model but reference=none"),
+    (["reference.sync_every=10", "reference.sync_alpha=1.5"], r"sync_alpha must be in \(0, 1\]"),
+    (["loss.beta=-1"], r"loss.beta must be > 0"),
+    (["data=local"], r"not set: \['data.source.splits.train', 'data.source.splits.val'\]"),
+    (["+data.source.options.prefix=3"], r"options \['prefix'\] unknown for format 'fields'"),
+    (["data=imdb"], r"needs preference pairs but data format 'imdb' gives none"),
+    (["data.source.format=reddit"], r"'reddit' is not a known format"),
+    (["model=hf"], r"not set: \['model.pretrained'\]"),
+    (["trainer.devices=3"], r"world size 3"),
+    (["trainer=fsdp_cpu", "data.layout=padding_free"], r"padding_free is untested under FSDP2"),
+    (["+trainer.accumulate_grad_batches=2"], r"accumulate_grad_batches is derived from data.batch_size"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "pattern"), VALIDATE_ERRORS)
 def test_config_errors_name_the_key_before_weights_load(tmp_path, no_weights, overrides, pattern):
     cfg = compose_config(overrides, tmp_path)
     with pytest.raises(ConfigError, match=pattern):
         train(cfg)
-
-
-def test_override_typo_is_refused_by_hydra():
-    with pytest.raises(ConfigCompositionException, match="betta"):
-        compose_config(["loss.betta=0.1"], Path("unused"))
 
 
 def test_bad_data_fails_before_weights_load(tmp_path, no_weights):
@@ -100,6 +165,8 @@ def test_bad_data_fails_before_weights_load(tmp_path, no_weights):
             "data=local",
             f"data.source.splits.train={bad}",
             f"data.source.splits.val={bad}",
+            "data.max_length=128",
+            "data.max_prompt_length=64",
             "model.tokenizer.bpe_vocab_size=300",
         ],
         tmp_path / "run",
@@ -110,18 +177,19 @@ def test_bad_data_fails_before_weights_load(tmp_path, no_weights):
 
 def test_training_split_smaller_than_a_global_batch_fails_before_weights_load(tmp_path, no_weights):
     cfg = compose_config(["data.source.max_rows=20", "model.tokenizer.bpe_vocab_size=300"], tmp_path)
-    with pytest.raises(ConfigError, match=r"training split has 20 usable pairs, fewer than one global batch"):
+    with pytest.raises(DataError, match=r"training split has 20 usable pairs, fewer than one global batch"):
         train(cfg)
 
 
-def test_layout_auto_shares_the_prompt_except_under_fsdp(tmp_path):
-    from dpo.config import resolve_layout
+def test_unreachable_reward_classifier_fails_before_weights_load(tmp_path, exported_tiny, no_weights):
+    """experiment=imdb_dpo scores with siebert/sentiment-roberta-large-english: offline and not
+    cached, the error names the key to set, and no policy weights were loaded first."""
+    from dpo.models import ModelLoadError
 
-    assert resolve_layout(compose_config([], tmp_path)) == "padding_free"
-    assert resolve_layout(compose_config(["trainer=fsdp_cpu"], tmp_path)) == "separate"
-    assert resolve_layout(compose_config(["data.layout=separate"], tmp_path)) == "separate"
-    with pytest.raises(ConfigError, match="untested under FSDP2"):
-        validate(compose_config(["trainer=fsdp_cpu", "data.layout=shared_prefix"], tmp_path))
+    cfg = shrink(compose_config([*FAST, "experiment=imdb_dpo"], tmp_path), exported_tiny)
+    cfg.reward = compose_config(["reward=hf_classifier", "reward.device=cpu"], tmp_path).reward
+    with pytest.raises(ModelLoadError, match="set reward.pretrained to a local directory"):
+        train(cfg)
 
 
 def test_plan_batch():
@@ -131,15 +199,18 @@ def test_plan_batch():
         plan_batch(64, 4, "auto", 1)
 
 
-DATA_CONFIGS = sorted(p.stem for p in (CONF_DIR / "data").glob("*.yaml") if not p.stem.startswith("_"))
-BUNDLED_SPLITS = [
-    f"data.source.splits.train={bundled_path('reviews_train.jsonl')}",
-    f"data.source.splits.val={bundled_path('reviews_val.jsonl')}",
-]
+def test_layout_is_decided_by_validate_from_model_and_strategy(tmp_path, tiny_model):
+    """`auto` becomes padding-free, separate under FSDP2; the datamodule gets it decided."""
+    config, cls = tiny_model.config, type(tiny_model)
+    assert validate(compose_config([], tmp_path), config, cls).layout == "padding_free"
+    assert validate(compose_config(["trainer=fsdp_cpu"], tmp_path), config, cls).layout == "separate"
+    assert validate(compose_config(["data.layout=shared_prefix"], tmp_path), config, cls).layout == "shared_prefix"
+    assert validate(compose_config(["loss=sft"], tmp_path), config, cls).layout == "separate"
+    assert validate(compose_config([], tmp_path)).layout == "auto"  # without the model: undecided
 
 
 @pytest.mark.parametrize("name", DATA_CONFIGS)
-def test_every_data_config_runs_one_step_on_its_fixture(tmp_path, exported_tiny, name):
+def test_every_data_config_builds_on_its_fixture(tmp_path, exported_tiny, name):
     """`dpo-train data=<name>` with the source pointed at a local copy in the hub schema."""
     extra = {
         "local": BUNDLED_SPLITS,
@@ -148,21 +219,81 @@ def test_every_data_config_runs_one_step_on_its_fixture(tmp_path, exported_tiny,
         # chat needs a pretrained tokenizer; the fixture holds one deliberately bad row
         "ultrafeedback": ["model=hf", f"model.pretrained={exported_tiny}", "data.on_bad_row=skip"],
     }.get(name, [])
-    cfg = compose_config([*FAST, f"data={name}", "trainer.max_steps=1", *extra], tmp_path)
+    cfg = compose_config([*FAST, f"data={name}", *extra], tmp_path)
     if not get_format(cfg.data.source.format).has_pairs(cfg.data.source.options):
-        cfg = compose_config([*FAST, f"data={name}", "trainer.max_steps=1", "loss=sft", *extra], tmp_path)
-    metrics = train(shrink(cfg, exported_tiny))
-    assert math.isfinite(metrics["val/loss"])
+        cfg = compose_config([*FAST, f"data={name}", "loss=sft", *extra], tmp_path)
+    build_and_step(shrink(cfg, exported_tiny))
 
 
-def test_unreachable_reward_classifier_fails_before_weights_load(tmp_path, no_weights):
-    """experiment=imdb_dpo scores with siebert/sentiment-roberta-large-english: offline and not
-    cached, the error names the key to set, and no policy weights were loaded first."""
-    from dpo.models import ModelLoadError
+def test_every_group_file_names_its_schema():
+    """Each YAML of our groups begins its defaults list with its schema, or with a sibling that does
+    (rpo -> dpo, smollm2 -> hf, tldr_flat -> tldr, ...); composing one shows the schema's type."""
+    import yaml
 
-    cfg = shrink(compose_config([*FAST, "experiment=imdb_dpo", "trainer.max_steps=1"], tmp_path))
-    cfg.reward = {"name": "hf_classifier", "pretrained": "siebert/sentiment-roberta-large-english", "revision": None,
-                  "positive_label": "POSITIVE", "output": "logit", "batch_size": 8, "max_length": 64,
-                  "device": "cpu", "trust_remote_code": False}  # fmt: skip
-    with pytest.raises(ModelLoadError, match="set reward.pretrained to a local directory"):
-        train(cfg)
+    from dpo.schema import OUR_GROUPS, SELECTORS
+
+    for group in OUR_GROUPS:
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            first = yaml.safe_load(path.read_text())["defaults"][0]
+            while isinstance(first, str) and not first.startswith("/"):  # a sibling in the same group
+                first = yaml.safe_load((CONF_DIR / group / f"{first}.yaml").read_text())["defaults"][0]
+            expected = {f"/schema/{group}@_here_": path.stem} if group in SELECTORS else {"/schema@_here_": group}
+            assert first == expected or (isinstance(first, dict) and group in SELECTORS
+                                         and list(first) == list(expected)), path  # fmt: skip
+    node = compose_config(["loss=rpo"], Path("unused")).loss
+    assert OmegaConf.get_type(node).__name__ == "LossConfig_dpo" and node.nll_weight == 1.0
+
+
+DEMO_TUNING = {"optim.optimizer.lr": 5e-5, "trainer.max_steps": 40, "trainer.limit_val_batches": 2}
+
+
+def demo_settings(cfg):
+    found = {k: OmegaConf.select(cfg, k) for k in DEMO_TUNING if OmegaConf.select(cfg, k) == DEMO_TUNING[k]}
+    return found | ({"reward_eval": True} if "reward_eval" in cfg.callbacks else {})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "demo"),
+    [
+        ([], True),
+        (["loss=ipo_sum"], True),
+        (["sweep=beta"], True),
+        (["model=tiny_gpt2"], False),
+        (["data=reviews"], False),
+        (["experiment=tiny"], False),
+        (["model=hf", "model.pretrained=/some/export", "data=local", *BUNDLED_SPLITS], False),
+    ],
+)
+def test_the_default_runs_tuning_applies_only_to_its_own_model_and_data(overrides, demo):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    assert (demo_settings(cfg) == {**DEMO_TUNING, "reward_eval": True}) if demo else not demo_settings(cfg)
+    assert (cfg.task_name == "default_run") == demo
+
+
+@pytest.mark.slow
+def test_cfg_job_of_a_user_run_shows_none_of_the_demo(exported_tiny):
+    """The issue's own command: a local export on local data prints research defaults only."""
+    splits = [f"data.source.splits.train={bundled_path('reviews_train.jsonl')}", "data.source.splits.val=val.jsonl"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpo.train", "model=hf", f"model.pretrained={exported_tiny}", "data=local", *splits,
+         "--cfg", "job"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cfg = OmegaConf.create(proc.stdout)
+    assert not demo_settings(cfg) and cfg.task_name == "train" and cfg.optim.optimizer.lr == 1e-6
+    assert cfg.data.batch_size == 64 and "limit_val_batches" not in cfg.trainer and cfg.trainer.max_steps == -1
+
+
+def test_sharding_is_read_from_the_strategy_class():
+    from dpo.config import is_sharded
+
+    def trainer(strategy):
+        return OmegaConf.create({"strategy": strategy})
+
+    assert not is_sharded(trainer("auto")) and not is_sharded(trainer("ddp"))
+    assert is_sharded(trainer("fsdp"))  # Lightning's FSDPStrategy, by its registered name
+    assert is_sharded(trainer({"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}))
+    assert not is_sharded(trainer({"_target_": "lightning.pytorch.strategies.DDPStrategy"}))

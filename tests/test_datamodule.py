@@ -7,8 +7,11 @@ import threading
 import time
 from pathlib import Path
 
+from tests_helpers import tiny_data_config
+
 from conftest import bundled_spec
 from dpo.data import cache
+from dpo.data.batch import Layout
 from dpo.data.datamodule import GlobalBatchSampler, PreferenceDataModule
 from dpo.data.sources import SourceSpec
 
@@ -16,16 +19,11 @@ FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def make(tokenizer, cache_dir, source=None, max_length=64, **kwargs):
-    return PreferenceDataModule(
-        tokenizer,
-        source or bundled_spec(max_rows=64),
-        batch_size=4,
-        eval_batch_size=4,
-        max_length=max_length,
-        max_prompt_length=32,
-        cache_dir=cache_dir and str(cache_dir),
-        **kwargs,
-    )
+    config = tiny_data_config(
+        source or bundled_spec(max_rows=64), max_length=max_length, eval_batch_size=4,
+        cache_dir=cache_dir and str(cache_dir), **kwargs,
+    )  # fmt: skip
+    return PreferenceDataModule(tokenizer, config, pairs=True, layout=Layout.separate)
 
 
 def test_second_setup_is_a_cache_hit_with_identical_data(tmp_path, bpe_tokenizer):
@@ -52,11 +50,11 @@ def test_changed_length_tokenizer_or_file_is_a_miss(tmp_path, bpe_tokenizer, bun
     assert retok.cache_hits["train"] is False
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    source = SourceSpec("fields", {"train": str(data), "val": str(data)})
-    make(bpe_tokenizer, tmp_path, source=source).setup()
+    source = SourceSpec("fields", {"train": str(data), "val": str(data)}, None)
+    make(bpe_tokenizer, tmp_path, source=source, batch_size=1).setup()
     data.write_text('{"prompt": "a", "chosen": "bb", "rejected": "c"}\n')
     os.utime(data, ns=(time.time_ns(), time.time_ns() + 10**9))
-    changed = make(bpe_tokenizer, tmp_path, source=source)
+    changed = make(bpe_tokenizer, tmp_path, source=source, batch_size=1)
     changed.setup()
     assert changed.cache_hits["train"] is False
     assert len(changed.datasets["train"].items[0].chosen_ids) == len(bpe_tokenizer("bb")["input_ids"]) + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 
 import pytest
@@ -13,7 +14,8 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(dpo.__path__, prefix="dpo
 
 
 def test_found_the_modules():
-    assert {"dpo.losses", "dpo.logprobs", "dpo.module", "dpo.train", "dpo.data.datamodule"} <= set(MODULES)
+    expected = {"dpo.losses", "dpo.logprobs", "dpo.forward", "dpo.systems.dpo", "dpo.train", "dpo.data.datamodule"}
+    assert expected <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -33,3 +35,41 @@ def test_notebooks_are_stripped_and_define_no_functions():
             if cell["cell_type"] == "code":
                 assert cell["outputs"] == [] and cell["execution_count"] is None, path
                 assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell["source"]), path
+
+
+def imports_of(module: str) -> set[str]:
+    """The ``dpo`` modules ``module`` imports (anywhere in its source, lazy imports included)."""
+    import ast
+
+    spec = importlib.util.find_spec(module)
+    tree = ast.parse(open(spec.origin).read())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dpo"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("dpo")}
+    return found
+
+
+# (importer prefix, forbidden prefixes): the layer order of STYLE.md. Maths knows no models; only
+# dpo.forward runs models on batches through dpo.attention; systems never import their observers;
+# entry points import systems, never each other.
+LAYERS = [
+    ("dpo.logprobs", ("dpo.forward", "dpo.attention", "dpo.models", "dpo.systems", "dpo.reference")),
+    ("dpo.losses", ("dpo.forward", "dpo.attention", "dpo.models", "dpo.systems", "dpo.reference")),
+    ("dpo.data", ("dpo.forward", "dpo.attention", "dpo.models", "dpo.systems", "dpo.reference", "dpo.train")),
+    ("dpo.systems", ("dpo.callbacks", "dpo.evaluation", "dpo.report", "dpo.train", "dpo.pipeline", "dpo.cli")),
+    ("dpo.train", ("dpo.pipeline",)),
+    ("dpo.pipeline", ("dpo.train",)),
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_imports_follow_the_layers(name):
+    imported = imports_of(name)
+    for importer, forbidden in LAYERS:
+        if name.startswith(importer):
+            assert not {m for m in imported if m.startswith(forbidden)}, (name, forbidden)
+    if name != "dpo.forward":
+        assert "dpo.attention" not in imported, f"{name}: only dpo.forward runs segment attention"

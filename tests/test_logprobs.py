@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from dpo.logprobs import IGNORE_INDEX, sequence_kl, sequence_logps
+from dpo.data.batch import IGNORE_INDEX
+from dpo.logprobs import sequence_kl, sequence_logps
 
 
 def brute_force(logits, labels):

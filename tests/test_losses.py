@@ -202,15 +202,18 @@ def test_unlikelihood_term_comes_from_the_token_probabilities(tiny_model, bpe_to
     from dpo.data.collate import collate
     from dpo.data.sources import PreferenceRow
     from dpo.data.tokenize import PairTokenizer
-    from dpo.logprobs import scored_logits, scored_logps, sequence_logps
+    from dpo.forward import scored_logits
+    from dpo.logprobs import scored_logps, sequence_logps
 
     pt = PairTokenizer(bpe_tokenizer, 64, 16, "keep_end")
     batch = collate([pt(PreferenceRow("Review it:", "A fine film.", "Dull and long.", "a"))], pad_id=0)
     with torch.no_grad():
-        _, rejected = scored_logps(scored_logits(tiny_model, batch), batch)
+        logits = scored_logits(tiny_model, batch)
+        assert scored_logps(logits, batch).rejected_unlikely is None  # only the unlikelihood loss pays for it
+        unlikely = scored_logps(logits, batch, unlikelihood=True).rejected_unlikely
         logits = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"][1:, 1:]  # the rejected row's scored tokens
     logp = logits[1:, :-1].log_softmax(-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     expected = (torch.log1p(-logp.exp()) * (labels != -100)).sum()
-    torch.testing.assert_close(rejected.unlikely[0], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(unlikely[0], expected, atol=1e-5, rtol=1e-5)
     assert sequence_logps(logits[1:], batch["labels"][1:]).sum[0] < 0

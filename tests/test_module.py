@@ -1,4 +1,4 @@
-"""DPOModule: ln 2 at the start, a frozen reference, checkpoints without it, resumable."""
+"""DPOModule (dpo.systems.dpo): ln 2 at the start, a frozen reference, checkpoints without it, resumable."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tests_helpers import tiny_datamodule
 
-from dpo.module import DPOModule, warmup_schedule
+from dpo.reference import FrozenCopy, NoReference
+from dpo.systems.base import OptimConfig, warmup_schedule
+from dpo.systems.dpo import DPOModule
 
-OPTIM = {"_target_": "torch.optim.AdamW", "lr": 1e-3}
+OPTIM = OptimConfig({"_target_": "torch.optim.AdamW", "lr": 1e-3})
 
 
 def make_datamodule(tokenizer, pairs=True):
@@ -21,16 +23,10 @@ def make_datamodule(tokenizer, pairs=True):
 
 
 def make_module(model, loss="dpo", params=None, **kwargs):
-    spec_ref = loss not in ("simpo", "ref_free_dpo", "sft")
-    reference = copy.deepcopy(model) if spec_ref else None
-    return DPOModule(
-        model,
-        reference,
-        loss=loss,
-        loss_params=params if params is not None else {"beta": 0.1},
-        optimizer=OPTIM,
-        **kwargs,
-    )
+    needs_reference = loss not in ("simpo", "ref_free_dpo", "sft")
+    reference = FrozenCopy.of(model) if needs_reference else NoReference()
+    params = params if params is not None else {"beta": 0.1}
+    return DPOModule(model, reference, loss=loss, loss_params=params, optim=OPTIM, **kwargs)
 
 
 def trainer(tmp_path, max_steps, **kwargs):
@@ -60,6 +56,7 @@ def test_first_step_loss_is_ln2(tiny_model, bpe_tokenizer):
 def test_reference_stays_bit_identical_while_policy_learns(tmp_path, tiny_model, bpe_tokenizer):
     module = make_module(tiny_model)
     ref_before = {k: v.clone() for k, v in module.reference.state_dict().items()}
+    assert ref_before
     policy_before = {k: v.clone() for k, v in module.policy.state_dict().items()}
     t = trainer(tmp_path, max_steps=4, enable_checkpointing=False)
     t.fit(module, datamodule=make_datamodule(bpe_tokenizer))
@@ -95,17 +92,11 @@ def test_checkpoint_holds_no_reference_and_resumes(tmp_path, tiny_model, bpe_tok
         assert torch.equal(v, fresh_ref[k])
 
 
-def test_reference_free_module_refuses_a_reference(tiny_model):
-    with pytest.raises(ValueError, match="uses no reference"):
-        DPOModule(
-            tiny_model,
-            copy.deepcopy(tiny_model),
-            loss="simpo",
-            loss_params={"beta": 2.0, "gamma": 0.5},
-            optimizer=OPTIM,
-        )
+def test_a_loss_that_needs_a_reference_refuses_none(tiny_model):
     with pytest.raises(ValueError, match="needs a reference"):
-        DPOModule(tiny_model, None, loss="dpo", loss_params={"beta": 0.1}, optimizer=OPTIM)
+        DPOModule(tiny_model, NoReference(), loss="dpo", loss_params={"beta": 0.1}, optim=OPTIM)
+    with pytest.raises(ValueError, match=r"needs parameter\(s\) \['gamma'\]"):
+        DPOModule(tiny_model, NoReference(), loss="simpo", loss_params={"beta": 2.0}, optim=OPTIM)
 
 
 def test_sft_module_trains_on_chosen_only(tmp_path, tiny_model, bpe_tokenizer):
@@ -115,7 +106,7 @@ def test_sft_module_trains_on_chosen_only(tmp_path, tiny_model, bpe_tokenizer):
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape[0] == 4
     trainer(tmp_path, max_steps=2, enable_checkpointing=False).fit(module, datamodule=dm)
-    assert module.reference is None
+    assert isinstance(module.reference, NoReference) and not list(module.reference.parameters())
 
 
 def test_warmup_schedule():

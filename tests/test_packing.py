@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo.attention import use_segment_attention
+from dpo.data.batch import Layout
 from dpo.data.collate import collate
 from dpo.data.packing import pack_pairs
 from dpo.data.sources import PreferenceRow
 from dpo.data.tokenize import PairTokenizer
-from dpo.logprobs import scored_kl, scored_logits, scored_logps, sequence_kl, sequence_logps
+from dpo.forward import attention_for, scored_logits
+from dpo.logprobs import scored_kl, scored_logps, sequence_kl, sequence_logps
+from dpo.models import ModelConfig
 
 
 def pairs_for(tokenizer, max_length=64, max_prompt_length=16, side="keep_end"):
@@ -27,7 +29,7 @@ def pairs_for(tokenizer, max_length=64, max_prompt_length=16, side="keep_end"):
 def pack(pairs, pad, layout, model=None):
     """``layout`` batch of ``pairs``; padding-free switches ``model`` to segment attention first."""
     if layout == "padding_free" and model is not None:
-        use_segment_attention(model)
+        model.set_attn_implementation(attention_for(Layout.padding_free))
     return pack_pairs(pairs, pad_id=pad, padding_free=layout == "padding_free")
 
 
@@ -47,12 +49,12 @@ def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, sid
         sep_lp = sequence_logps(sep_logits, sep["labels"])
         packed = pack(pairs, pad, layout, tiny_model)
         logits = scored_logits(tiny_model, packed)
-        chosen, rejected = scored_logps(logits, packed)
+        logps = scored_logps(logits, packed)
     b = len(pairs)
-    torch.testing.assert_close(chosen.sum, sep_lp.sum[:b], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(rejected.sum, sep_lp.sum[b:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(chosen.n_tokens, sep_lp.n_tokens[:b])
-    torch.testing.assert_close(rejected.n_tokens, sep_lp.n_tokens[b:])
+    torch.testing.assert_close(logps.chosen, sep_lp.sum[:b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps.rejected, sep_lp.sum[b:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps.chosen_tokens, sep_lp.n_tokens[:b])
+    torch.testing.assert_close(logps.rejected_tokens, sep_lp.n_tokens[b:])
     # The head ran only on scored positions: S = a row's chosen + rejected tokens, not its width.
     responses = [len(p.chosen_ids) + len(p.rejected_ids) for p in pairs]
     assert logits.shape[1] == (sum(responses) if layout == "padding_free" else max(responses))
@@ -68,7 +70,7 @@ def test_segment_attention_is_sdpa_without_segments(tmp_path, tiny_model, bpe_to
     sep = collate(pairs_for(bpe_tokenizer)[0], pad_id=bpe_tokenizer.pad_token_id)
     with torch.no_grad():
         expected = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
-        use_segment_attention(tiny_model)
+        tiny_model.set_attn_implementation(attention_for(Layout.padding_free))
         got = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
     assert tiny_model.config._attn_implementation == "dpo_segments"
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
@@ -99,16 +101,16 @@ def test_response_only_head_equals_full_forward_in_separate_layout(tiny_model, b
         full = tiny_model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
         ref = full + 0.3 * torch.randn_like(full)
         logits = scored_logits(tiny_model, sep)
-        chosen, rejected = scored_logps(logits, sep)
+        logps = scored_logps(logits, sep, pairs=pairs)
     expected = sequence_logps(full, sep["labels"])
     b = len(pairs_)
-    torch.testing.assert_close(chosen.sum, expected.sum[:b], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(chosen.n_tokens, expected.n_tokens[:b])
+    torch.testing.assert_close(logps.chosen, expected.sum[:b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logps.chosen_tokens, expected.n_tokens[:b])
     assert logits.shape[1] == int(expected.n_tokens.max())  # S = longest response, not T
     if pairs:
-        torch.testing.assert_close(rejected.sum, expected.sum[b:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logps.rejected, expected.sum[b:], atol=1e-5, rtol=1e-5)
     else:
-        assert torch.all(rejected.n_tokens == 0)
+        assert logps.rejected.shape == logps.rejected_tokens.shape == (0,)
     # The KL on scored positions equals the full-logit KL (ref logits gathered at the same places).
     pos = sep["score_pos"].unsqueeze(-1).expand(-1, -1, full.shape[-1])
     kl = scored_kl(logits, torch.gather(ref, 1, pos), sep)
@@ -137,8 +139,8 @@ def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout, che
     batch = sep if layout == "separate" else pack(pairs, pad, layout, tiny_model)
     if checkpointing:
         tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    chosen, rejected = scored_logps(scored_logits(tiny_model, batch), batch)
-    got = grads((chosen.sum - 0.5 * rejected.sum).sum())
+    logps = scored_logps(scored_logits(tiny_model, batch), batch)
+    got = grads((logps.chosen - 0.5 * logps.rejected).sum())
     for k, g in expected.items():
         torch.testing.assert_close(got[k], g, atol=1e-5, rtol=1e-4, msg=k)
 
@@ -154,6 +156,7 @@ def test_rejected_cannot_see_chosen_and_positions_restart(bpe_tokenizer):
     assert packed["score_pos"][0, c].item() == p - 1  # first rejected token predicted by the prompt's end
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reference", ["copy", "precomputed", "lora"])
 def test_training_with_shared_prefix_follows_the_separate_trajectory(tmp_path, reference):
     import csv
@@ -202,7 +205,7 @@ def test_padding_free_with_grouped_query_attention(bpe_tokenizer, model_type, wi
     arch |= {"num_attention_heads": 4, "num_key_value_heads": 2}
     if model_type == "mistral":
         arch["sliding_window"] = window
-    model = load_policy(None, architecture=arch, tokenizer=bpe_tokenizer)
+    model = load_policy(ModelConfig(None, architecture=arch), tokenizer=bpe_tokenizer)
     model.eval()
     pairs, _ = pairs_for(bpe_tokenizer)
     sep = collate(pairs, pad_id=bpe_tokenizer.pad_token_id)
@@ -214,25 +217,29 @@ def test_padding_free_with_grouped_query_attention(bpe_tokenizer, model_type, wi
             return
         full = model(input_ids=sep["input_ids"], attention_mask=sep["attention_mask"]).logits
         expected = sequence_logps(full, sep["labels"])
-        chosen, rejected = scored_logps(scored_logits(model, batch), batch)
-    torch.testing.assert_close(torch.cat([chosen.sum, rejected.sum]), expected.sum, atol=1e-5, rtol=1e-5)
+        logps = scored_logps(scored_logits(model, batch), batch)
+    torch.testing.assert_close(torch.cat([logps.chosen, logps.rejected]), expected.sum, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_layout_falls_back_to_shared_prefix_off_the_attention_interface(tmp_path, tiny_model, bpe_tokenizer):
-    from conftest import compose_config
-    from dpo.config import ConfigError
-    from dpo.train import _prepare_layout, build_datamodule
+def test_layout_is_chosen_once_from_the_model_class_and_strategy(tiny_model):
+    """auto: padding-free on the attention interface, shared_prefix off it, separate under FSDP2 or
+    for SFT; an explicit layout the model or strategy can't run is refused by name."""
+    from dpo.forward import LayoutError, choose_layout
 
-    class OldStyle(type(tiny_model)):
-        _supports_attention_backend = False
+    gpt2, config = type(tiny_model), tiny_model.config
 
-    tiny_model.__class__ = OldStyle  # a model whose attention bypasses transformers' interface
-    for layout, expected in (("auto", "shared_prefix"), ("padding_free", None)):
-        cfg = compose_config([f"data.layout={layout}"], tmp_path)
-        datamodule = build_datamodule(cfg, bpe_tokenizer, pairs=True, micro_batch_size=2)
-        if expected is None:
-            with pytest.raises(ConfigError, match="OldStyle doesn't: use data.layout=shared_prefix"):
-                _prepare_layout(cfg, tiny_model, datamodule)
-        else:
-            _prepare_layout(cfg, tiny_model, datamodule)
-            assert datamodule.layout == expected and tiny_model.config._attn_implementation != "dpo_segments"
+    class OldStyle(gpt2):
+        _supports_attention_backend = False  # a model whose attention bypasses transformers' interface
+
+    def choose(requested, cls=gpt2, sharded=False, pairs=True):
+        return choose_layout(Layout(requested), cls, config, sharded=sharded, pairs=pairs)
+
+    assert choose("auto") == Layout.padding_free
+    assert choose("auto", OldStyle) == Layout.shared_prefix
+    assert choose("auto", sharded=True) == Layout.separate
+    assert choose("padding_free", pairs=False) == Layout.separate
+    assert choose("shared_prefix", OldStyle) == Layout.shared_prefix
+    with pytest.raises(LayoutError, match="OldStyle doesn't: use data.layout=shared_prefix"):
+        choose("padding_free", OldStyle)
+    with pytest.raises(LayoutError, match="untested under FSDP2"):
+        choose("shared_prefix", sharded=True)

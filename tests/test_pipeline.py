@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from dpo.config import ConfigError
+from dpo.io import read_jsonl
 from dpo.logprobs import sequence_kl
 from dpo.pipeline.best_of_n import best_of_n, best_of_n_kl
-from dpo.pipeline.io import read_jsonl
 from dpo.pipeline.pair import make_pairs
 from dpo.sampling import completion_batch, completion_kl, cut_at_eos
 
@@ -178,7 +178,7 @@ def test_frontier_collects_a_fake_two_run_sweep_and_best_of_n(tmp_path):
 def test_pipeline_configs_compose_and_name_their_required_inputs(tmp_path, name):
     from hydra import compose, initialize_config_dir
 
-    from dpo.train import CONF_DIR
+    from dpo.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(name, overrides=[f"paths.output_dir={tmp_path}"])
@@ -193,8 +193,8 @@ def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
     from hydra import compose, initialize_config_dir
 
     from conftest import FIXTURES
+    from dpo.cli import CONF_DIR
     from dpo.pipeline.sample import load_prompts, sample
-    from dpo.train import CONF_DIR
 
     overrides = ["data=imdb", f"data.source.path={FIXTURES / 'imdb'}", f"model.pretrained={exported_tiny}",
                  f"output={tmp_path / 's.jsonl'}", f"paths.cache_dir={tmp_path}", f"paths.output_dir={tmp_path}",

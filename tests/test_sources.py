@@ -18,7 +18,7 @@ def write_jsonl(path, rows):
 
 
 def local(train, val=None, **options) -> SourceSpec:
-    return SourceSpec("fields", {"train": str(train), "val": str(val or train)}, options=options)
+    return SourceSpec("fields", {"train": str(train), "val": str(val or train)}, None, options=options)
 
 
 GOOD = {"prompt": "Q: hi\n", "chosen": "hello", "rejected": "go away"}

@@ -7,10 +7,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from dpo.data.batch import IGNORE_INDEX
 from dpo.data.collate import collate
 from dpo.data.sources import DataError, PreferenceRow
 from dpo.data.tokenize import PairTokenizer, adds_bos
-from dpo.logprobs import IGNORE_INDEX
 
 
 def row(prompt, chosen, rejected="no", where="f.jsonl:1"):

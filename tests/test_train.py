@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAST, compose_config, shrink
-from dpo.models import ModelLoadError, load_policy, load_tokenizer, train_bpe_tokenizer
+from dpo.models import ModelConfig, ModelLoadError, load_policy, load_tokenizer, train_bpe_tokenizer
 from dpo.train import train
 
 
@@ -60,6 +60,7 @@ def test_tiny_run_end_to_end(tmp_path):
         assert name in header
 
 
+@pytest.mark.slow
 def test_sft_then_dpo_from_its_export(tmp_path):
     """Stage 2 starts from stage 1's export: policy == reference there, so the first loss is ln 2."""
     sft_cfg = shrink(compose_config([*FAST, "experiment=reviews_sft", "trainer.max_steps=3"], tmp_path / "sft"))
@@ -84,7 +85,7 @@ def test_sft_then_dpo_from_its_export(tmp_path):
 def test_unreachable_hub_fails_fast_with_advice():
     start = time.time()
     with pytest.raises(ModelLoadError, match=r"'someone/no-such-model'.*model.pretrained"):
-        load_policy("someone/no-such-model")
+        load_policy(ModelConfig("someone/no-such-model"))
     with pytest.raises(ModelLoadError, match="tokenizer 'someone/no-such-model'"):
         load_tokenizer("someone/no-such-model")
     assert time.time() - start < 10
@@ -101,7 +102,7 @@ def test_export_round_trip_gives_identical_logits(tmp_path, tiny_model, bpe_toke
     from dpo.models import export_pretrained
 
     export_pretrained(tiny_model, bpe_tokenizer, tmp_path / "hf")
-    loaded = load_policy(str(tmp_path / "hf"))
+    loaded = load_policy(ModelConfig(str(tmp_path / "hf")))
     ids = torch.tensor([bpe_tokenizer("A superb film.")["input_ids"]])
     torch.testing.assert_close(loaded(ids).logits, tiny_model.eval()(ids).logits)
     assert not list((tmp_path / "hf").glob("*.bin"))  # safetensors only
@@ -115,7 +116,7 @@ def test_unreachable_hub_without_offline_flag_fails_fast(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
     start = time.time()
     with pytest.raises(ModelLoadError, match="hub is unreachable"):
-        load_policy("someone/no-such-model")
+        load_policy(ModelConfig("someone/no-such-model"))
     assert time.time() - start < 10
 
 
@@ -126,8 +127,8 @@ def test_fused_gelu_is_gpt2_gelu_new_to_fp32_rounding(tmp_path, bpe_tokenizer):
     from conftest import TINY_ARCH
 
     torch.manual_seed(0)
-    plain = load_policy(None, architecture=TINY_ARCH, tokenizer=bpe_tokenizer, fused_activations=False)
-    fused = load_policy(None, architecture=TINY_ARCH, tokenizer=bpe_tokenizer)
+    plain = load_policy(ModelConfig(None, architecture=TINY_ARCH, fused_activations=False), tokenizer=bpe_tokenizer)
+    fused = load_policy(ModelConfig(None, architecture=TINY_ARCH), tokenizer=bpe_tokenizer)
     fused.load_state_dict(plain.state_dict())
     assert [type(b.mlp.act) for b in plain.transformer.h] == [NewGELUActivation] * 2
     assert [type(b.mlp.act) for b in fused.transformer.h] == [GELUTanh] * 2
@@ -135,3 +136,46 @@ def test_fused_gelu_is_gpt2_gelu_new_to_fp32_rounding(tmp_path, bpe_tokenizer):
     torch.testing.assert_close(fused(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
     fused.save_pretrained(tmp_path)
     assert AutoModelForCausalLM.from_pretrained(tmp_path).config.activation_function == "gelu_new"
+
+
+# Per-step training losses and the final held-out loss of a 10-step tiny run, recorded before the
+# architecture refactor (commit 1aadd7d) and pinned since: a change to the maths, the data order,
+# the tokenization, the layouts or the optimizer moves these numbers.
+PINNED_RUN = [
+    "experiment=tiny", "logger=csv", "trainer.max_steps=10", "trainer.log_every_n_steps=1", "data.source.max_rows=160",
+    "data.batch_size=16", "data.micro_batch_size=16", "callbacks.model_checkpoint.every_n_train_steps=null",
+    "+trainer.limit_val_batches=2",
+]  # fmt: skip
+PINNED = {
+    "padding_free": ([], [0.6931472, 0.6731244, 0.6645155, 0.5918648, 0.5428302, 0.4429962, 0.4052079, 0.4135146,
+                          0.3092981, 0.2717851], 0.2518398),
+    "separate": (["data.layout=separate"], [0.6931472, 0.6731245, 0.6645157, 0.5918646, 0.5428305, 0.4429963,
+                                            0.4052076, 0.4135146, 0.3092981, 0.2717851], 0.2518397),
+    "precomputed": (["reference=precomputed"], [0.6931472, 0.6731244, 0.6645155, 0.5918648, 0.5428302, 0.4429962,
+                                                0.4052079, 0.4135146, 0.3092981, 0.2717851], 0.2518398),
+    "lora": (["reference=lora", "reference.r=4"], [0.6931472, 0.6929972, 0.6930524, 0.6924047, 0.6918235, 0.6909888,
+                                                  0.6911899, 0.6896415, 0.6867816, 0.6856052], 0.6829684),
+    "tr_dpo": (["reference.sync_every=3", "reference.sync_alpha=0.5"], [0.6931472, 0.6731244, 0.6645155, 0.6421915,
+                                                                      0.5865135, 0.4845072, 0.5687126, 0.5416863,
+                                                                      0.4320899, 0.5504877], 0.4645506),
+    "unlikelihood": (["loss=unlikelihood"], [209.2499847, 204.7629852, 177.6420135, 184.1076965, 187.7560577,
+                                             221.4054871, 201.3742371, 178.081955, 195.7744904, 194.7012482],
+                     181.25737),
+    "sft": (["loss=sft"], [209.246521, 204.7589111, 177.6383057, 184.1035004, 187.7516327, 221.3990936, 201.3682861,
+                           178.0753937, 195.767807, 194.6937408], 181.2494202),
+    "ipo": (["loss=ipo_length_norm"], [25.0, 24.8506355, 24.7622299, 24.2385635, 23.7616596, 23.1004505, 22.8319283,
+                                       22.4773922, 21.1426983, 21.0214024], 19.717865),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "variant", [v if v == "padding_free" else pytest.param(v, marks=pytest.mark.slow) for v in PINNED]
+)
+def test_ten_step_tiny_run_reproduces_its_pinned_losses(tmp_path, variant):
+    import csv
+
+    overrides, losses, val_loss = PINNED[variant]
+    metrics = train(compose_config([*PINNED_RUN, *overrides], tmp_path))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == pytest.approx(losses, abs=2e-5, rel=1e-6)
+    assert metrics["val/loss"] == pytest.approx(val_loss, abs=2e-5, rel=1e-6)

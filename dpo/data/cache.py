@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from filelock import FileLock
 
 from dpo.data.tokenize import TokenizedPair
+from dpo.io import locked_cache
 
 CACHE_VERSION = 1
 """Bump when tokenization or parsing changes in a way the fingerprint can't see."""
@@ -70,7 +69,7 @@ def _unflatten(flat: torch.Tensor, lengths: torch.Tensor) -> list[list[int] | No
 
 
 def save(path: Path, pairs: list[TokenizedPair], groups: list[int], meta: dict[str, Any]) -> None:
-    """Write a tokenized split (:func:`locked_cache` makes the write atomic)."""
+    """Write a tokenized split (:func:`dpo.io.locked_cache` makes the write atomic)."""
     blob: dict[str, Any] = {"groups": torch.tensor(groups, dtype=torch.long), "meta": json.dumps(meta)}
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         blob[name], blob[name + "_len"] = _flatten([getattr(p, name) for p in pairs])
@@ -83,25 +82,6 @@ def load(path: Path) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
     cols = [_unflatten(blob[n], blob[n + "_len"]) for n in ("prompt_ids", "chosen_ids", "rejected_ids")]
     pairs = [TokenizedPair(p, c, r) for p, c, r in zip(*cols, strict=True)]
     return pairs, blob["groups"].tolist(), json.loads(blob["meta"])
-
-
-def locked_cache(
-    path: Path, build: Callable[[], Any], write: Callable[[Path, Any], None], read: Callable[[Path], Any]
-) -> tuple[Any, bool]:
-    """The value stored at ``path``, or ``build()`` written there atomically under a file lock.
-
-    Returns:
-        ``(value, hit)``; ``hit`` tells whether the file was already there.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            return read(path), True
-        value = build()
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        write(tmp, value)
-        os.replace(tmp, path)
-    return value, False
 
 
 def get_or_build(

@@ -1,54 +1,14 @@
-"""Batching tokenized pairs: concatenation, label masking and dynamic padding."""
+"""The ``separate`` layout: chosen and rejected rows, label masking and dynamic padding."""
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from dpo.data.batch import CHOSEN, IGNORE_INDEX, PAD, REJECTED, PreferenceBatch
 from dpo.data.tokenize import TokenizedPair
-from dpo.logprobs import IGNORE_INDEX
-
-
-class ScoredBatch(TypedDict):
-    """What every batch layout gives the model and the log-prob code (:func:`dpo.logprobs.scored_logits`,
-    :func:`dpo.logprobs.scored_logps`): ``R`` rows of ``T`` tokens, ``S`` scored tokens per row.
-
-    Attributes:
-        input_ids: (R, T) token ids, right-padded with the pad id.
-        attention_mask: (R, T) 1 on real tokens, or a layout's (R, 1, T, T) bool mask.
-        score_pos: (R, S) position whose hidden state predicts each scored (response) token, so
-            the LM head runs only there.
-        score_tgt: (R, S) the scored token ids.
-        score_seg: (R, S) 0 on chosen tokens, 1 on rejected tokens, -1 padding.
-        score_pair: (R, S) index in the batch (0..B-1) of the pair each scored token belongs to.
-        n_pairs: ``B``.
-        ref_logps: (2B,) precomputed reference log-probs ``[chosen; rejected]``, when present.
-    """
-
-    input_ids: Tensor
-    attention_mask: Tensor
-    score_pos: Tensor
-    score_tgt: Tensor
-    score_seg: Tensor
-    score_pair: Tensor
-    n_pairs: int
-    ref_logps: NotRequired[Tensor]
-
-
-class PreferenceBatch(ScoredBatch):
-    """A padded batch of ``B`` pairs as ``2B`` rows, or ``B`` rows for SFT.
-
-    Row order is ``[chosen_0, ..., chosen_{B-1}, rejected_0, ..., rejected_{B-1}]``: the model
-    runs once on all rows; row ``i`` holds pair ``i mod B`` (``score_pair``), and its scored
-    tokens are all chosen (``score_seg`` 0) for ``i < B``, all rejected (1) after.
-
-    Attributes:
-        labels: (2B, T) the input ids on response tokens, ``IGNORE_INDEX`` on prompt and padding.
-    """
-
-    labels: Tensor
 
 
 def pad_id_of(tokenizer: Any) -> int:
@@ -83,7 +43,7 @@ def collate(
     scored = max(1, max(len(ids) - start for (ids, _), start in zip(rows, starts, strict=True)))
     score_pos = torch.zeros((len(rows), scored), dtype=torch.long)
     score_tgt = torch.full((len(rows), scored), pad_id, dtype=torch.long)
-    score_seg = torch.full((len(rows), scored), -1, dtype=torch.long)
+    score_seg = torch.full((len(rows), scored), PAD, dtype=torch.long)
     score_pair = (torch.arange(len(rows)) % len(examples)).unsqueeze(1).expand(-1, scored).contiguous()
     for i, ((ids, n_prompt), start) in enumerate(zip(rows, starts, strict=True)):
         seq = torch.tensor(ids, dtype=torch.long)
@@ -93,7 +53,7 @@ def collate(
         n = len(ids) - start
         score_pos[i, :n] = torch.arange(start - 1, len(ids) - 1)
         score_tgt[i, :n] = seq[start:]
-        score_seg[i, :n] = 0 if i < len(examples) else 1  # rows [:B] chosen, [B:] rejected
+        score_seg[i, :n] = CHOSEN if i < len(examples) else REJECTED  # rows [:B] chosen, [B:] rejected
     batch = PreferenceBatch(
         input_ids=input_ids, attention_mask=attention_mask, labels=labels,
         score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,

@@ -4,24 +4,71 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from enum import Enum
 from functools import partial
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
+from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data import cache
-from dpo.data.collate import ScoredBatch, collate, pad_id_of
+from dpo.data.batch import Layout, ScoredBatch
+from dpo.data.collate import collate, pad_id_of
 from dpo.data.formats import load_rows
-from dpo.data.packing import LAYOUTS, pack_pairs
-from dpo.data.sources import SourceSpec, source_fingerprint
+from dpo.data.packing import pack_pairs
+from dpo.data.sources import DataError, SourceSpec, source_fingerprint
 from dpo.data.tokenize import PairTokenizer, TokenizedPair, TruncationSide
 from dpo.log import get_logger
 
 log = get_logger(__name__)
 SPLITS = ("train", "val")
+
+
+class OnBadRow(str, Enum):
+    """What a row that cannot be used does (``data.on_bad_row``)."""
+
+    error = "error"  # stop at the first bad row, naming the file and row
+    skip = "skip"  # count bad rows by reason and report them
+
+
+@dataclass
+class DataConfig:
+    """``conf/data``: the preference source, its tokenization and the batch plan.
+
+    Attributes:
+        source: where the rows live and which parser reads them.
+        on_bad_row: stop at the first bad row or skip and count them.
+        group_by_prompt: keep the pairs of one prompt together when shuffling.
+        layout: how pairs are laid out for the forward (:class:`dpo.data.batch.Layout`); ``auto``
+            lets :func:`dpo.forward.choose_layout` pick.
+        cache_dir: folder of the tokenized cache, shared by a sweep's jobs; None: no cache.
+        batch_size: pairs per optimizer step over all devices and accumulation (the paper: 64).
+        micro_batch_size: pairs per device per forward; accumulation = batch_size / (micro x world).
+        eval_batch_size: pairs per device per validation step.
+        max_length: most tokens in prompt + response (official DPO repo: 512); at most the model's
+            positions.
+        max_prompt_length: prompt tokens kept when a pair is too long, < max_length (official: 256).
+        truncation_side: which end of an over-long prompt is kept.
+        shuffle: shuffle training pairs each epoch (seeded by the run's seed).
+        num_workers: DataLoader workers.
+    """
+
+    source: SourceSpec = MISSING
+    on_bad_row: OnBadRow = OnBadRow.error
+    group_by_prompt: bool = False
+    layout: Layout = Layout.auto
+    cache_dir: str | None = "${paths.cache_dir}/tokenized"
+    batch_size: int = 64
+    micro_batch_size: int = 8
+    eval_batch_size: int = 16
+    max_length: int = 512
+    max_prompt_length: int = 256
+    truncation_side: TruncationSide = TruncationSide.keep_end
+    shuffle: bool = True
+    num_workers: int = 0
 
 
 class TokenizedDataset(Dataset[TokenizedPair]):
@@ -115,7 +162,7 @@ class GlobalBatchSampler(Sampler[int]):
 
 
 class PreferenceDataModule(LightningDataModule):
-    """Reads, validates, tokenizes and caches a preference source; serves padded batches.
+    """Reads, validates, tokenizes and caches a preference source; serves batches in one layout.
 
     Reading and tokenization run in :meth:`prepare_data` (once per node, under Lightning) and,
     through the cache, in :meth:`setup`; the entry point calls ``setup`` before any model loads
@@ -123,70 +170,42 @@ class PreferenceDataModule(LightningDataModule):
 
     Args:
         tokenizer: tokenizer of the policy.
-        source: where the data lives and how to parse it.
-        batch_size: pairs per device per step (micro-batch).
-        eval_batch_size: pairs per device per validation step.
-        max_length: most tokens in a prompt + response row.
-        max_prompt_length: most prompt tokens kept when a pair must be truncated.
-        truncation_side: ``keep_end`` or ``keep_start`` for the prompt.
+        config: the ``conf/data`` config; its ``micro_batch_size`` is the per-device batch.
         pairs: serve chosen and rejected (DPO) or chosen only (SFT).
-        on_bad_row: ``error`` stops at the first bad row; ``skip`` counts and reports them.
-        group_by_prompt: keep the pairs of one prompt together when shuffling.
-        layout: ``separate`` (chosen and rejected rows), ``shared_prefix`` (one row per pair, the
-            prompt processed once; :mod:`dpo.data.packing`) or ``padding_free`` (shared prefix, all
-            pairs in one unpadded row; the model must use :mod:`dpo.attention`). Settable until the
-            dataloaders are made. SFT always uses separate.
-        cache_dir: folder of the tokenized cache; None disables caching.
-        shuffle: shuffle training pairs each epoch (seeded by ``seed``).
+        layout: the batch layout (:func:`dpo.forward.choose_layout` decides it once, before this is
+            built); SFT rows always come in the separate layout.
         seed: seed of the training shuffle.
-        num_workers: DataLoader workers.
     """
 
     def __init__(
-        self,
-        tokenizer: PreTrainedTokenizerBase,
-        source: SourceSpec,
-        batch_size: int,
-        eval_batch_size: int,
-        max_length: int,
-        max_prompt_length: int,
-        truncation_side: TruncationSide = "keep_end",
-        pairs: bool = True,
-        on_bad_row: str = "error",
-        group_by_prompt: bool = False,
-        layout: str = "separate",
-        cache_dir: str | None = None,
-        shuffle: bool = True,
-        seed: int = 0,
-        num_workers: int = 0,
+        self, tokenizer: PreTrainedTokenizerBase, config: DataConfig, *, pairs: bool, layout: Layout, seed: int = 0
     ) -> None:
         super().__init__()
+        if layout == Layout.auto:
+            raise ValueError("the datamodule needs a decided layout, not auto (dpo.forward.choose_layout)")
         self.tokenizer = tokenizer
-        self.source = source
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.lengths = (max_length, max_prompt_length, truncation_side)
+        self.config = config
+        self.source = config.source
+        self.lengths = (config.max_length, config.max_prompt_length, config.truncation_side)
         self.pairs = pairs
-        self.on_bad_row = on_bad_row
-        self.group_by_prompt = group_by_prompt
-        self.cache_dir = cache_dir
-        self.shuffle = shuffle
         self.seed = seed
-        self.num_workers = num_workers
         self.datasets: dict[str, TokenizedDataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
         self.cache_hits: dict[str, bool] = {}
         self.pad_id = pad_id_of(tokenizer)
-        self.layout = layout
-        if layout not in LAYOUTS:
-            raise ValueError(f"data.layout must be one of {LAYOUTS}, got {layout!r}")
+        self._layout = Layout(layout)
+
+    @property
+    def layout(self) -> Layout:
+        """The batch layout, fixed at construction."""
+        return self._layout
 
     @property
     def pair_collate(self) -> Callable[[list[TokenizedPair]], ScoredBatch]:
         """Batches of pairs in the configured layout (also used to precompute reference log-probs)."""
-        if self.layout == "separate":
+        if self.layout == Layout.separate:
             return partial(collate, pad_id=self.pad_id, pairs=True)
-        return partial(pack_pairs, pad_id=self.pad_id, padding_free=self.layout == "padding_free")
+        return partial(pack_pairs, pad_id=self.pad_id, padding_free=self.layout == Layout.padding_free)
 
     @property
     def collate_fn(self) -> Callable[[list[TokenizedPair]], ScoredBatch]:
@@ -201,12 +220,12 @@ class PreferenceDataModule(LightningDataModule):
                 "tokenizer": cache.tokenizer_fingerprint(self.tokenizer),
                 "lengths": self.lengths,
                 "pairs": self.pairs,
-                "on_bad_row": self.on_bad_row,
+                "on_bad_row": self.config.on_bad_row,
             }
         )
 
     def _build(self, split: str) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
-        rows, report = load_rows(self.source, split, on_bad_row=self.on_bad_row, tokenizer=self.tokenizer)
+        rows, report = load_rows(self.source, split, on_bad_row=self.config.on_bad_row, tokenizer=self.tokenizer)
         tokenize = PairTokenizer(self.tokenizer, *self.lengths)
         pairs = [tokenize(row if self.pairs else replace(row, rejected=None)) for row in rows]
         prompt_ids: dict[str, int] = {}
@@ -222,7 +241,8 @@ class PreferenceDataModule(LightningDataModule):
         return pairs, groups, meta
 
     def _load(self, split: str) -> None:
-        pairs, groups, meta, hit = cache.get_or_build(self.cache_dir, self.cache_key(split), lambda: self._build(split))
+        key = self.cache_key(split)
+        pairs, groups, meta, hit = cache.get_or_build(self.config.cache_dir, key, lambda: self._build(split))
         self.datasets[split] = TokenizedDataset(pairs, groups)
         self.stats[split] = meta
         self.cache_hits[split] = hit
@@ -238,9 +258,9 @@ class PreferenceDataModule(LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize and cache every split (Lightning runs this once per node)."""
-        if self.cache_dir is not None:
+        if self.config.cache_dir is not None:
             for split in SPLITS:
-                cache.get_or_build(self.cache_dir, self.cache_key(split), lambda s=split: self._build(s))
+                cache.get_or_build(self.config.cache_dir, self.cache_key(split), lambda s=split: self._build(s))
 
     def setup(self, stage: str | None = None) -> None:
         """Load every split (from the cache when it holds them); log statistics and samples."""
@@ -250,6 +270,11 @@ class PreferenceDataModule(LightningDataModule):
             self._load(split)
             origin = "cache hit" if self.cache_hits[split] else "tokenized"
             log.info(f"data/{split} ({origin}): {_fmt(self.stats[split])}")
+        if (n := len(self.datasets["train"])) < self.config.batch_size:
+            raise DataError(
+                f"the training split has {n} usable pairs, fewer than one global batch "
+                f"(data.batch_size={self.config.batch_size}); lower data.batch_size or add data"
+            )
         for text in self.samples(2):
             log.info(text)
 
@@ -269,12 +294,12 @@ class PreferenceDataModule(LightningDataModule):
         trainer = self.trainer
         sampler = GlobalBatchSampler(
             data.groups,
-            micro=self.batch_size,
+            micro=self.config.micro_batch_size,
             world=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0,
             accumulate=trainer.accumulate_grad_batches if trainer else 1,
-            shuffle=self.shuffle,
-            group_by_prompt=self.group_by_prompt,
+            shuffle=self.config.shuffle,
+            group_by_prompt=self.config.group_by_prompt,
             seed=self.seed,
         )
         if trainer is not None:
@@ -282,11 +307,12 @@ class PreferenceDataModule(LightningDataModule):
             # `processed` counts them (a checkpoint written in on_train_batch_end has not yet
             # marked its batch `completed`); at an epoch's end there is nothing to skip.
             done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if 0 < done < len(sampler) // self.batch_size:
+            if 0 < done < len(sampler) // self.config.micro_batch_size:
                 sampler.skip_batches = done
         return DataLoader(
-            data, batch_size=self.batch_size, sampler=sampler, collate_fn=self.collate_fn, num_workers=self.num_workers
-        )
+            data, batch_size=self.config.micro_batch_size, sampler=sampler, collate_fn=self.collate_fn,
+            num_workers=self.config.num_workers,
+        )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
         data = self.datasets["val"]
@@ -297,10 +323,10 @@ class PreferenceDataModule(LightningDataModule):
         shard = Subset(data, range(bounds[rank], bounds[rank + 1]))
         return DataLoader(
             shard,
-            batch_size=self.eval_batch_size,
+            batch_size=self.config.eval_batch_size,
             shuffle=False,
             collate_fn=self.collate_fn,
-            num_workers=self.num_workers,
+            num_workers=self.config.num_workers,
         )
 
 

@@ -24,34 +24,11 @@ scored tokens per row (chosen + rejected, padded).
 
 from __future__ import annotations
 
-from typing import NotRequired
-
 import torch
-from torch import Tensor
 
-from dpo.data.collate import ScoredBatch, stack_ref_logps
+from dpo.data.batch import CHOSEN, PAD, REJECTED, PackedBatch
+from dpo.data.collate import stack_ref_logps
 from dpo.data.tokenize import TokenizedPair
-
-CHOSEN, REJECTED, NONE = 0, 1, -1
-LAYOUTS = ("separate", "shared_prefix", "padding_free")
-
-
-class PackedBatch(ScoredBatch):
-    """A batch of ``B`` pairs packed into ``R`` rows; the scoring fields are
-    :class:`dpo.data.collate.ScoredBatch`'s, with ``score_seg`` ``CHOSEN`` (0), ``REJECTED`` (1)
-    or ``NONE`` (-1, padding).
-
-    Attributes:
-        position_ids: (R, T) positions; they restart at 0 for each pair, and its rejected segment
-            restarts after its prompt.
-        attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token; or,
-            padding-free, (1, T) ones, attention being given by ``segments``.
-        segments: padding-free only: (B, 3) ``prompt, chosen, rejected`` token counts of each
-            pair, in row order (:class:`dpo.attention.Segments`).
-    """
-
-    position_ids: Tensor
-    segments: NotRequired[Tensor]
 
 
 def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = False) -> PackedBatch:
@@ -71,7 +48,7 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = 
     mask = None if padding_free else torch.zeros((r_, 1, width, width), dtype=torch.bool)
     score_pos = torch.zeros((r_, scored), dtype=torch.long)
     score_tgt = torch.full((r_, scored), pad_id, dtype=torch.long)
-    score_seg = torch.full((r_, scored), NONE, dtype=torch.long)
+    score_seg = torch.full((r_, scored), PAD, dtype=torch.long)
     score_pair = torch.zeros((r_, scored), dtype=torch.long)
     segments = []
     for k, row in enumerate(rows):

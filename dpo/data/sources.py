@@ -17,6 +17,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from omegaconf import MISSING
+
 from dpo.hub import hub_reachable, offline_mode
 
 
@@ -48,31 +50,35 @@ class Unreadable:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceSpec:
-    """Where a data set lives and which parser reads it (``data.source`` in the config).
+    """Where a data set lives and which parser reads it (``data.source``; its config schema).
 
     Attributes:
         format: a parser registered in :data:`dpo.data.formats.FORMATS`.
         path: hub id, or a local folder with ``<split>.jsonl|.json|.parquet|.csv`` files or a
-            ``save_to_disk`` data set; None when every split is a file path.
+            ``save_to_disk`` data set; None when every split is a file path. Required in the config.
         splits: our split name (``train``, ``val``) -> the source's split name, or a file path when
             ``path`` is None.
         name: hub configuration name (``load_dataset(path, name)``).
         data_dir: hub data folder (Anthropic HH subsets: ``harmless-base``, ...).
         revision: hub revision; pin it for reproducible caches.
         max_rows: read at most this many records per split (None: all).
-        options: keyword options of the parser.
+        options: keyword options of the parser (its keyword-only parameters; checked against them).
     """
 
-    format: str
-    splits: dict[str, str]
-    path: str | None = None
+    format: str = MISSING
+    splits: dict[str, str] = MISSING
+    path: str | None = MISSING
     name: str | None = None
     data_dir: str | None = None
     revision: str | None = None
     max_rows: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.path == MISSING:
+            raise DataError("data.source.path is required: a hub id or local folder, or None when splits are files")
 
 
 def bundled_path(name: str) -> str:

@@ -25,13 +25,18 @@ A response therefore always keeps at least ``max_length - max_prompt_length >= 1
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from enum import Enum
 
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data.sources import DataError, PreferenceRow
 
-TruncationSide = Literal["keep_end", "keep_start"]
+
+class TruncationSide(str, Enum):
+    """Which end of an over-long prompt is kept (``data.truncation_side``)."""
+
+    keep_end = "keep_end"  # the last turn of a dialogue matters most
+    keep_start = "keep_start"
 
 
 @dataclass(frozen=True)
@@ -101,14 +106,13 @@ class PairTokenizer:
         tokenizer: PreTrainedTokenizerBase,
         max_length: int,
         max_prompt_length: int,
-        truncation_side: TruncationSide = "keep_end",
+        truncation_side: TruncationSide = TruncationSide.keep_end,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no EOS token; set one so responses can end")
         if not 0 < max_prompt_length < max_length:
             raise ValueError(f"need 0 < max_prompt_length ({max_prompt_length}) < max_length ({max_length})")
-        if truncation_side not in ("keep_end", "keep_start"):
-            raise ValueError(f"truncation_side must be keep_end or keep_start, got {truncation_side!r}")
+        truncation_side = TruncationSide(truncation_side)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_prompt_length = max_prompt_length
@@ -142,7 +146,7 @@ class PairTokenizer:
         head = [ids[0]] if self.bos is not None and ids[0] == self.bos else []
         body = ids[len(head) :]
         keep = n - len(head)
-        return head + (body[-keep:] if self.truncation_side == "keep_end" else body[:keep])
+        return head + (body[-keep:] if self.truncation_side == TruncationSide.keep_end else body[:keep])
 
     def __call__(self, row: PreferenceRow) -> TokenizedPair:
         """Tokenize one row, updating :attr:`stats`. Raises DataError naming the row."""

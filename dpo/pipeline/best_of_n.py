@@ -13,15 +13,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
+from dpo.cli import entry
 from dpo.config import ConfigError, require_keys
+from dpo.io import read_jsonl, write_jsonl
 from dpo.log import get_logger
-from dpo.pipeline.io import read_jsonl, write_jsonl
 
 log = get_logger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 def best_of_n_kl(n: int) -> float:
@@ -54,7 +53,7 @@ def run(cfg: DictConfig) -> Path:
     return write_jsonl(cfg.output, out)
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="best_of_n")
+@entry("best_of_n")
 def main(cfg: DictConfig) -> None:
     run(cfg)
 

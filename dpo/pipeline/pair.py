@@ -16,15 +16,14 @@ from collections import Counter
 from itertools import combinations
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
+from dpo.cli import entry
 from dpo.config import ConfigError, require_keys
+from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
-from dpo.pipeline.io import read_jsonl, write_json, write_jsonl
 
 log = get_logger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 TIES = ("skip", "random")
 
 
@@ -107,7 +106,7 @@ def pair(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pair")
+@entry("pair")
 def main(cfg: DictConfig) -> None:
     pair(cfg)
 

@@ -12,18 +12,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from dpo.config import ConfigError, require_keys
+from dpo.cli import entry
+from dpo.config import ConfigError, require_keys, typed
+from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
-from dpo.models import load_policy, load_tokenizer, materialize
-from dpo.pipeline.io import read_jsonl, write_json, write_jsonl
+from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.sampling import GenerationConfig, generate
 
 log = get_logger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
 
 
 def load_prompts(cfg: DictConfig) -> list[str]:
@@ -40,9 +39,9 @@ def load_prompts(cfg: DictConfig) -> list[str]:
             prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     elif cfg.get("data") is not None:
         from dpo.data.formats import load_rows
-        from dpo.train import source_spec
+        from dpo.data.sources import SourceSpec
 
-        rows, _ = load_rows(source_spec(cfg), p.split, on_bad_row=cfg.data.on_bad_row)
+        rows, _ = load_rows(typed(cfg.data.source, SourceSpec), p.split, on_bad_row=cfg.data.on_bad_row)
         prompts = list(dict.fromkeys(r.prompt for r in rows))
     else:
         raise ConfigError("set prompts.file, or a data config (data=imdb) to take prompts from")
@@ -60,15 +59,11 @@ def sample(cfg: DictConfig) -> Path:
     gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
     gen.kwargs()  # checks the settings before any weights load
     prompts = load_prompts(cfg)
-    m = cfg.model
-    pretrained = materialize(m.pretrained, cfg.paths.cache_dir)
-    tokenizer = load_tokenizer(materialize(m.tokenizer.pretrained, cfg.paths.cache_dir) or pretrained,
-                               revision=m.revision, trust_remote_code=m.trust_remote_code)  # fmt: skip
+    m = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
+    tokenizer = load_tokenizer(m.tokenizer.pretrained or m.pretrained, revision=m.revision,
+                               trust_remote_code=m.trust_remote_code)  # fmt: skip
     ids = [tokenizer(t)["input_ids"][-cfg.prompts.max_tokens :] for t in prompts]
-    model = load_policy(
-        pretrained, revision=m.revision, dtype=m.dtype, trust_remote_code=m.trust_remote_code,
-        fused_activations=m.get("fused_activations", True),
-    )  # fmt: skip
+    model = load_policy(m)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     started = time.time()
@@ -78,7 +73,7 @@ def sample(cfg: DictConfig) -> Path:
     rows = [{"prompt": prompt, "completions": texts[i * cfg.n : (i + 1) * cfg.n]} for i, prompt in enumerate(prompts)]
     out = write_jsonl(cfg.output, rows)
     write_json(f"{out}.meta.json", {
-        "model": {"pretrained": m.pretrained, "revision": m.revision, "dtype": m.dtype},
+        "model": {"pretrained": cfg.model.pretrained, "revision": m.revision, "dtype": m.dtype.value},
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "n": cfg.n, "seed": cfg.seed, "prompts": cfg.prompts.file or f"data:{cfg.data.source.path}:{cfg.prompts.split}",
         "n_prompts": len(prompts), "seconds": round(time.time() - started, 1),
@@ -87,7 +82,7 @@ def sample(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="sample")
+@entry("sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)
 

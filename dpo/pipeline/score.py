@@ -12,22 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from dpo.cli import entry
 from dpo.config import require_keys
+from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
-from dpo.pipeline.io import read_jsonl, write_json, write_jsonl
-from dpo.rewards import build_reward
+from dpo.rewards import reward_from_config
 
 log = get_logger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent.parent / "conf"
-
-
-def reward_from_config(cfg: DictConfig):
-    """The reward function described by a ``conf/reward/*.yaml`` node."""
-    params = OmegaConf.to_container(cfg, resolve=True)
-    return build_reward(params.pop("name"), **params)
 
 
 def score(cfg: DictConfig) -> Path:
@@ -37,7 +30,7 @@ def score(cfg: DictConfig) -> Path:
     for i, row in enumerate(rows, 1):
         if not row["completions"] or not all(isinstance(c, str) for c in row["completions"]):
             raise ValueError(f"{cfg.input}:{i}: 'completions' must be a non-empty list of strings")
-    reward = reward_from_config(cfg.reward)
+    reward = reward_from_config(OmegaConf.to_container(cfg.reward, resolve=True))
     texts = [(r["prompt"] + c) if cfg.include_prompt else c for r in rows for c in r["completions"]]
     values = []
     for start in range(0, len(texts), cfg.batch_size):
@@ -57,7 +50,7 @@ def score(cfg: DictConfig) -> Path:
     return out
 
 
-@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="score")
+@entry("score")
 def main(cfg: DictConfig) -> None:
     score(cfg)
 

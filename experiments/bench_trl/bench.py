@@ -158,7 +158,8 @@ def run_ours(work: Path, size: str, steps: int, levers: list[str]) -> dict:
     import lightning.pytorch as pl
     from hydra import compose, initialize_config_dir
 
-    from dpo.train import CONF_DIR, train
+    from dpo.cli import CONF_DIR
+    from dpo.train import train
 
     times, first = [], []
     started = time.perf_counter()

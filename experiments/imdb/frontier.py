@@ -4,7 +4,7 @@
         --out experiments/imdb/frontier.png [--wandb]
 
 Every folder given is searched for ``eval.jsonl`` files: a training run's (written by
-``dpo.callbacks.RewardKLEval``, one row per evaluation, the method read from the run's
+``dpo.evaluation.reward_kl.RewardKLEval``, one row per evaluation, the method read from the run's
 ``config.yaml``) or a Best-of-N file (rows with ``"method": "best_of_n"``). One point per
 evaluation, one colour per method; a table of the points is printed and written beside the PNG.
 """

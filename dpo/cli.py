@@ -1,0 +1,50 @@
+"""What every entry point shares: the config folder, the schemas, and how user mistakes end.
+
+    @entry("train")          # conf/train.yaml
+    def main(cfg: DictConfig) -> float | None: ...
+
+A mistake the user can fix (a :class:`~dpo.config.ConfigError`, :class:`~dpo.data.sources.DataError`
+or :class:`~dpo.models.ModelLoadError`) is logged as one line naming what, where and how to fix,
+and the program exits with status 1; set ``DPO_FULL_ERROR=1`` for the traceback (as Hydra's
+``HYDRA_FULL_ERROR``). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig
+
+import dpo.schema  # noqa: F401  (registers the config schemas before Hydra composes)
+from dpo.config import USER_ERRORS
+from dpo.log import get_logger
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+"""The Hydra config folder (``conf/`` at the repository root)."""
+
+log = get_logger("dpo")
+
+
+def entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
+    """A Hydra entry point on ``conf/<config_name>.yaml`` whose user errors end in one line."""
+
+    def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
+        @functools.wraps(task)
+        def run(cfg: DictConfig) -> Any:
+            try:
+                return task(cfg)
+            except USER_ERRORS as e:
+                if os.environ.get("DPO_FULL_ERROR") == "1":
+                    raise
+                log.error(f"{type(e).__name__}: {e}  (DPO_FULL_ERROR=1 shows the traceback)")
+                sys.exit(1)
+
+        return hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)(run)
+
+    return wrap

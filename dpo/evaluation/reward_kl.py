@@ -1,0 +1,187 @@
+"""Ground-truth reward and exact sequence KL of completions sampled during training (the IMDB
+experiment's evaluation, and the frontier's points)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from dpo.data.collate import pad_id_of
+from dpo.distributed import gather_rows, rank_share
+from dpo.io import append_jsonl, write_jsonl
+from dpo.log import get_logger
+from dpo.report.summary import change
+from dpo.rewards import reward_from_config
+from dpo.sampling import GenerationConfig, completion_batch, completion_kl, generate
+from dpo.systems.base import optimizer_step_ended
+
+log = get_logger(__name__)
+SUMMARY = (
+    ("reward", "ground-truth reward"),
+    ("kl", "KL(policy||ref), exact"),
+    ("kl_mc", "KL, Monte-Carlo estimate"),
+    ("tokens", "completion tokens"),
+)
+
+
+class RewardKLEval(pl.Callback):
+    """Ground-truth reward and KL(policy || reference) of completions sampled on held-out prompts.
+
+    At the start of training (step 0), every ``every_n_steps`` optimizer steps and at the end,
+    the policy samples ``samples_per_prompt`` completions for each of the first ``n_prompts``
+    distinct held-out prompts. For each completion it computes the reward (a
+    :mod:`dpo.rewards` function of prompt + completion), the exact sequence-level KL (sum over
+    the generated tokens of the full-vocabulary KL, :func:`dpo.sampling.completion_kl`) and the
+    Monte-Carlo estimate ``log pi(y) - log pi_ref(y)``. Means are logged as ``eval/reward``,
+    ``eval/kl`` and ``eval/kl_mc`` to every logger and appended to ``<dirpath>/eval.jsonl``
+    (one row per evaluation); the samples go to ``<dirpath>/step<N>.jsonl``. Ranks share the
+    prompts (equal shares, ``synced_gpus``), so it runs under DDP and FSDP2.
+
+    The KL is measured against what the system's reference gives for sampled sequences
+    (:meth:`dpo.reference.Reference.for_evaluation`): the reference itself, a frozen copy of the
+    starting policy for reference-free losses, or nothing for precomputed log-probs. The reward is
+    built when the callback is, before any policy weights load, so a bad reward config fails first.
+
+    Args:
+        dirpath: output folder.
+        reward: a ``conf/reward`` config (``name`` plus parameters).
+        every_n_steps: evaluation period in optimizer steps; 0: only at start and end.
+        n_prompts: held-out prompts evaluated.
+        samples_per_prompt: completions per prompt.
+        generation: ``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``.
+        batch_size: sequences per generate / KL forward.
+        include_prompt: score prompt + completion (True) or the completion alone.
+        at_start: evaluate before the first step too.
+        seed: sampling seed (the same prompts and seed at every evaluation).
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        reward: dict[str, Any],
+        every_n_steps: int = 0,
+        n_prompts: int = 64,
+        samples_per_prompt: int = 1,
+        generation: dict[str, Any] | None = None,
+        batch_size: int = 16,
+        include_prompt: bool = True,
+        at_start: bool = True,
+        seed: int = 0,
+    ) -> None:
+        self.dirpath = Path(dirpath)
+        self.every_n_steps = every_n_steps
+        self.n_prompts = n_prompts
+        self.samples_per_prompt = samples_per_prompt
+        self.gen = GenerationConfig(**(generation or {}))
+        self.gen.kwargs()  # checks the settings now, not after training
+        self.batch_size = batch_size
+        self.include_prompt = include_prompt
+        self.at_start = at_start
+        self.seed = seed
+        self.history: list[dict[str, float]] = []
+        self.reward_name = reward["name"]
+        self.reward = reward_from_config(reward)
+        self._reference: Any = None  # what samples are measured against (set up once, in setup)
+        self._set_up = False
+        self._done: set[int] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        # Before any checkpoint is restored: a snapshot taken here is the starting policy.
+        if not self._set_up:
+            self._set_up = True
+            self._reference = pl_module.reference.for_evaluation(pl_module.policy)
+            if self._reference is None:
+                log.warning(f"eval: reference={pl_module.reference.kind} can't score samples; the KL is not measured")
+
+    def report(self) -> list[str]:
+        """Lines for the run summary: the first and last evaluation."""
+        if len(self.history) < 2:
+            return []
+        first, last = self.history[0], self.history[-1]
+        head = (f"held-out generations ({last['n']} samples, reward {self.reward_name}), "
+                f"step {first['step']} -> {last['step']}:")  # fmt: skip
+        return [head] + [change(label, first[key], last[key]) for key, label in SUMMARY]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if self.at_start:
+            self.evaluate(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if optimizer_step_ended(trainer, batch_idx, self.every_n_steps):
+            self.evaluate(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        self.evaluate(trainer, pl_module)
+
+    def _prompts(self, trainer: pl.Trainer) -> list[list[int]]:
+        seen: dict[tuple[int, ...], None] = {}
+        for item in trainer.datamodule.datasets["val"].items:
+            seen.setdefault(tuple(item.prompt_ids), None)
+            if len(seen) == self.n_prompts:
+                break
+        return [list(p) for p in seen]
+
+    @torch.no_grad()
+    def evaluate(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, float] | None:
+        """Sample, score and measure the KL; returns the means on rank 0 (None elsewhere)."""
+        step = trainer.global_step
+        if step in self._done:
+            return None
+        self._done.add(step)
+        policy = pl_module.policy
+        reference = None
+        if self._reference is not None:
+            ref = self._reference.to(pl_module.device)
+
+            def reference(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                return ref.logits(ids, mask, policy)
+
+        tokenizer = trainer.datamodule.tokenizer
+        prompts = [p for p in self._prompts(trainer) for _ in range(self.samples_per_prompt)]
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = rank_share(prompts, world, rank)
+        pad_id, device = pad_id_of(tokenizer), pl_module.device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed + 1_000_003 * rank)
+            completions = generate(
+                policy, [p for _, p in mine], self.gen, pad_id, tokenizer.eos_token_id, self.batch_size, world > 1
+            )
+        rows = []
+        was_training = policy.training
+        policy.eval()
+        for start in range(0, len(mine), self.batch_size):
+            part = mine[start : start + self.batch_size]
+            comps = completions[start : start + self.batch_size]
+            batch = completion_batch([p for _, p in part], [c if c else [pad_id] for c in comps], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if reference is not None:
+                kl, kl_mc, _, n_tok = (x.tolist() for x in completion_kl(policy, reference, batch))
+            else:
+                kl = kl_mc = [float("nan")] * len(part)
+                n_tok = [float(len(c)) for c in comps]
+            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
+            prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for _, p in part]
+            scores = self.reward(
+                [pt + t if self.include_prompt else t for pt, t in zip(prompt_texts, texts, strict=True)]
+            )
+            rows += [
+                {"index": i, "prompt": pt, "completion": t, "reward": r, "kl": k, "kl_mc": m, "tokens": n}
+                for (i, _), pt, t, r, k, m, n in zip(part, prompt_texts, texts, scores, kl, kl_mc, n_tok, strict=True)
+            ]
+        policy.train(was_training)
+        rows = gather_rows(rows, world, rank, len(prompts))
+        if rows is None:
+            return None
+        n = len(rows)
+        result = {"step": step, **{k: sum(r[k] for r in rows) / n for k in ("reward", "kl", "kl_mc", "tokens")}, "n": n}
+        self.history.append(result)
+        write_jsonl(self.dirpath / f"step{step:06d}.jsonl", rows)
+        append_jsonl(self.dirpath / "eval.jsonl", result)
+        metrics = {f"eval/{k}": v for k, v in result.items() if k in ("reward", "kl", "kl_mc", "tokens")}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        log.info(f"eval step {step}: reward {result['reward']:.4f}, KL {result['kl']:.3f} (MC {result['kl_mc']:.3f})")
+        return result

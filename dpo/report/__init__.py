@@ -1,0 +1,1 @@
+"""What a run reports when it ends: the summary (and, next, dashboards and figures)."""

@@ -1,0 +1,170 @@
+"""The config schema: one typed dataclass per config group, registered in Hydra's ConfigStore.
+
+Each schema lives beside the code it configures and is the single source of that group's keys
+and types; the YAML files under ``conf/<group>/`` are its instances, and each names its schema in
+the first line of its defaults list (``- /schema/<group>@_here_`` or, for groups whose keys depend
+on the choice, ``- /schema/<group>@_here_: <choice>``):
+
+==============  =====================================================================
+group           schema
+==============  =====================================================================
+model           :class:`dpo.models.ModelConfig`
+data            :class:`dpo.data.datamodule.DataConfig` (``source``: :class:`dpo.data.sources.SourceSpec`)
+optim           :class:`dpo.systems.base.OptimConfig`
+reference       each kind's ``Config`` in :data:`dpo.reference.REFERENCES`
+loss            the loss function's keyword parameters (:data:`dpo.losses.LOSSES`) plus
+                ``name`` and ``nll_weight``
+reward          the reward factory's parameters (:data:`dpo.rewards.REWARDS`) plus ``name``
+paths           :class:`PathsConfig`
+(root)          :class:`TrainConfig` (``conf/train.yaml``)
+==============  =====================================================================
+
+So an unknown key, a wrong type or an invalid choice fails by name when Hydra composes the config;
+:func:`dpo.config.check_schema` repeats the key check on the composed config (``+key=value``
+overrides can add keys Hydra does not type). Third-party groups (trainer, callbacks, logger,
+launcher) configure classes through ``_target_``; their keys are checked against the target's
+signature (:func:`dpo.config.check_targets`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+from dpo.data.datamodule import DataConfig
+from dpo.data.sources import bundled_path
+from dpo.losses import LOSSES
+from dpo.models import ModelConfig
+from dpo.reference import REFERENCES
+from dpo.rewards import REWARDS
+from dpo.systems.base import OptimConfig
+
+
+@dataclass
+class PathsConfig:
+    """``conf/paths``: where runs write and what they share.
+
+    Attributes:
+        log_dir: root of the run folders (``<log_dir>/<task_name>/runs/<time>``).
+        output_dir: this run's folder: config, logs, checkpoints, the ``hf`` export.
+        cache_dir: tokenized data, reference log-probs and converted models, shared by a sweep's jobs.
+    """
+
+    log_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    """The root of ``dpo-train``'s config (``conf/train.yaml``).
+
+    Attributes:
+        task_name: names the run folder (``outputs/<task_name>/...``) and the wandb run.
+        seed: seeds weights built from a config, data order and sampling.
+        ckpt_path: resume from this Lightning checkpoint (its optimizer state included).
+        optimized_metric: the metric returned to Hydra sweepers (e.g. Optuna).
+        tags: wandb tags.
+        run_group: wandb group; sweeps set it so their runs line up in one dashboard.
+    """
+
+    task_name: str = "train"
+    seed: int = 0
+    ckpt_path: str | None = None
+    optimized_metric: str = "val/rewards/accuracy"
+    tags: list[str] = field(default_factory=list)
+    run_group: str | None = None
+    # The groups: ours carry their own schema (above), third-party ones are checked by target.
+    model: Any = MISSING
+    data: Any = MISSING
+    loss: Any = MISSING
+    optim: Any = MISSING
+    reward: Any = MISSING
+    reference: Any = MISSING
+    paths: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = field(default_factory=dict)
+    callbacks: Any = field(default_factory=dict)
+
+
+OUR_GROUPS = ("model", "data", "loss", "optim", "reward", "reference", "paths")
+"""Config groups whose schema is ours (the rest configure third-party classes through ``_target_``)."""
+
+SELECTORS = {"loss": "name", "reward": "name", "reference": "kind"}
+"""Groups whose keys depend on the choice, and the key that names the choice."""
+
+_SUPPORTED = (int, float, bool, str, bytes, type(None))
+
+
+def _omegaconf_type(annotation: Any) -> Any:
+    """``annotation`` if OmegaConf can type-check it, else ``Any`` (e.g. ``str | int`` unions)."""
+    if annotation in _SUPPORTED or annotation is Any:
+        return annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        if len(rest) == 1 and _omegaconf_type(rest[0]) is not Any:
+            return annotation  # Optional[X]
+        return Any
+    if origin in (list, dict):
+        return annotation
+    return Any
+
+
+def signature_schema(cls_name: str, fn: Callable[..., Any], fixed: dict[str, tuple[Any, Any]], *,
+                     keyword_only: bool) -> type:  # fmt: skip
+    """A dataclass whose fields are ``fixed`` (name -> (type, default)) and ``fn``'s parameters.
+
+    ``keyword_only``: take only keyword-only parameters (a loss's hyperparameters follow its
+    positional log-prob arguments); else every parameter. A parameter without a default is
+    required (``???``).
+    """
+    hints = typing.get_type_hints(fn)
+    fields = [(name, kind, field(default=default)) for name, (kind, default) in fixed.items()]
+    for p in inspect.signature(fn).parameters.values():
+        if (keyword_only and p.kind is not p.KEYWORD_ONLY) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        default = MISSING if p.default is p.empty else p.default
+        fields.append((p.name, _omegaconf_type(hints.get(p.name, Any)), field(default=default)))
+    return dataclasses.make_dataclass(cls_name, fields)
+
+
+def loss_schema(name: str) -> type:
+    """``conf/loss/<name>.yaml``'s schema: ``name``, ``nll_weight`` and the loss's hyperparameters."""
+    fixed = {"name": (str, name), "nll_weight": (float, 0.0)}
+    return signature_schema(f"LossConfig_{name}", LOSSES[name].fn, fixed, keyword_only=True)
+
+
+def reward_schema(name: str) -> type:
+    """``conf/reward/<name>.yaml``'s schema: ``name`` and the reward factory's parameters."""
+    return signature_schema(f"RewardConfig_{name}", REWARDS[name], {"name": (str, name)}, keyword_only=False)
+
+
+def register() -> None:
+    """Put every schema into Hydra's ConfigStore, and register the ``${bundled:NAME}`` resolver (a
+    data file shipped in ``dpo/data/files``). Idempotent; done when this module is imported."""
+    if not OmegaConf.has_resolver("bundled"):
+        OmegaConf.register_new_resolver("bundled", bundled_path)
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="train", node=TrainConfig)
+    cs.store(group="schema", name="model", node=ModelConfig)
+    cs.store(group="schema", name="data", node=DataConfig)
+    cs.store(group="schema", name="optim", node=OptimConfig)
+    cs.store(group="schema", name="paths", node=PathsConfig)
+    for kind, cls in REFERENCES.items():
+        cs.store(group="schema/reference", name=kind, node=cls.Config)
+    for name in LOSSES:
+        cs.store(group="schema/loss", name=name, node=loss_schema(name))
+    for name in REWARDS:
+        cs.store(group="schema/reward", name=name, node=reward_schema(name))
+
+
+register()

@@ -1,0 +1,157 @@
+"""The DPO training system: a trainable policy and its reference, trained with a preference loss."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpo.data.batch import ScoredBatch
+from dpo.forward import score_pairs
+from dpo.logprobs import scored_kl
+from dpo.losses import check_loss_params, compute_loss, get_loss
+from dpo.reference import NoReference, Reference
+from dpo.systems.base import OptimConfig, System, optimizer_step_ended
+
+REFERENCE_PREFIX = "reference."
+
+# The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Mid-epoch resume is exact: GlobalBatchSampler skips the trained micro-batches (tests/test_scale.py).
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class DPOModule(System):
+    """A policy trained with a registered loss from :mod:`dpo.losses` against a :class:`Reference`.
+
+    The reference (:mod:`dpo.reference`) decides where reference log-probs come from, what of it
+    a checkpoint holds and how TR-DPO moves it; this module only asks. It is a registered
+    submodule, so it follows the policy's device and FSDP sharding, but it is out of the optimizer.
+    A loss that needs no reference (``LossSpec.needs_reference`` False) runs with
+    :class:`~dpo.reference.NoReference`.
+
+    Args:
+        policy: the causal LM to train.
+        reference: where the reference's log-probs come from.
+        loss: registered loss name.
+        loss_params: the loss's hyperparameters (e.g. ``{"beta": 0.1}``).
+        optim: optimizer and schedule (``conf/optim``).
+        nll_weight: weight of the chosen-response NLL added to the loss (RPO); 0 disables it.
+        fsdp_block: class name of the decoder block FSDP shards as one unit (None: the model's
+            ``_no_split_modules``).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: Reference,
+        loss: str,
+        loss_params: dict[str, Any],
+        optim: OptimConfig,
+        nll_weight: float = 0.0,
+        fsdp_block: str | None = None,
+    ) -> None:
+        super().__init__(optim)
+        self.spec = get_loss(loss)
+        check_loss_params(loss, loss_params)
+        if self.spec.needs_reference and isinstance(reference, NoReference):
+            raise ValueError(f"loss {loss!r} needs a reference model")
+        self.policy = policy
+        self.reference = reference
+        self.loss_name, self.loss_params, self.nll_weight = loss, dict(loss_params), nll_weight
+        self.fsdp_block = fsdp_block
+        self.sharded = False
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.policy.parameters() if p.requires_grad)
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``), shard the policy and a live reference block by block.
+
+        Each decoder block is one ``fully_shard`` unit, then the whole model; the reference is
+        sharded the same way (it is frozen, so it holds no gradients or optimizer state).
+        Lightning may call this once per stage; it shards once.
+        """
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for model in (self.policy, *self.reference.own_models()):
+            blocks = {self.fsdp_block} if self.fsdp_block else set(model._no_split_modules or ())
+            if not blocks:
+                raise ValueError("set model.fsdp_block: this model names no block class to shard")
+            units = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not units:
+                raise ValueError(f"model.fsdp_block {sorted(blocks)} matches no module of {type(model).__name__}")
+            for unit in units:
+                fully_shard(unit, mesh=mesh["data_parallel"])
+            fully_shard(model, mesh=mesh["data_parallel"])
+        self.sharded = True
+
+    def shared_step(self, batch: ScoredBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """Policy forward, reference forward without grad, loss, metrics.
+
+        Returns:
+            The mean loss over the batch's pairs and the metrics named ``{stage}/{group}/{name}``.
+        """
+        spec = self.spec
+        policy, policy_logits = score_pairs(
+            self.policy, batch, pairs=spec.needs_pairs, unlikelihood=spec.needs_unlikelihood
+        )
+        reference = reference_logits = None
+        if spec.needs_reference:
+            with torch.no_grad():
+                reference, reference_logits = self.reference.score(batch, self.policy)
+        out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.nll_weight)
+        loss = out.losses.mean()
+
+        metrics = {
+            f"{stage}/loss": loss.detach(),
+            f"{stage}/logps/chosen": policy.chosen.detach().mean(),
+            f"{stage}/logps_per_token/chosen": policy.chosen_mean.detach().mean(),
+            f"{stage}/length/chosen": policy.chosen_tokens.mean(),
+        }
+        if spec.needs_pairs:
+            metrics |= {
+                f"{stage}/logps/rejected": policy.rejected.detach().mean(),
+                f"{stage}/logps_per_token/rejected": policy.rejected_mean.detach().mean(),
+                f"{stage}/length/rejected": policy.rejected_tokens.mean(),
+                f"{stage}/rewards/chosen": out.chosen_rewards.mean(),
+                f"{stage}/rewards/rejected": out.rejected_rewards.mean(),
+                f"{stage}/rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
+                f"{stage}/rewards/margin": (out.chosen_rewards - out.rejected_rewards).mean(),
+            }
+        if reference_logits is not None:
+            # KL(policy || reference) of next-token distributions along the chosen responses.
+            kl = scored_kl(policy_logits.detach(), reference_logits, batch)
+            metrics[f"{stage}/kl/chosen"] = kl.mean()
+            metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
+        return loss, metrics
+
+    def training_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "train")
+        self.log_metrics(metrics, "train", batch["n_pairs"], bar=("loss", "rewards/accuracy"))
+        return loss
+
+    def validation_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "val")
+        self.log_metrics(metrics, "val", batch["n_pairs"], bar=("loss", "rewards/accuracy"))
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
+        if optimizer_step_ended(self.trainer, batch_idx):
+            self.reference.after_optimizer_step(self.policy, self.trainer.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The reference prunes what need not be saved; a distributed (FSDP) checkpoint keeps all."""
+        if not self.sharded:
+            self.reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
+        if state is not None:
+            self.reference.restore_checkpoint(state, REFERENCE_PREFIX)
