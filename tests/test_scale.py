@@ -42,13 +42,29 @@ def assert_same_trajectory(a, b, tol=1e-5):
         assert a[key] == pytest.approx(b[key], abs=tol, rel=tol), key
 
 
+EVERY3 = "callbacks.model_checkpoint.every_n_train_steps=3"  # checkpoints change no number
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process, micro-batch 8, checkpoints every 3 steps: the trajectory the others must equal."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    return out, run_cli(out, "data.micro_batch_size=8", EVERY3)
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory):
+    """FSDP2 on 2 CPU processes (micro-batch 4 each), checkpoints every 3 steps."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    return out, run_cli(out, "trainer=fsdp_cpu", "data.micro_batch_size=4", EVERY3)
+
+
 @pytest.mark.slow
-def test_ddp_and_accumulation_equal_one_process(tmp_path):
-    single = run_cli(tmp_path / "single", "data.micro_batch_size=8")
+def test_ddp_and_accumulation_equal_one_process(tmp_path, single):
     accumulated = run_cli(tmp_path / "accum", "data.micro_batch_size=2")  # 4 micro-batches x 2
     ddp = run_cli(tmp_path / "ddp", "trainer=ddp_cpu", "data.micro_batch_size=4")  # 2 ranks x 4
-    assert_same_trajectory(accumulated, single)
-    assert_same_trajectory(ddp, single)
+    assert_same_trajectory(accumulated, single[1])
+    assert_same_trajectory(ddp, single[1])
     assert_samples(tmp_path / "ddp")
 
 
@@ -62,35 +78,30 @@ def assert_samples(out: Path) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_equals_one_process_and_exports_full_weights(tmp_path):
+def test_fsdp2_equals_one_process_and_exports_full_weights(single, fsdp):
     from transformers import AutoModelForCausalLM
 
-    single = run_cli(tmp_path / "single", "data.micro_batch_size=8")
-    fsdp = run_cli(tmp_path / "fsdp", "trainer=fsdp_cpu", "data.micro_batch_size=4")
-    assert_same_trajectory(fsdp, single)
-    assert_samples(tmp_path / "fsdp")
-    assert (tmp_path / "fsdp" / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint
-    gathered = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "hf").state_dict()
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "hf").state_dict()
+    assert_same_trajectory(fsdp[1], single[1])
+    assert_samples(fsdp[0])
+    assert (fsdp[0] / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint
+    gathered = AutoModelForCausalLM.from_pretrained(fsdp[0] / "hf").state_dict()
+    plain = AutoModelForCausalLM.from_pretrained(single[0] / "hf").state_dict()
     for name, value in plain.items():
         assert value.shape == gathered[name].shape and (value - gathered[name]).abs().max() < 1e-5, name
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_continues_the_same_trajectory(tmp_path):
+def test_resume_mid_epoch_continues_the_same_trajectory(tmp_path, single):
     """Stop after 3 of 6 steps (mid-epoch), resume from last.ckpt: steps 4-6 match the full run."""
-    every3 = "callbacks.model_checkpoint.every_n_train_steps=3"
-    full = run_cli(tmp_path / "full", every3)
-    run_cli(tmp_path / "first", every3, "trainer.max_steps=3")
-    resumed = run_cli(tmp_path / "resumed", every3, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
-    assert resumed["train/loss"] == pytest.approx(full["train/loss"][3:], abs=1e-6)
-    assert resumed["val/loss"][-1] == pytest.approx(full["val/loss"][-1], abs=1e-6)
+    run_cli(tmp_path / "first", EVERY3, "trainer.max_steps=3")
+    resumed = run_cli(tmp_path / "resumed", EVERY3, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed["train/loss"] == pytest.approx(single[1]["train/loss"][3:], abs=1e-6)
+    assert resumed["val/loss"][-1] == pytest.approx(single[1]["val/loss"][-1], abs=1e-6)
 
 
 @pytest.mark.slow
-def test_resume_from_a_sharded_fsdp_checkpoint(tmp_path):
-    every3 = ["callbacks.model_checkpoint.every_n_train_steps=3", "trainer=fsdp_cpu", "data.micro_batch_size=4"]
-    full = run_cli(tmp_path / "full", *every3)
-    run_cli(tmp_path / "first", *every3, "trainer.max_steps=3")
-    resumed = run_cli(tmp_path / "resumed", *every3, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
-    assert resumed["train/loss"] == pytest.approx(full["train/loss"][3:], abs=1e-6)
+def test_resume_from_a_sharded_fsdp_checkpoint(tmp_path, fsdp):
+    sharded = ["trainer=fsdp_cpu", "data.micro_batch_size=4", EVERY3]
+    run_cli(tmp_path / "first", *sharded, "trainer.max_steps=3")
+    resumed = run_cli(tmp_path / "resumed", *sharded, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    assert resumed["train/loss"] == pytest.approx(fsdp[1]["train/loss"][3:], abs=1e-6)
