@@ -4,7 +4,8 @@
     def main(cfg: DictConfig) -> float | None: ...
 
 A mistake the user can fix (a :class:`~dpo.config.ConfigError`, :class:`~dpo.data.sources.DataError`
-or :class:`~dpo.models.ModelLoadError`) is logged as one line naming what, where and how to fix,
+or :class:`~dpo.models.ModelLoadError`), and a run the non-finite guard stopped
+(:class:`~dpo.systems.base.NonFiniteError`), is logged as one line naming what, where and how to fix,
 and the program exits with status 1; set ``DPO_FULL_ERROR=1`` for the traceback (as Hydra's
 ``HYDRA_FULL_ERROR``). Anything else is a bug and keeps its traceback.
 """
@@ -19,16 +20,42 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import dpo.schema  # noqa: F401  (registers the config schemas before Hydra composes)
-from dpo.config import USER_ERRORS
+from dpo.config import USER_ERRORS, literal_secrets
+from dpo.io import atomic_write
 from dpo.log import get_logger
+from dpo.systems.base import NonFiniteError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The Hydra config folder (``conf/`` at the repository root)."""
 
 log = get_logger("dpo")
+
+
+def scrub_hydra_files() -> None:
+    """Replace secrets given literally on the command line in the files Hydra wrote before the task
+    started (``.hydra/*.yaml``, a sweep's ``multirun.yaml``): :func:`dpo.config.check_secrets` then
+    refuses the run, and nothing in its folder holds the secret."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    secrets = literal_secrets(list(hc.overrides.task))
+    if not secrets:
+        return
+    files = [Path(hc.sweep.dir) / "multirun.yaml"]
+    if hc.output_subdir is not None:
+        files += [
+            Path(hc.runtime.output_dir) / hc.output_subdir / n for n in ("config.yaml", "hydra.yaml", "overrides.yaml")
+        ]
+    for path in files:
+        if path.is_file():
+            text = path.read_text()
+            for secret in secrets:
+                text = text.replace(secret, "<redacted>")
+            atomic_write(path, lambda tmp, t=text: tmp.write_text(t))
 
 
 def entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[[], Any]]:
@@ -37,9 +64,10 @@ def entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[
     def wrap(task: Callable[[DictConfig], Any]) -> Callable[[], Any]:
         @functools.wraps(task)
         def run(cfg: DictConfig) -> Any:
+            scrub_hydra_files()
             try:
                 return task(cfg)
-            except USER_ERRORS as e:
+            except (*USER_ERRORS, NonFiniteError) as e:
                 if os.environ.get("DPO_FULL_ERROR") == "1":
                     raise
                 log.error(f"{type(e).__name__}: {e}  (DPO_FULL_ERROR=1 shows the traceback)")

@@ -111,8 +111,13 @@ def hub_kwargs(
     local cache (``local_files_only``) when it is not, and otherwise raises at once instead of
     letting the HTTP client retry for half a minute.
     """
-    if Path(name).expanduser().is_dir():
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{key}={name}: the folder holds no model (no config.json)")
         return {}
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:  # a path, not a hub id (org/name)
+        raise ModelLoadError(f"{key}={name}: no such folder")
     if hub_reachable():
         return {"revision": revision}
     if _is_cached(name, revision):
@@ -160,15 +165,30 @@ def resolve(cfg: ModelConfig, cache_dir: str | Path) -> ModelConfig:
     return replace(cfg, pretrained=materialize(cfg.pretrained, cache_dir), tokenizer=tokenizer)
 
 
-def load_config(cfg: ModelConfig) -> PretrainedConfig:
-    """The model's transformers config, without its weights: from ``pretrained``, or ``architecture``."""
+def load_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None) -> PretrainedConfig:
+    """The model's transformers config, without its weights: from ``pretrained``, or ``architecture``
+    (whose vocabulary and special ids then come from ``tokenizer``, when given)."""
     if cfg.pretrained is None:
         if not cfg.architecture or "model_type" not in cfg.architecture:
             raise ModelLoadError("model.architecture needs a model_type when model.pretrained is null")
         arch = dict(cfg.architecture)
-        return AutoConfig.for_model(arch.pop("model_type"), **arch)
+        config = AutoConfig.for_model(arch.pop("model_type"), **arch)
+        if tokenizer is not None:
+            config.vocab_size = len(tokenizer)
+            config.bos_token_id = tokenizer.bos_token_id
+            config.eos_token_id = tokenizer.eos_token_id
+            config.pad_token_id = tokenizer.pad_token_id
+        return config
     kwargs = hub_kwargs(cfg.pretrained, cfg.revision, what="model")
     return AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code, **kwargs)
+
+
+def parameter_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    """The state-dict names and shapes of the causal LM ``config`` describes, built on the meta
+    device (no memory, no weights read)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def causal_lm_class(config: PretrainedConfig) -> type:
@@ -336,13 +356,7 @@ def load_policy(
         kwargs |= hub_kwargs(cfg.pretrained, cfg.revision, what="model")
         model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code, **kwargs)
     else:
-        config = load_config(cfg)
-        if tokenizer is not None:
-            config.vocab_size = len(tokenizer)
-            config.bos_token_id = tokenizer.bos_token_id
-            config.eos_token_id = tokenizer.eos_token_id
-            config.pad_token_id = tokenizer.pad_token_id
-        model = AutoModelForCausalLM.from_config(config, **kwargs)
+        model = AutoModelForCausalLM.from_config(load_config(cfg, tokenizer), **kwargs)
     disable_dropout(model)
     if cfg.fused_activations:
         fuse_activations(model)

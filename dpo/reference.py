@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
+from filelock import FileLock
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from dpo.data import cache
 from dpo.data.batch import ScoredBatch
 from dpo.forward import score_pairs
-from dpo.io import locked_cache
+from dpo.io import atomic_write
 from dpo.log import get_logger
 from dpo.logprobs import PairLogps, response_lengths
 
@@ -71,8 +72,11 @@ class Reference(nn.Module):
         """The models this reference holds apart from the policy (FSDP shards them like the policy)."""
         return []
 
-    def prepare(self, policy: nn.Module, datamodule: Any) -> None:
-        """Work before training starts (the precomputed pass); nothing for most kinds."""
+    def prepare(self, trainer: Any, module: Any, datamodule: Any) -> None:
+        """Work before training starts, on the run's trainer (the precomputed pass); nothing for most kinds."""
+
+    def on_predict_start(self, trainer: Any) -> None:
+        """Called from the system's ``on_predict_start`` (every rank, the process group is up)."""
 
     def after_optimizer_step(self, policy: nn.Module, step: int) -> None:
         """Called after optimizer step ``step`` (1-based) ended; the TR-DPO sync."""
@@ -242,45 +246,63 @@ class PrecomputedReference(Reference):
         b = batch["n_pairs"]
         return PairLogps(ref[:b], ref[b:], *response_lengths(batch)), None
 
-    def prepare(self, policy: nn.Module, datamodule: Any) -> None:
-        """Attach reference log-probs of the initial ``policy`` to every split, from the cache if there."""
-        hits = {}
-        for split in ("train", "val"):
-            key = cache.fingerprint({"what": "reference_logps", "data": datamodule.cache_key(split), **self.identity})
-
-            def build(split: str = split) -> Tensor:
-                return compute_reference_logps(
-                    policy, datamodule.datasets[split], datamodule.pair_collate, self.batch_size
-                )
-
-            if self.cache_dir is None:
-                values, hit = build(), False
-            else:
-                values, hit = locked_cache(
-                    Path(self.cache_dir) / f"ref-{key}.pt",
-                    build,
-                    lambda p, v: torch.save(v, p),
-                    lambda p: torch.load(p, weights_only=True),
-                )
-            datamodule.attach_reference_logps(split, values)
-            hits[split] = hit
+    def prepare(self, trainer: Any, module: Any, datamodule: Any) -> None:
+        """Attach the initial policy's log-probs to every split: from the cache, or computed by a
+        Lightning predict pass on the run's own strategy and precision (each rank its share, a
+        progress bar) and cached. Global rank 0 holds the cache's lock from the decision to the
+        write, so a sweep's jobs compute once and every rank of a job agrees (the decision is
+        broadcast in :meth:`on_predict_start`)."""
+        self._loaders = datamodule.reference_dataloaders(self.batch_size)
+        self._paths = {
+            split: None if self.cache_dir is None else Path(self.cache_dir) / "ref-{}.pt".format(
+                cache.fingerprint({"what": "reference_logps", "data": datamodule.cache_key(split), **self.identity}))
+            for split in self._loaders
+        }  # fmt: skip
+        self._locks: list[FileLock] = []
+        try:
+            outputs = trainer.predict(module, dataloaders=list(self._loaders.values()), return_predictions=True)
+            for (split, path), outs in zip(self._paths.items(), outputs, strict=True):
+                n = len(datamodule.datasets[split])
+                if self._hits[split]:
+                    values = torch.load(path, weights_only=True)
+                else:
+                    values = _gather(outs, n, split)
+                    if path is not None and trainer.is_global_zero:
+                        atomic_write(path, lambda tmp, v=values: torch.save(v, tmp))
+                datamodule.attach_reference_logps(split, values)
+        finally:
+            for lock in self._locks:
+                lock.release()
         log.info("reference log-probs precomputed (" + ", ".join(
-            f"{split}: {'cache hit' if hit else 'computed'}" for split, hit in hits.items()) + ")")  # fmt: skip
+            f"{split}: {'cache hit' if hit else 'computed'}" for split, hit in self._hits.items()) + ")")  # fmt: skip
+
+    def on_predict_start(self, trainer: Any) -> None:
+        hits = {}
+        if trainer.is_global_zero:
+            for split, path in self._paths.items():
+                if path is not None:
+                    self._locks.append(FileLock(f"{path}.lock"))
+                    self._locks[-1].acquire()
+                hits[split] = path is not None and path.is_file()
+        self._hits = trainer.strategy.broadcast(hits, src=0)
+        for split, loader in self._loaders.items():
+            loader.batch_sampler.active = not self._hits[split]  # a cache hit runs no forward
 
 
-@torch.no_grad()
-def compute_reference_logps(model: nn.Module, dataset: Any, collate_fn: Any, batch_size: int) -> Tensor:
-    """Summed response log-probs of every pair under ``model``: (N, 2), columns chosen, rejected."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn):
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        logps, _ = score_pairs(model, batch)
-        out.append(torch.stack([logps.chosen, logps.rejected], dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
+def _gather(outputs: list[dict[str, Tensor]], n: int, split: str) -> Tensor:
+    """Every rank's ``{"rows", "logps"}`` predictions as one (n, 2) tensor in row order."""
+    rows = torch.cat([o["rows"] for o in outputs]) if outputs else torch.zeros(0, dtype=torch.long)
+    logps = torch.cat([o["logps"] for o in outputs]) if outputs else torch.zeros(0, 2)
+    if dist.is_available() and dist.is_initialized():
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (rows, logps))
+        rows, logps = torch.cat([r for r, _ in parts]), torch.cat([v for _, v in parts])
+    keep = rows >= 0  # stand-in rows keep ranks in step and count for nothing
+    values = torch.full((n, 2), float("nan"))
+    values[rows[keep]] = logps[keep]
+    if torch.isnan(values).any():
+        raise RuntimeError(f"reference pass over {split}: {int(torch.isnan(values).any(1).sum())} of {n} rows missing")
+    return values
 
 
 @dataclass

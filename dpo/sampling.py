@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dpo.logprobs import IGNORE_INDEX, sequence_kl, sequence_logps
+from dpo.data.batch import IGNORE_INDEX
+from dpo.logprobs import sequence_kl, sequence_logps
+from dpo.progress import track
 
 
 @dataclass(frozen=True)
@@ -74,17 +76,20 @@ def generate(
     eos_id: int | None,
     batch_size: int = 16,
     synced_gpus: bool = False,
+    progress: str | None = None,
 ) -> list[list[int]]:
     """Sample one completion per prompt (repeat a prompt k times for k samples), batched.
 
     Returns the generated token ids of each prompt, cut after the first EOS. The caller seeds the RNG.
+    ``progress`` labels a progress bar (standalone sampling; none inside Lightning's loops).
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     out: list[list[int]] = []
     try:
-        for start in range(0, len(prompts), batch_size):
+        starts = range(0, len(prompts), batch_size)
+        for start in track(starts, progress) if progress else starts:
             ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
             seqs = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,

@@ -45,7 +45,7 @@ from dpo.losses import LOSSES
 from dpo.models import ModelConfig
 from dpo.reference import REFERENCES
 from dpo.rewards import REWARDS
-from dpo.systems.base import OptimConfig
+from dpo.systems.base import GuardConfig, OptimConfig
 
 
 @dataclass
@@ -69,19 +69,25 @@ class TrainConfig:
 
     Attributes:
         task_name: names the run folder (``outputs/<task_name>/...``) and the wandb run.
+        run_name: the run's folder under ``outputs/<task_name>/runs/`` (a sweep's under
+            ``multiruns/``); the same name again resumes the run (:mod:`dpo.run`). Default: the time.
         seed: seeds weights built from a config, data order and sampling.
-        ckpt_path: resume from this Lightning checkpoint (its optimizer state included).
+        ckpt_path: ``auto``: resume from the run folder's last checkpoint if there is one; null:
+            start fresh; or a Lightning checkpoint to resume from (its optimizer state included).
         optimized_metric: the metric returned to Hydra sweepers (e.g. Optuna).
         tags: wandb tags.
         run_group: wandb group; sweeps set it so their runs line up in one dashboard.
+        guard: what a non-finite loss or gradient does.
     """
 
     task_name: str = "train"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
     seed: int = 0
-    ckpt_path: str | None = None
+    ckpt_path: str | None = "auto"
     optimized_metric: str = "val/rewards/accuracy"
     tags: list[str] = field(default_factory=list)
     run_group: str | None = None
+    guard: GuardConfig = field(default_factory=GuardConfig)
     # The groups: ours carry their own schema (above), third-party ones are checked by target.
     model: Any = MISSING
     data: Any = MISSING

@@ -1,9 +1,10 @@
-"""`dpo-train`: compose the config, check it, fit, export, summarise.
+"""`dpo-train`: check the config, start or resume the run, fit, export, summarise.
 
 dpo-train                                   # the offline default run: DPO on SmolLM2-135M
 dpo-train experiment=tiny                   # the fast test configuration
 dpo-train loss=ipo_sum loss.beta=0.5        # another loss
 dpo-train -m loss.beta=0.05,0.1,1,5         # a sweep (one run folder per job)
+dpo-train run_name=my_run                   # a named run: the same command again resumes it
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from typing import Any
 import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from dpo.checkpoint import check_fits
 from dpo.cli import entry
 from dpo.config import USER_ERRORS, ConfigError, Plan, loss_params, redact, typed, validate
 from dpo.data.datamodule import DataConfig, PreferenceDataModule
@@ -37,105 +40,165 @@ from dpo.models import (
     load_policy,
     load_tokenizer,
     model_identity,
+    parameter_shapes,
     resolve,
 )
 from dpo.reference import REFERENCES, build_reference
+from dpo.report.csv_logger import ResumableCSVLogger
 from dpo.report.summary import RunSummary, reports
-from dpo.systems.base import OptimConfig
+from dpo.run import Resume, RunState, plan_resume
+from dpo.systems.base import GuardConfig, OptimConfig
 from dpo.systems.dpo import DPOModule
 
 log = get_logger(__name__)
+WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
+
+
+@dataclass
+class Start:
+    """What a run knows before it loads anything: the checked config and the plan derived from it,
+    the model config, and where it starts (:mod:`dpo.run`)."""
+
+    plan: Plan
+    model: ModelConfig
+    config: dict[str, Any]  # resolved, secrets redacted: what config.yaml and the loggers get
+    resume: Resume
+    state: RunState
 
 
 @dataclass
 class Run:
-    """A training job's parts, built in order by :func:`build`.
+    """A training job's parts, built in order by :func:`build`."""
 
-    Attributes:
-        plan: what was derived from the config (batch split, layout).
-        config: the resolved config as logged (secrets redacted).
-    """
-
-    plan: Plan
-    config: dict[str, Any]
+    start: Start
     tokenizer: Any
     datamodule: PreferenceDataModule
     module: DPOModule
     trainer: pl.Trainer
 
 
-def build(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> Run:
-    """Check the config, read the data, load the weights and assemble the job (nothing is trained).
-
-    The order is the contract: the config is checked alone, then against the model's config (no
-    weights), then the data is read, checked and tokenized, and only then do weights load, so a
-    mistake fails before any expensive work. ``extra_callbacks`` join the configured ones.
-    """
-    validate(cfg)
-    model_cfg = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
-    model_config = load_config(model_cfg)
-    plan = validate(cfg, model_config, causal_lm_class(model_config))
-    resolved = start_run(cfg)
-    spec = get_loss(cfg.loss.name)
-    tokenizer = build_tokenizer(cfg, model_cfg)
-    data = typed(cfg.data, DataConfig)
-    datamodule = PreferenceDataModule(tokenizer, data, pairs=spec.needs_pairs, layout=plan.layout, seed=cfg.seed)
-    datamodule.setup("fit")
-    callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
-
-    policy = load_policy(model_cfg, tokenizer=tokenizer, attn_implementation=attention_for(plan.layout))
-    policy, reference = build_reference(
-        typed(cfg.reference, REFERENCES[cfg.reference.kind].Config), policy, needs_reference=spec.needs_reference,
-        cache_dir=data.cache_dir,
-        identity={"model": model_identity(model_cfg, cfg.seed), "precision": str(cfg.trainer.precision)},
-    )  # fmt: skip
-    reference.prepare(policy, datamodule)
-    module = DPOModule(
-        policy, reference, cfg.loss.name, loss_params(cfg), typed(cfg.optim, OptimConfig),
-        nll_weight=cfg.loss.nll_weight, fsdp_block=model_cfg.fsdp_block,
-    )  # fmt: skip
-    loggers = instantiate_all(cfg.logger)
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks,
-                          accumulate_grad_batches=plan.accumulate_grad_batches)  # fmt: skip
-    return Run(plan, resolved, tokenizer, datamodule, module, trainer)
-
-
 def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> dict[str, float]:
     """Run one training job described by a composed config; return the final validation metrics."""
     started = time.time()
-    run = build(cfg, extra_callbacks)
-    trainer, module, datamodule = run.trainer, run.module, run.datamodule
+    start = begin(cfg)
+    out = Path(cfg.paths.output_dir)
+    if start.resume.finished:
+        log.info(f"{out} holds a finished run (run.json); nothing to train. Use a new run_name to train again.")
+        return start.state.after
+    run = build(cfg, start, extra_callbacks)
+    trainer, module, datamodule, state = run.trainer, run.module, run.datamodule, start.state
     with closing_wandb():
         for logger in trainer.loggers:
-            logger.log_hyperparams(run.config)
-        before = held_out_metrics(trainer, module, datamodule)
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-        after = held_out_metrics(trainer, module, datamodule)
-        out = Path(cfg.paths.output_dir) / "hf"
-        export_dir = export_pretrained(module.policy, run.tokenizer, out, write=trainer.is_global_zero)
-    log.info(summarize(cfg, trainer, datamodule, before, after, export_dir, time.time() - started).render())
-    return after
+            logger.log_hyperparams(start.config)
+        module.reference.prepare(trainer, module, datamodule)
+        if not (start.resume.ckpt_path and state.before):  # a resumed run measured its start already
+            state.before = held_out_metrics(trainer, module, datamodule)
+            record(trainer, state, out)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=start.resume.ckpt_path)
+        state.after = held_out_metrics(trainer, module, datamodule)
+        export_dir = export_pretrained(module.policy, run.tokenizer, out / "hf", write=trainer.is_global_zero)
+        state.status = "finished"
+        record(trainer, state, out)
+    log.info(summarize(cfg, run, export_dir, time.time() - started).render())
+    return state.after
 
 
-def instantiate_all(group: DictConfig) -> list[Any]:
-    """The objects of a group of ``_target_`` nodes; a user error raised inside one surfaces as itself."""
+def begin(cfg: DictConfig) -> Start:
+    """Check the config alone, then against the model's config (no weights); decide where the run
+    starts (:func:`dpo.run.plan_resume`); write the run folder's config. Loads no data or weights."""
+    validate(cfg)
+    model = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
+    model_config = load_config(model)
+    plan = validate(cfg, model_config, causal_lm_class(model_config))
+    out = Path(cfg.paths.output_dir)
+    config = redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    resume = plan_resume(cfg.ckpt_path, out, config)
+    state = RunState.load_or_new(out)
+    if rank_zero_only.rank == 0 and not resume.finished:
+        out.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
+        state.save(out)
+    if resume.ckpt_path:
+        log.info(f"resuming from {resume.ckpt_path}")
+    _sanitize_wandb_env()
+    pl.seed_everything(cfg.seed, workers=True)
+    return Start(plan, model, config, resume, state)
+
+
+def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | None = None) -> Run:
+    """Read the data, load the weights and assemble the job (nothing is trained).
+
+    The tokenizer comes first, then a checkpoint to resume is checked against the model (no
+    weights), then the data is read, checked and tokenized, and only then do weights load, so a
+    mistake fails before any expensive work. ``extra_callbacks`` join the configured ones.
+    """
+    spec = get_loss(cfg.loss.name)
+    tokenizer = build_tokenizer(cfg, start.model)
+    resumed_step = check_resume(start, tokenizer)
+    data = typed(cfg.data, DataConfig)
+    datamodule = PreferenceDataModule(tokenizer, data, pairs=spec.needs_pairs, layout=start.plan.layout, seed=cfg.seed)
+    datamodule.setup("fit")
+    callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
+
+    policy = load_policy(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
+    policy, reference = build_reference(
+        typed(cfg.reference, REFERENCES[cfg.reference.kind].Config), policy, needs_reference=spec.needs_reference,
+        cache_dir=data.cache_dir,
+        identity={"model": model_identity(start.model, cfg.seed), "precision": str(cfg.trainer.precision)},
+    )  # fmt: skip
+    module = DPOModule(
+        policy, reference, cfg.loss.name, loss_params(cfg), typed(cfg.optim, OptimConfig),
+        nll_weight=cfg.loss.nll_weight, fsdp_block=start.model.fsdp_block, guard=typed(cfg.guard, GuardConfig),
+    )  # fmt: skip
+    loggers = instantiate_loggers(cfg.logger, start.state.id, resumed_step)
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=cluster_plugins(),
+                          accumulate_grad_batches=start.plan.accumulate_grad_batches)  # fmt: skip
+    return Run(start, tokenizer, datamodule, module, trainer)
+
+
+def check_resume(start: Start, tokenizer: Any) -> int | None:
+    """The global step of the checkpoint the run resumes from, after checking it holds this model."""
+    if not start.resume.ckpt_path:
+        return None
+    expected = parameter_shapes(load_config(start.model, tokenizer))
     try:
-        return [instantiate(node) for node in group.values()]
+        return check_fits(start.resume.ckpt_path, expected)
+    except ValueError as e:
+        raise ConfigError(f"ckpt_path: {e}") from None
+
+
+def instantiate_all(group: DictConfig, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
+    """The objects of a group of ``_target_`` nodes (``extra``: more keyword arguments per target);
+    a user error raised inside one surfaces as itself."""
+    extra = extra or {}
+    try:
+        return [instantiate(node, **extra.get(str(node.get("_target_")), {})) for node in group.values()]
     except InstantiationException as e:
         if isinstance(e.__cause__, USER_ERRORS):
             raise e.__cause__ from None
         raise
 
 
-def start_run(cfg: DictConfig) -> dict[str, Any]:
-    """Create the run folder, write the resolved config (secrets redacted), seed; return that config."""
-    _sanitize_wandb_env()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
-    OmegaConf.save(OmegaConf.create(resolved), out_dir / "config.yaml")
-    pl.seed_everything(cfg.seed, workers=True)
-    return resolved
+def instantiate_loggers(group: DictConfig, run_id: str, resumed_step: int | None) -> list[Any]:
+    """The loggers, continuing the run's own wandb run (its id is the run's) and CSV file on resume."""
+    loggers = instantiate_all(group, {target: {"id": run_id, "resume": "allow"} for target in WANDB_LOGGERS})
+    for logger in loggers:
+        if resumed_step is not None and isinstance(logger, ResumableCSVLogger):
+            logger.resume_at(resumed_step)
+    return loggers
+
+
+def cluster_plugins() -> list[Any]:
+    """On SLURM, submitit owns requeueing (:mod:`dpo.checkpoint`): Lightning's auto-requeue is off."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+def record(trainer: pl.Trainer, state: RunState, out: Path) -> None:
+    """Save ``run.json`` (global rank 0)."""
+    if trainer.is_global_zero:
+        state.save(out)
 
 
 def build_tokenizer(cfg: DictConfig, model: ModelConfig) -> Any:
@@ -161,19 +224,20 @@ def held_out_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
 
 
-def summarize(cfg, trainer, datamodule, before, after, export_dir, seconds) -> RunSummary:  # noqa: ANN001
+def summarize(cfg: DictConfig, run: Run, export_dir: Path | None, seconds: float) -> RunSummary:
     """The run's :class:`RunSummary`."""
+    trainer, datamodule, state = run.trainer, run.datamodule, run.start.state
     source = cfg.data.source
     target = source.splits["val"]
     described = target if source.path is None else f"{source.path} [{target}] ({source.format})"
     params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
     return RunSummary(
         title=f"loss={cfg.loss.name}({params})", steps=trainer.global_step, seconds=seconds,
-        held_out=(len(datamodule.datasets["val"]), described), before=before, after=after,
-        sections=reports(trainer.callbacks), data_stats=datamodule.stats,
+        held_out=(len(datamodule.datasets["val"]), described), before=state.before, after=state.after,
+        sections=reports([*trainer.callbacks, run.module]), data_stats=datamodule.stats,
         checkpoint=trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
         export=export_dir, out_dir=Path(cfg.paths.output_dir),
-        logs="config.yaml, csv/metrics.csv" + (", wandb/" if "wandb" in cfg.logger else ""),
+        logs="config.yaml, run.json, csv/metrics.csv" + (", wandb/" if "wandb" in cfg.logger else ""),
     )  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from dpo.config import ConfigError, plan_batch, validate
 from dpo.data.formats import get_format
 from dpo.data.sources import DataError, bundled_path
 from dpo.reference import NoReference
-from dpo.train import build, train
+from dpo.train import begin, build, train
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LOSS_CONFIGS = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
@@ -33,7 +33,7 @@ BUNDLED_SPLITS = [
 
 def build_and_step(cfg):
     """Build the job and run one training step's maths on its first batch (no Trainer.fit)."""
-    run = build(cfg)
+    run = build(cfg, begin(cfg))
     batch = next(iter(run.datamodule.train_dataloader()))
     loss, metrics = run.module.shared_step(batch, "train")
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
@@ -44,7 +44,7 @@ def build_and_step(cfg):
 def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny, name):
     cfg = shrink(compose_config([*FAST, f"experiment={name}"], tmp_path), exported_tiny)
     run, metrics = build_and_step(cfg)
-    assert run.plan.accumulate_grad_batches >= 1 and (tmp_path / "config.yaml").is_file()
+    assert run.start.plan.accumulate_grad_batches >= 1 and (tmp_path / "config.yaml").is_file()
     assert ("train/rewards/accuracy" in metrics) == run.module.spec.needs_pairs
 
 
@@ -130,7 +130,7 @@ VALIDATE_ERRORS = [
     (["+callbacks.model_checkpoint.every_n_train_step=3"], r"\['callbacks.model_checkpoint.every_n_train_step'\]"),
     (["+callbacks.samples.prompts=3"], r"\['callbacks.samples.prompts'\] for dpo.callbacks.GenerationSamples"),
     (["logger=default", "+logger.wandb.projcet=x"], r"\['logger.wandb.projcet'\] for lightning.pytorch.loggers"),
-    (["+logger.csv.flush=1"], r"\['logger.csv.flush'\] for lightning.pytorch.loggers.CSVLogger"),
+    (["+logger.csv.flush=1"], r"\['logger.csv.flush'\] for dpo.report.csv_logger.ResumableCSVLogger"),
     (["loss.name=ipo_sum"], r"loss.name=ipo_sum but the loss config was composed for 'dpo': choose it with loss="),
     (["reference.kind=lora"], r"reference.kind=lora but the reference config was composed for 'copy'"),
     (["data.batch_size=30"], r"data.batch_size=30 must be a positive multiple of data.micro_batch_size=16"),
@@ -297,3 +297,26 @@ def test_sharding_is_read_from_the_strategy_class():
     assert is_sharded(trainer("fsdp"))  # Lightning's FSDPStrategy, by its registered name
     assert is_sharded(trainer({"_target_": "lightning.pytorch.strategies.ModelParallelStrategy"}))
     assert not is_sharded(trainer({"_target_": "lightning.pytorch.strategies.DDPStrategy"}))
+
+
+def test_checkpoint_and_model_mistakes_fail_before_weights_load(tmp_path, no_weights):
+    """ckpt_path must exist and be a Lightning checkpoint of this model; a local model folder must
+    exist and hold a model. Each ends in an error naming the key, before any weights load."""
+    from dpo.models import ModelLoadError
+
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint")
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"policy.transformer.wte.weight": torch.zeros(3, 3)}, "global_step": 1}, other)
+    empty = tmp_path / "empty_model"
+    empty.mkdir()
+    cases = [
+        ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], ConfigError, "no such checkpoint"),
+        ([f"ckpt_path={text}"], ConfigError, "not a readable Lightning checkpoint"),
+        ([f"ckpt_path={other}"], ConfigError, r"saved from another model: transformer.wte.weight is \(3, 3\)"),
+        (["model=hf", f"model.pretrained={tmp_path / 'no' / 'such'}"], ModelLoadError, "no such folder"),
+        (["model=hf", f"model.pretrained={empty}"], ModelLoadError, r"holds no model \(no config.json\)"),
+    ]
+    for overrides, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            train(compose_config([*FAST, *overrides], tmp_path / "run"))

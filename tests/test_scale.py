@@ -15,15 +15,22 @@ import pytest
 TINY = [
     "experiment=tiny", "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",
     "model.tokenizer.bpe_vocab_size=300", "data.max_length=64", "data.max_prompt_length=32",
-    "data.batch_size=8", "data.micro_batch_size=8", "data.eval_batch_size=16", "data.source.max_rows=96", "logger=csv",
+    "data.batch_size=8", "data.micro_batch_size=8", "data.eval_batch_size=16", "data.source.max_rows=97", "logger=csv",
     "trainer.log_every_n_steps=1", "trainer.max_steps=6", "callbacks.model_checkpoint.every_n_train_steps=null",
     "callbacks.samples.every_n_steps=3", "callbacks.samples.n_prompts=3", "callbacks.samples.max_new_tokens=8",
 ]  # fmt: skip
 
 
 def run_cli(out: Path, *overrides: str) -> dict[str, list[float]]:
-    """Run `dpo-train` in a subprocess (DDP re-launches it), return metric -> per-row values."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", DPO_CACHE_DIR=str(out.parent / "cache"))
+    """Run `dpo-train` in a subprocess (DDP re-launches it), return metric -> per-row values.
+
+    The held-out split has 97 pairs: 2 ranks get 48 and 49, 3 and 4 batches of 16, so the first
+    rank runs a stand-in batch; every rank's validation batch count is written to ``<out>/counts``.
+    """
+    env = dict(os.environ, HF_HUB_OFFLINE="1", DPO_CACHE_DIR=str(out.parent / "cache"),
+               PYTHONPATH=str(Path(__file__).parent))  # fmt: skip
+    overrides = (*overrides, "+callbacks.count._target_=tests_helpers.CountValBatches",
+                 f"+callbacks.count.out={out / 'counts'}")  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "dpo.train", f"hydra.run.dir={out}", *TINY, *overrides],
         capture_output=True,
@@ -61,11 +68,28 @@ def fsdp(tmp_path_factory):
 
 @pytest.mark.slow
 def test_ddp_and_accumulation_equal_one_process(tmp_path, single):
-    accumulated = run_cli(tmp_path / "accum", "data.micro_batch_size=2")  # 4 micro-batches x 2
-    ddp = run_cli(tmp_path / "ddp", "trainer=ddp_cpu", "data.micro_batch_size=4")  # 2 ranks x 4
+    """4 x 2 accumulation and 2 DDP ranks x 4 equal one process at micro-batch 8. Both run with
+    precomputed reference log-probs (each its own cache): one process's pass and the DDP predict
+    pass (each rank its share, gathered) give the same cache, and the live reference's trajectory."""
+    import torch
+
+    pre = "reference=precomputed"
+    accumulated = run_cli(tmp_path / "one" / "accum", "data.micro_batch_size=2", pre)  # 4 micro-batches x 2
+    ddp = run_cli(tmp_path / "two" / "ddp", "trainer=ddp_cpu", "data.micro_batch_size=4", pre)  # 2 ranks x 4
     assert_same_trajectory(accumulated, single[1])
-    assert_same_trajectory(ddp, single[1])
-    assert_samples(tmp_path / "ddp")
+    assert_same_trajectory(ddp, single[1])  # validation means included: stand-in batches count zero
+    assert_samples(tmp_path / "two" / "ddp")
+    assert_equal_validation_batches(tmp_path / "two" / "ddp")
+    caches = [sorted((tmp_path / name / "cache" / "tokenized").glob("ref-*.pt")) for name in ("one", "two")]
+    assert len(caches[0]) == 2 and [p.name for p in caches[0]] == [p.name for p in caches[1]]  # train, val
+    for one, two in zip(*caches, strict=True):
+        a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
+        assert a.shape == b.shape and torch.isfinite(a).all() and (a - b).abs().max() <= 1e-6
+
+
+def assert_equal_validation_batches(out: Path) -> None:
+    counts = [int((out / "counts" / f"val_batches_rank{r}.txt").read_text()) for r in (0, 1)]
+    assert counts[0] == counts[1] > 0, counts
 
 
 def assert_samples(out: Path) -> None:
@@ -83,6 +107,7 @@ def test_fsdp2_equals_one_process_and_exports_full_weights(single, fsdp):
 
     assert_same_trajectory(fsdp[1], single[1])
     assert_samples(fsdp[0])
+    assert_equal_validation_batches(fsdp[0])
     assert (fsdp[0] / "checkpoints" / "last.ckpt" / "meta.pt").is_file()  # a distributed checkpoint
     gathered = AutoModelForCausalLM.from_pretrained(fsdp[0] / "hf").state_dict()
     plain = AutoModelForCausalLM.from_pretrained(single[0] / "hf").state_dict()

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from conftest import FAST, compose_config, shrink, with_tiny
 from dpo.cli import CONF_DIR
-from dpo.train import build
+from dpo.train import begin, build
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 TINY_CLI = [
@@ -47,7 +47,7 @@ def test_every_sweep_composes_and_its_first_job_builds(tmp_path, name):
         return
     job = shrink(compose_config([*FAST, f"sweep={name}", f"{key}={values[0]}"], tmp_path))
     assert job.logger.csv is not None and OmegaConf.select(job, key) is not None
-    run = build(job)
+    run = build(job, begin(job))
     assert run.trainer.max_steps == 3 and run.module.loss_name == job.loss.name
 
 

@@ -57,11 +57,16 @@ def collate(
     batch = PreferenceBatch(
         input_ids=input_ids, attention_mask=attention_mask, labels=labels,
         score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,
-        n_pairs=len(examples),
+        n_pairs=len(examples), rows=rows_of(examples),
     )  # fmt: skip
     if pairs and examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)
     return batch
+
+
+def rows_of(examples: list[TokenizedPair]) -> Tensor:
+    """The (B,) split rows of a batch's pairs."""
+    return torch.tensor([ex.index for ex in examples], dtype=torch.long)
 
 
 def stack_ref_logps(examples: list[TokenizedPair]) -> Tensor:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import partial
@@ -11,7 +10,7 @@ from typing import Any
 
 from lightning.pytorch import LightningDataModule
 from omegaconf import MISSING
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from dpo.data import cache
@@ -19,9 +18,11 @@ from dpo.data.batch import Layout, ScoredBatch
 from dpo.data.collate import collate, pad_id_of
 from dpo.data.formats import load_rows
 from dpo.data.packing import pack_pairs
+from dpo.data.samplers import GlobalBatchSampler, ShardBatches
 from dpo.data.sources import DataError, SourceSpec, source_fingerprint
 from dpo.data.tokenize import PairTokenizer, TokenizedPair, TruncationSide
 from dpo.log import get_logger
+from dpo.progress import track
 
 log = get_logger(__name__)
 SPLITS = ("train", "val")
@@ -82,83 +83,8 @@ class TokenizedDataset(Dataset[TokenizedPair]):
         return len(self.items)
 
     def __getitem__(self, i: int) -> TokenizedPair:
-        return self.items[i]
-
-
-def grouped_order(groups: list[int], rng: random.Random) -> list[int]:
-    """A shuffle of prompt groups, each group's rows kept together (``group_by_prompt``)."""
-    members: dict[int, list[int]] = {}
-    for i, g in enumerate(groups):
-        members.setdefault(g, []).append(i)
-    blocks = list(members.values())
-    rng.shuffle(blocks)
-    return [i for block in blocks for i in block]
-
-
-class GlobalBatchSampler(Sampler[int]):
-    """This rank's share of one global order of training rows, cut into optimizer steps.
-
-    Every epoch draws one order of all rows (seeded by ``seed`` and the epoch), the same on every
-    rank. Optimizer step ``s`` uses rows ``order[s*G:(s+1)*G]`` with ``G = micro * world *
-    accumulate``; micro-batch ``a`` of rank ``r`` within the step is the slice starting at
-    ``s*G + (a*world + r)*micro``. So one process with micro-batch G, one with accumulation, and
-    W DDP ranks all train on exactly the same rows per step, and their gradients agree; a last,
-    incomplete global batch is dropped. Mid-epoch resume skips the micro-batches already trained
-    on (``skip_batches``), so a resumed run sees the rows an uninterrupted run would.
-
-    Lightning's own distributed sampler is turned off (``use_distributed_sampler: false``):
-    it would reshuffle per rank and break this equivalence, and ``group_by_prompt``.
-    """
-
-    def __init__(
-        self,
-        groups: list[int],
-        micro: int,
-        world: int = 1,
-        rank: int = 0,
-        accumulate: int = 1,
-        shuffle: bool = True,
-        group_by_prompt: bool = False,
-        seed: int = 0,
-    ) -> None:
-        self.groups = groups
-        self.micro, self.world, self.rank, self.accumulate = micro, world, rank, accumulate
-        self.shuffle, self.group_by_prompt, self.seed = shuffle, group_by_prompt, seed
-        self.epoch = 0
-        self.skip_batches = 0
-
-    @property
-    def global_batch(self) -> int:
-        return self.micro * self.world * self.accumulate
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def order(self, epoch: int) -> list[int]:
-        """The global order of rows for ``epoch`` (identical on every rank)."""
-        n = len(self.groups)
-        if not self.shuffle:
-            return list(range(n))
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        if self.group_by_prompt:
-            return grouped_order(self.groups, rng)
-        order = list(range(n))
-        rng.shuffle(order)
-        return order
-
-    def __iter__(self) -> Iterator[int]:
-        order, g = self.order(self.epoch), self.global_batch
-        skip, self.skip_batches = self.skip_batches, 0
-        k = 0
-        for step in range(len(order) // g):
-            for a in range(self.accumulate):
-                if k >= skip:
-                    start = step * g + (a * self.world + self.rank) * self.micro
-                    yield from order[start : start + self.micro]
-                k += 1
-
-    def __len__(self) -> int:
-        return (len(self.groups) // self.global_batch) * self.accumulate * self.micro
+        """Row ``i`` with its index; ``-1 - i`` serves row ``i`` as a stand-in (index -1, counts for nothing)."""
+        return replace(self.items[i], index=i) if i >= 0 else replace(self.items[-1 - i], index=-1)
 
 
 class PreferenceDataModule(LightningDataModule):
@@ -227,7 +153,9 @@ class PreferenceDataModule(LightningDataModule):
     def _build(self, split: str) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
         rows, report = load_rows(self.source, split, on_bad_row=self.config.on_bad_row, tokenizer=self.tokenizer)
         tokenize = PairTokenizer(self.tokenizer, *self.lengths)
-        pairs = [tokenize(row if self.pairs else replace(row, rejected=None)) for row in rows]
+        pairs = [
+            tokenize(row if self.pairs else replace(row, rejected=None)) for row in track(rows, f"tokenize {split}")
+        ]
         prompt_ids: dict[str, int] = {}
         groups = [prompt_ids.setdefault(row.prompt, len(prompt_ids)) for row in rows]
         meta = {
@@ -315,18 +243,21 @@ class PreferenceDataModule(LightningDataModule):
         )  # fmt: skip
 
     def val_dataloader(self) -> DataLoader:
-        data = self.datasets["val"]
+        """Contiguous shards of the held-out pairs, one per rank, each pair once; every rank gets the
+        same number of batches (stand-in batches that count for nothing pad the shorter shards)."""
+        return self._shards("val", self.config.eval_batch_size, self.collate_fn)
+
+    def reference_dataloaders(self, batch_size: int) -> dict[str, DataLoader]:
+        """Every pair of every split, sharded over ranks as :meth:`val_dataloader`, in the training
+        layout: the reference pass of ``reference=precomputed``."""
+        return {split: self._shards(split, batch_size, self.pair_collate) for split in SPLITS}
+
+    def _shards(self, split: str, batch_size: int, collate_fn: Callable) -> DataLoader:
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
-        # Contiguous shards, one per rank, no padding rows: every held-out pair counts once.
-        bounds = [len(data) * r // world for r in range(world + 1)]
-        shard = Subset(data, range(bounds[rank], bounds[rank + 1]))
+        sampler = ShardBatches(len(self.datasets[split]), batch_size, world, rank)
         return DataLoader(
-            shard,
-            batch_size=self.config.eval_batch_size,
-            shuffle=False,
-            collate_fn=self.collate_fn,
-            num_workers=self.config.num_workers,
+            self.datasets[split], batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.config.num_workers
         )
 
 

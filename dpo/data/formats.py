@@ -57,6 +57,8 @@ def _get(record: Any, key: str) -> Any:
 
 def _text(record: Any, key: str, *, allow_empty: bool = False) -> str:
     value = _get(record, key)
+    if value is None:
+        raise BadRow("null_field", f"field {key!r} is null")
     if not isinstance(value, str):
         raise BadRow("not_a_string", f"field {key!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():

@@ -93,10 +93,12 @@ _SUFFIXES = (".jsonl", ".json", ".parquet", ".csv")
 
 
 def read_file(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Records of a local ``.jsonl``/``.json`` (one object per line), ``.parquet`` or ``.csv`` file.
+    """Records of a local ``.jsonl``/``.json`` (one object per line, or a JSON array), ``.parquet`` or
+    ``.csv`` file. A UTF-8 byte-order mark is allowed.
 
     Lines that are not valid UTF-8 or JSON yield :class:`Unreadable`, so the caller can raise or
-    skip them by its policy. Row numbers are 1-based lines (JSONL) or data rows (Parquet, CSV).
+    skip them by its policy; a file that cannot be read at all raises :class:`DataError`. Row
+    numbers are 1-based lines (JSON lines), array items (JSON arrays) or data rows (Parquet, CSV).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -105,12 +107,17 @@ def read_file(path: str | Path) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path}: data file not found")
     try:
-        if suffix in (".jsonl", ".json"):
+        if suffix == ".json" and _starts_with(path, b"["):
+            yield from _read_json_array(path)
+        elif suffix in (".jsonl", ".json"):
             yield from _read_jsonl(path)
         elif suffix == ".csv":
-            with path.open(encoding="utf-8", newline="") as f:
+            with path.open(encoding="utf-8-sig", newline="") as f:
                 for i, rec in enumerate(csv.DictReader(f), start=1):
-                    yield f"{path}:row {i}", rec
+                    if None in rec:  # more cells than the header names
+                        yield f"{path}:row {i}", Unreadable(f"{len(rec[None])} more cells than the header has")
+                    else:
+                        yield f"{path}:row {i}", rec
         else:
             import pyarrow.parquet as pq
 
@@ -126,12 +133,27 @@ def read_file(path: str | Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
 
 
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(prefix)
+
+
+def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno}); truncated?") from None
+    for i, rec in enumerate(items, start=1):
+        yield f"{path}:item {i}", rec
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield where, Unreadable(f"not valid UTF-8 ({e.reason} at byte {e.start})")
                 continue
@@ -179,7 +201,10 @@ def iter_records(spec: SourceSpec, split: str) -> Iterator[tuple[str, Any]]:
 def _saved_records(folder: Path, split: str) -> Iterator[tuple[str, Any]]:
     import datasets
 
-    data = datasets.load_from_disk(str(folder))
+    try:
+        data = datasets.load_from_disk(str(folder))
+    except Exception as e:  # datasets and pyarrow raise many types for a damaged folder
+        raise DataError(f"{folder}: cannot read the saved data set ({type(e).__name__}: {e})") from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise DataError(f"{folder}: saved data set has no split {split!r} (has {sorted(data)})")

@@ -6,7 +6,8 @@ review that names the film; the rejected response is either a negative review or
 size a tiny model learns in a minute on a CPU, so the default run can show that DPO works.
 
 The files under ``dpo/data/files/`` are the output of ``python -m dpo.data.synthetic``; a test
-regenerates them and checks they are unchanged.
+regenerates them and checks they are unchanged. :func:`labelled_reviews` gives labelled positive
+and negative reviews from the same templates (the TF-IDF reward's default training text).
 """
 
 from __future__ import annotations
@@ -179,6 +180,18 @@ def make_rows(n: int, seed: int) -> list[dict[str, str]]:
         else:
             rejected = _degenerate(rng, title, genre)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def labelled_reviews(n: int, seed: int) -> list[dict[str, str | int]]:
+    """``n`` short film reviews labelled 1 (positive) or 0 (negative), half each, deterministic in
+    ``seed``: the default training text of the TF-IDF reward (``reward=tfidf``)."""
+    rng = random.Random(seed)
+    rows: list[dict[str, str | int]] = []
+    for i in range(n):
+        title = f"The {rng.choice(_TITLE_A)} {rng.choice(_TITLE_B)}"
+        positive = i % 2 == 0
+        rows.append({"text": _review(rng, title, rng.choice(_GENRES), positive), "label": int(positive)})
     return rows
 
 

@@ -44,13 +44,15 @@ class TokenizedPair:
     """Token ids of one row; ``rejected_ids`` is None for SFT rows.
 
     ``ref_logps`` holds the reference's summed (chosen, rejected) log-probs when they were
-    precomputed (``reference=precomputed``), else None.
+    precomputed (``reference=precomputed``), else None. ``index`` is the row's index in its split
+    when a dataset serves it (-1: a stand-in row that counts for nothing).
     """
 
     prompt_ids: list[int]
     chosen_ids: list[int]
     rejected_ids: list[int] | None
     ref_logps: tuple[float, float] | None = None
+    index: int = -1
 
 
 @dataclass

@@ -89,6 +89,8 @@ class RewardKLEval(pl.Callback):
         self._done: set[int] = set()
 
     def setup(self, trainer: pl.Trainer, pl_module: Any, stage: str) -> None:
+        if hasattr(self.reward, "to"):  # a reward model runs on this rank's own device
+            self.reward.to(trainer.strategy.root_device)
         # Before any checkpoint is restored: a snapshot taken here is the starting policy.
         if not self._set_up:
             self._set_up = True

@@ -19,6 +19,7 @@ from dpo.cli import entry
 from dpo.config import ConfigError, require_keys
 from dpo.io import read_jsonl, write_jsonl
 from dpo.log import get_logger
+from dpo.progress import track
 
 log = get_logger(__name__)
 
@@ -44,7 +45,7 @@ def run(cfg: DictConfig) -> Path:
     if any(n < 1 for n in cfg.ns):
         raise ConfigError(f"ns must be positive, got {list(cfg.ns)}")
     out = []
-    for n in cfg.ns:
+    for n in track(cfg.ns, "best-of-n"):
         mean, _ = best_of_n([r["rewards"] for r in rows], n)
         out.append(
             {"method": "best_of_n", "n": n, "step": 0, "reward": mean, "kl": best_of_n_kl(n), "n_prompts": len(rows)}

@@ -68,7 +68,8 @@ def sample(cfg: DictConfig) -> Path:
     torch.manual_seed(cfg.seed)
     started = time.time()
     repeated = [p for p in ids for _ in range(cfg.n)]  # k consecutive samples per prompt
-    completions = generate(model, repeated, gen, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.batch_size)
+    completions = generate(model, repeated, gen, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.batch_size,
+                           progress=f"sample {len(repeated)} completions")  # fmt: skip
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     rows = [{"prompt": prompt, "completions": texts[i * cfg.n : (i + 1) * cfg.n]} for i, prompt in enumerate(prompts)]
     out = write_jsonl(cfg.output, rows)

@@ -18,7 +18,8 @@ from dpo.cli import entry
 from dpo.config import require_keys
 from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
-from dpo.rewards import reward_from_config
+from dpo.progress import track
+from dpo.rewards import default_device, reward_from_config
 
 log = get_logger(__name__)
 
@@ -31,9 +32,11 @@ def score(cfg: DictConfig) -> Path:
         if not row["completions"] or not all(isinstance(c, str) for c in row["completions"]):
             raise ValueError(f"{cfg.input}:{i}: 'completions' must be a non-empty list of strings")
     reward = reward_from_config(OmegaConf.to_container(cfg.reward, resolve=True))
+    if hasattr(reward, "to"):  # a model: on this process's device
+        reward.to(default_device())
     texts = [(r["prompt"] + c) if cfg.include_prompt else c for r in rows for c in r["completions"]]
     values = []
-    for start in range(0, len(texts), cfg.batch_size):
+    for start in track(range(0, len(texts), cfg.batch_size), f"score {len(texts)} completions"):
         values += reward(texts[start : start + cfg.batch_size])
     k = 0
     for row in rows:

@@ -73,17 +73,54 @@ def optimizer_step_ended(trainer: pl.Trainer, batch_idx: int, every: int = 1) ->
     return bool(every) and stepped and trainer.global_step % every == 0
 
 
+class NonFinite(str, Enum):
+    """What a non-finite loss or gradient does (``guard.non_finite``)."""
+
+    stop = "stop"  # stop the run at that step; the last checkpoint stays as it was
+    skip = "skip"  # drop that update (weights and optimizer state unchanged) and go on
+
+
+@dataclass
+class GuardConfig:
+    """``guard``: what training does about numbers that went wrong.
+
+    Attributes:
+        non_finite: a NaN/inf loss or gradient norm in an optimizer step: ``stop`` (name the step
+            and its training rows, write nothing) or ``skip`` (drop the update, count it).
+    """
+
+    non_finite: NonFinite = NonFinite.stop
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped at a non-finite loss or gradient (``guard.non_finite=stop``)."""
+
+
 class System(LightningModule):
-    """A training system: the optimizer of its trainable parameters, and per-step metric logging.
+    """A training system: the optimizer of its trainable parameters, the non-finite guard, and metrics.
+
+    Training metrics are logged once per optimizer step as the mean over its micro-batches (the
+    sampler makes them equal in size, so they describe the whole global batch; ``sync_dist``
+    averages the ranks). Validation metrics are exact means over every held-out pair of every
+    rank: sums and counts are reduced over ranks at the end of the epoch, and the batches a rank
+    runs only to keep pace with the others under FSDP count zero.
 
     Args:
         optim: the ``conf/optim`` config.
+        guard: the ``guard`` config.
     """
 
-    def __init__(self, optim: OptimConfig) -> None:
+    def __init__(self, optim: OptimConfig, guard: GuardConfig | None = None) -> None:
         super().__init__()
         self.optim = optim
+        self.guard = guard or GuardConfig()
+        self.skipped_steps = 0
         self._pending: list[dict[str, Tensor]] = []  # metrics of the micro-batches of one optimizer step
+        self._step_rows: list[Tensor] = []  # training rows of those micro-batches
+        self._step_finite = True
+        self._val_sums: dict[str, Tensor] = {}
+        self._val_count = 0
+        self._val_bar: set[str] = set()
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates; systems narrow it (DPO: the policy alone)."""
@@ -98,21 +135,80 @@ class System(LightningModule):
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def log_metrics(self, metrics: dict[str, Tensor], stage: str, batch_size: int, bar: tuple[str, ...] = ()) -> None:
-        """Log ``{stage}/...`` metrics: training once per optimizer step, validation per epoch.
+    def watch_step(self, loss: Tensor, rows: Tensor) -> None:
+        """Note a training micro-batch's loss and rows for the non-finite guard."""
+        self._step_finite = self._step_finite and bool(torch.isfinite(loss.detach()).all())
+        self._step_rows.append(rows.detach().cpu())
 
-        With gradient accumulation the training metrics of a step are the mean over its
-        micro-batches (the sampler makes them equal in size), so they describe the whole global
-        batch; ``sync_dist`` then averages over ranks. ``bar`` names go to the progress bar too.
-        """
-        if stage == "train":
-            self._pending.append(metrics)
-            if len(self._pending) < self.trainer.accumulate_grad_batches:
-                return
-            metrics = {k: torch.stack([m[k] for m in self._pending]).mean() for k in metrics}
-            self._pending = []
-        on_step = stage == "train"
-        kwargs = {"on_step": on_step, "on_epoch": not on_step, "batch_size": batch_size, "sync_dist": True}
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The non-finite guard: every rank agrees whether this step's loss and gradients are finite."""
+        finite = self._step_finite and all(
+            bool(torch.isfinite(_local(p.grad)).all()) for p in self.trainable_parameters() if p.grad is not None
+        )
+        rows, self._step_rows, self._step_finite = self._step_rows, [], True
+        bad = self.trainer.strategy.reduce(torch.tensor(float(not finite), device=self.device), reduce_op="max")
+        if not bad.item():
+            return
+        step = self.trainer.global_step + 1
+        mine = torch.cat(rows).tolist() if rows else []
+        everyone = self.trainer.strategy.all_gather(torch.tensor(mine, device=self.device))
+        rows_all = sorted({int(r) for r in everyone.reshape(-1).tolist()})
+        if self.guard.non_finite == NonFinite.stop:
+            raise NonFiniteError(
+                f"non-finite loss or gradient at optimizer step {step} (training rows {rows_all}, indices in "
+                "the training split); nothing was written over the last checkpoint. guard.non_finite=skip "
+                "drops such steps instead"
+            )
+        optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves weights and state alone
+        self.skipped_steps += 1
+        self.print(f"guard: skipped optimizer step {step} (non-finite; training rows {rows_all})")
+
+    def log_metrics(self, metrics: dict[str, Tensor], stage: str, batch_size: int, bar: tuple[str, ...] = ()) -> None:
+        """Log ``{stage}/...`` metrics (see the class docstring); ``bar`` names go to the progress bar."""
+        if stage != "train":
+            for key, value in metrics.items():
+                self._val_sums[key] = self._val_sums.get(key, 0) + value.detach().float() * batch_size
+            self._val_count += batch_size
+            self._val_bar = {f"{stage}/{name}" for name in bar}
+            return
+        self._pending.append(metrics)
+        if len(self._pending) < self.trainer.accumulate_grad_batches:
+            return
+        metrics = {k: torch.stack([m[k] for m in self._pending]).mean() for k in metrics}
+        self._pending = []
+        kwargs = {"on_step": True, "on_epoch": False, "batch_size": batch_size, "sync_dist": True}
         shown = {f"{stage}/{name}" for name in bar}
         self.log_dict({k: v for k, v in metrics.items() if k in shown}, prog_bar=True, **kwargs)
         self.log_dict({k: v for k, v in metrics.items() if k not in shown}, **kwargs)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums, self._val_count = {}, 0
+
+    def on_validation_epoch_end(self) -> None:
+        """Exact means over all ranks' held-out pairs: reduce sums and counts, then divide."""
+        keys = sorted(self._val_sums)
+        if not keys:
+            return
+        sums = torch.stack([self._val_sums[k] for k in keys] + [torch.tensor(float(self._val_count))]).to(self.device)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        means = {k: sums[i] / sums[-1] for i, k in enumerate(keys)}
+        shown = self._val_bar
+        self.log_dict({k: v for k, v in means.items() if k in shown}, prog_bar=True, sync_dist=False)
+        self.log_dict({k: v for k, v in means.items() if k not in shown}, sync_dist=False)
+
+    def report(self) -> list[str]:
+        """A summary line when the guard skipped steps."""
+        return [f"guard: skipped {self.skipped_steps} optimizer step(s) with a non-finite loss or gradient"] * bool(
+            self.skipped_steps
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["dpo_skipped_steps"] = self.skipped_steps
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("dpo_skipped_steps", 0))
+
+
+def _local(t: Tensor) -> Tensor:
+    """A tensor's local shard (FSDP2 gradients are DTensors; each rank checks its own part)."""
+    return t.to_local() if hasattr(t, "to_local") else t

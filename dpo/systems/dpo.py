@@ -14,7 +14,7 @@ from dpo.forward import score_pairs
 from dpo.logprobs import scored_kl
 from dpo.losses import check_loss_params, compute_loss, get_loss
 from dpo.reference import NoReference, Reference
-from dpo.systems.base import OptimConfig, System, optimizer_step_ended
+from dpo.systems.base import GuardConfig, OptimConfig, System, optimizer_step_ended
 
 REFERENCE_PREFIX = "reference."
 
@@ -42,6 +42,7 @@ class DPOModule(System):
         nll_weight: weight of the chosen-response NLL added to the loss (RPO); 0 disables it.
         fsdp_block: class name of the decoder block FSDP shards as one unit (None: the model's
             ``_no_split_modules``).
+        guard: what a non-finite loss or gradient does (``conf``: ``guard``).
     """
 
     def __init__(
@@ -53,8 +54,9 @@ class DPOModule(System):
         optim: OptimConfig,
         nll_weight: float = 0.0,
         fsdp_block: str | None = None,
+        guard: GuardConfig | None = None,
     ) -> None:
-        super().__init__(optim)
+        super().__init__(optim, guard)
         self.spec = get_loss(loss)
         check_loss_params(loss, loss_params)
         if self.spec.needs_reference and isinstance(reference, NoReference):
@@ -134,13 +136,26 @@ class DPOModule(System):
 
     def training_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch, "train")
+        self.watch_step(loss, batch["rows"])
         self.log_metrics(metrics, "train", batch["n_pairs"], bar=("loss", "rewards/accuracy"))
         return loss
 
     def validation_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
         loss, metrics = self.shared_step(batch, "val")
-        self.log_metrics(metrics, "val", batch["n_pairs"], bar=("loss", "rewards/accuracy"))
+        # A batch of rows -1 only keeps this rank in step with the others (FSDP): it counts zero.
+        counted = 0 if bool((batch["rows"] < 0).all()) else batch["n_pairs"]
+        self.log_metrics(metrics, "val", counted, bar=("loss", "rewards/accuracy"))
         return loss
+
+    def on_predict_start(self) -> None:
+        self.reference.on_predict_start(self.trainer)
+
+    @torch.no_grad()
+    def predict_step(self, batch: ScoredBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The policy's summed log-probs of a batch of pairs, with their rows: the reference pass of
+        ``reference=precomputed``, run before training (so the policy is still the initial model)."""
+        logps, _ = score_pairs(self.policy, batch)
+        return {"rows": batch["rows"].cpu(), "logps": torch.stack([logps.chosen, logps.rejected], 1).float().cpu()}
 
     def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
         if optimizer_step_ended(self.trainer, batch_idx):
@@ -148,10 +163,12 @@ class DPOModule(System):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The reference prunes what need not be saved; a distributed (FSDP) checkpoint keeps all."""
+        super().on_save_checkpoint(checkpoint)
         if not self.sharded:
             self.reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
         if state is not None:
             self.reference.restore_checkpoint(state, REFERENCE_PREFIX)
