@@ -146,7 +146,7 @@ def checkpoint_tensors(path: str | Path) -> tuple[int, dict[str, tuple[int, ...]
         step = int(torch.load(path / "meta.pt", weights_only=True).get("global_step", 0))
         meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
         shapes = {k: tuple(v.size) for k, v in meta.items() if hasattr(v, "size")}
-        prefix = "model.policy."
+        prefix = "state_dict.policy."
     else:
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True, mmap=True)

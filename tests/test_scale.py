@@ -49,21 +49,23 @@ def assert_same_trajectory(a, b, tol=1e-5):
         assert a[key] == pytest.approx(b[key], abs=tol, rel=tol), key
 
 
-EVERY3 = "callbacks.model_checkpoint.every_n_train_steps=3"  # checkpoints change no number
+# Checkpoints every 3 steps, each kept (step000003.ckpt, step000006.ckpt): the resume tests start
+# from the reference runs' step-3 checkpoints. Checkpoints change no number.
+EVERY3 = ("callbacks.model_checkpoint.every_n_train_steps=3", "callbacks.model_checkpoint.save_top_k=-1")
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     """One process, micro-batch 8, checkpoints every 3 steps: the trajectory the others must equal."""
     out = tmp_path_factory.mktemp("single") / "run"
-    return out, run_cli(out, "data.micro_batch_size=8", EVERY3)
+    return out, run_cli(out, "data.micro_batch_size=8", *EVERY3)
 
 
 @pytest.fixture(scope="module")
 def fsdp(tmp_path_factory):
     """FSDP2 on 2 CPU processes (micro-batch 4 each), checkpoints every 3 steps."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    return out, run_cli(out, "trainer=fsdp_cpu", "data.micro_batch_size=4", EVERY3)
+    return out, run_cli(out, "trainer=fsdp_cpu", "data.micro_batch_size=4", *EVERY3)
 
 
 @pytest.mark.slow
@@ -117,16 +119,16 @@ def test_fsdp2_equals_one_process_and_exports_full_weights(single, fsdp):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_continues_the_same_trajectory(tmp_path, single):
-    """Stop after 3 of 6 steps (mid-epoch), resume from last.ckpt: steps 4-6 match the full run."""
-    run_cli(tmp_path / "first", EVERY3, "trainer.max_steps=3")
-    resumed = run_cli(tmp_path / "resumed", EVERY3, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    """Resume from the one-process run's step-3 checkpoint (mid-epoch): steps 4-6 match the full run."""
+    resumed = run_cli(tmp_path / "resumed", *EVERY3, f"ckpt_path={single[0] / 'checkpoints' / 'step000003.ckpt'}")
     assert resumed["train/loss"] == pytest.approx(single[1]["train/loss"][3:], abs=1e-6)
     assert resumed["val/loss"][-1] == pytest.approx(single[1]["val/loss"][-1], abs=1e-6)
 
 
 @pytest.mark.slow
 def test_resume_from_a_sharded_fsdp_checkpoint(tmp_path, fsdp):
-    sharded = ["trainer=fsdp_cpu", "data.micro_batch_size=4", EVERY3]
-    run_cli(tmp_path / "first", *sharded, "trainer.max_steps=3")
-    resumed = run_cli(tmp_path / "resumed", *sharded, f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}")
+    """Resume from the FSDP2 run's step-3 distributed checkpoint (a folder) under FSDP2."""
+    ckpt = fsdp[0] / "checkpoints" / "step000003.ckpt"
+    assert (ckpt / "meta.pt").is_file()
+    resumed = run_cli(tmp_path / "resumed", "trainer=fsdp_cpu", "data.micro_batch_size=4", *EVERY3, f"ckpt_path={ckpt}")
     assert resumed["train/loss"] == pytest.approx(fsdp[1]["train/loss"][3:], abs=1e-6)

@@ -43,8 +43,9 @@ def test_a_planted_key_appears_nowhere_in_the_run_folder(tmp_path):
         [sys.executable, "-m", "dpo.train", *TINY, f"reward.token={secret}", f"hydra.run.dir={tmp_path / 'literal'}"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
-    assert refused.returncode == 1 and "reward.token holds a literal secret" in refused.stdout + refused.stderr
-    assert secret not in refused.stdout + refused.stderr
+    said = refused.stdout + refused.stderr
+    assert refused.returncode == 1 and "reward.token holds a literal secret" in said
+    assert secret not in said and "Traceback" not in said  # a user mistake is one line, no traceback
     assert (tmp_path / "literal" / ".hydra" / "overrides.yaml").is_file()
     assert files_holding(tmp_path / "literal", secret) == []
 
