@@ -5,9 +5,10 @@
 
 A mistake the user can fix (a :class:`~dpo.config.ConfigError`, :class:`~dpo.data.sources.DataError`
 or :class:`~dpo.models.ModelLoadError`), and a run the non-finite guard stopped
-(:class:`~dpo.systems.base.NonFiniteError`), is logged as one line naming what, where and how to fix,
-and the program exits with status 1; set ``DPO_FULL_ERROR=1`` for the traceback (as Hydra's
-``HYDRA_FULL_ERROR``). Anything else is a bug and keeps its traceback.
+(:class:`~dpo.systems.base.NonFiniteError`), and a judge that cannot work as configured
+(:class:`~dpo.evaluation.judges.base.JudgeError`: no API key, max_requests), is logged as one line
+naming what, where and how to fix, and the program exits with status 1; set ``DPO_FULL_ERROR=1``
+for the traceback (as Hydra's ``HYDRA_FULL_ERROR``). Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from omegaconf import DictConfig
 
 import dpo.schema  # noqa: F401  (registers the config schemas before Hydra composes)
 from dpo.config import USER_ERRORS, literal_secrets
+from dpo.evaluation.judges.base import JudgeError
 from dpo.io import atomic_write
 from dpo.log import get_logger
 from dpo.systems.base import NonFiniteError
@@ -67,7 +69,7 @@ def entry(config_name: str) -> Callable[[Callable[[DictConfig], Any]], Callable[
             scrub_hydra_files()
             try:
                 return task(cfg)
-            except (*USER_ERRORS, NonFiniteError) as e:
+            except (*USER_ERRORS, NonFiniteError, JudgeError) as e:
                 if os.environ.get("DPO_FULL_ERROR") == "1":
                     raise
                 log.error(f"{type(e).__name__}: {e}  (DPO_FULL_ERROR=1 shows the traceback)")

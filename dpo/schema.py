@@ -15,8 +15,10 @@ reference       each kind's ``Config`` in :data:`dpo.reference.REFERENCES`
 loss            the loss function's keyword parameters (:data:`dpo.losses.LOSSES`) plus
                 ``name`` and ``nll_weight``
 reward          the reward factory's parameters (:data:`dpo.rewards.REWARDS`) plus ``name``
+judge           each kind's ``Config`` in :data:`dpo.evaluation.judges.JUDGES`
+template        :class:`dpo.evaluation.judges.Template`
 paths           :class:`PathsConfig`
-(root)          :class:`TrainConfig` (``conf/train.yaml``)
+(root)          :class:`TrainConfig` (``conf/train.yaml``), :class:`EvalConfig` (``conf/eval.yaml``)
 ==============  =====================================================================
 
 So an unknown key, a wrong type or an invalid choice fails by name when Hydra composes the config;
@@ -41,6 +43,7 @@ from omegaconf import MISSING, OmegaConf
 
 from dpo.data.datamodule import DataConfig
 from dpo.data.sources import bundled_path
+from dpo.evaluation.judges import JUDGES, Template
 from dpo.losses import LOSSES
 from dpo.models import ModelConfig
 from dpo.reference import REFERENCES
@@ -99,6 +102,52 @@ class TrainConfig:
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)
+
+
+@dataclass
+class EvalConfig:
+    """The root of ``dpo-eval``'s config (``conf/eval.yaml``); see :mod:`dpo.pipeline.evaluate`.
+
+    Attributes:
+        task_name: names the output folder (``outputs/<task_name>/runs/<run_name>``).
+        run_name: the output folder's name; default: the time.
+        seed: seeds the choice of prompts, the A/B orders and sampling.
+        policies: name -> model (an ``hf`` export folder, hub id or ``pypi-gguf:``) to sample from.
+        baseline: ``chosen``: the data's preferred (TL;DR: reference) response of each prompt; or the
+            name of one of ``policies``, sampled at the same temperature as the policy it meets.
+        temperatures: sampling temperatures (0: greedy). Paper: 0, 0.25, 0.5, 0.75, 1.0.
+        n_prompts: held-out prompts judged (a seeded choice; all if fewer).
+        split: the data split the prompts come from.
+        completions: a JSONL of completions to judge instead of sampling (rows: ``policy``,
+            ``temperature``, ``prompt``, ``completion``; e.g. an earlier run's ``completions.jsonl``).
+        dtype: parameter dtype the policies are loaded in.
+        batch_size: prompts per ``generate`` call.
+        generation: sampling settings besides the temperature; ``max_new_tokens`` and ``stop``
+            default to the data config's ``response``.
+        dry_run: sample (or read) the completions, count the judge requests a run would send, stop.
+        wandb: log the results table and plot to wandb (``WANDB_MODE`` decides online/offline).
+        wandb_project: the wandb project.
+    """
+
+    task_name: str = "eval"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    seed: int = 0
+    policies: Any = None
+    baseline: str = "chosen"
+    temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    n_prompts: int = 256
+    split: str = "val"
+    completions: str | None = None
+    dtype: str = "float32"
+    batch_size: int = 16
+    generation: Any = field(default_factory=dict)
+    dry_run: bool = False
+    wandb: bool = False
+    wandb_project: str = "dpo"
+    data: Any = MISSING
+    judge: Any = MISSING
+    template: Any = MISSING
+    paths: Any = MISSING
 
 
 OUR_GROUPS = ("model", "data", "loss", "optim", "reward", "reference", "paths")
@@ -165,6 +214,10 @@ def register() -> None:
     cs.store(group="schema", name="data", node=DataConfig)
     cs.store(group="schema", name="optim", node=OptimConfig)
     cs.store(group="schema", name="paths", node=PathsConfig)
+    cs.store(group="schema", name="eval", node=EvalConfig)
+    cs.store(group="schema", name="template", node=Template)
+    for kind, cls in JUDGES.items():
+        cs.store(group="schema/judge", name=kind, node=cls.Config)
     for kind, cls in REFERENCES.items():
         cs.store(group="schema/reference", name=kind, node=cls.Config)
     for name in LOSSES:

@@ -119,4 +119,7 @@ def shrink(cfg: DictConfig, exported_tiny: str | None = None) -> DictConfig:
             cfg.reward = OmegaConf.structured(reward_schema("vader"))
         cfg.trainer.accelerator = "cpu"
         cfg.trainer.precision = "32-true"
+        if cfg.trainer.get("devices", 1) != 1:  # a multi-GPU config (experiment=tldr_*) as one CPU process
+            cfg.trainer.devices = 1
+            cfg.trainer.strategy = "auto"
     return cfg

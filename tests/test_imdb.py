@@ -34,7 +34,7 @@ def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
     gen = {"max_new_tokens": 8, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
     samples = sample(OmegaConf.create({
         "paths": paths, "seed": 0, "model": model, "n": 4, "batch_size": 32, "generation": gen,
-        "prompts": {"file": str(prompts), "field": "prompt", "split": "train", "max_prompts": None, "max_tokens": 16},
+        "prompts": {"file": str(prompts), "field": "prompt", "split": "train", "max_prompts": None},
         "output": str(tmp_path / "samples.jsonl"),
     }))  # fmt: skip
     scored = score(OmegaConf.create({

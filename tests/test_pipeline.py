@@ -98,8 +98,7 @@ def test_sample_score_pair_on_a_tiny_model(tmp_path, exported_tiny):
     model = {"pretrained": exported_tiny, "revision": None, "dtype": "float32", "trust_remote_code": False,
              "tokenizer": {"pretrained": None}}  # fmt: skip
     cfg = OmegaConf.create(base | {
-        "model": model, "prompts": {"file": str(prompts), "field": "prompt", "split": "train", "max_prompts": None,
-                                    "max_tokens": 16},
+        "model": model, "prompts": {"file": str(prompts), "field": "prompt", "split": "train", "max_prompts": None},
         "n": 4, "batch_size": 5, "output": str(tmp_path / "samples.jsonl"),
         "generation": {"max_new_tokens": 6, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
     })  # fmt: skip

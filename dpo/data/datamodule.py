@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from functools import partial
 from typing import Any
@@ -36,6 +36,22 @@ class OnBadRow(str, Enum):
 
 
 @dataclass
+class ResponseSpec:
+    """``data.response``: what a response of this data set looks like when a model writes one.
+
+    Sampling (``dpo-sample``, ``dpo-eval``) takes its defaults from here, so ``data=hh`` brings its
+    stop string with it.
+
+    Attributes:
+        max_new_tokens: most tokens sampled for one response.
+        stop: strings that end a response (cut before the first; e.g. HH's next ``"\\n\\nHuman:"``).
+    """
+
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
     """``conf/data``: the preference source, its tokenization and the batch plan.
 
@@ -55,6 +71,7 @@ class DataConfig:
         truncation_side: which end of an over-long prompt is kept.
         shuffle: shuffle training pairs each epoch (seeded by the run's seed).
         num_workers: DataLoader workers.
+        response: sampling defaults for this data set's responses.
     """
 
     source: SourceSpec = MISSING
@@ -70,6 +87,7 @@ class DataConfig:
     truncation_side: TruncationSide = TruncationSide.keep_end
     shuffle: bool = True
     num_workers: int = 0
+    response: ResponseSpec = field(default_factory=ResponseSpec)
 
 
 class TokenizedDataset(Dataset[TokenizedPair]):

@@ -20,7 +20,7 @@ from dpo.config import ConfigError, require_keys, typed
 from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
-from dpo.sampling import GenerationConfig, generate
+from dpo.sampling import GenerationConfig, sample_texts
 
 log = get_logger(__name__)
 
@@ -62,24 +62,26 @@ def sample(cfg: DictConfig) -> Path:
     m = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
     tokenizer = load_tokenizer(m.tokenizer.pretrained or m.pretrained, revision=m.revision,
                                trust_remote_code=m.trust_remote_code)  # fmt: skip
-    ids = [tokenizer(t)["input_ids"][-cfg.prompts.max_tokens :] for t in prompts]
     model = load_policy(m)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     started = time.time()
-    repeated = [p for p in ids for _ in range(cfg.n)]  # k consecutive samples per prompt
-    completions = generate(model, repeated, gen, tokenizer.pad_token_id, tokenizer.eos_token_id, cfg.batch_size,
-                           progress=f"sample {len(repeated)} completions")  # fmt: skip
-    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    rows = [{"prompt": prompt, "completions": texts[i * cfg.n : (i + 1) * cfg.n]} for i, prompt in enumerate(prompts)]
+    sampled = sample_texts(model, tokenizer, prompts, gen, n=cfg.n, batch_size=cfg.batch_size,
+                           progress=f"sample {len(prompts) * cfg.n} completions")  # fmt: skip
+    if sampled.skipped:
+        log.warning(f"{sampled.skipped} of {len(prompts)} prompts do not fit the model's context with "
+                    f"{gen.max_new_tokens} new tokens: skipped (prompts are never cut)")  # fmt: skip
+    rows = [{"prompt": p, "completions": t} for p, t in zip(prompts, sampled.texts, strict=True) if t is not None]
+    if not rows:
+        raise ConfigError(f"no prompt fits the model's context with generation.max_new_tokens={gen.max_new_tokens}")
     out = write_jsonl(cfg.output, rows)
     write_json(f"{out}.meta.json", {
         "model": {"pretrained": cfg.model.pretrained, "revision": m.revision, "dtype": m.dtype.value},
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "n": cfg.n, "seed": cfg.seed, "prompts": cfg.prompts.file or f"data:{cfg.data.source.path}:{cfg.prompts.split}",
-        "n_prompts": len(prompts), "seconds": round(time.time() - started, 1),
+        "n_prompts": len(rows), "skipped_prompts": sampled.skipped, "seconds": round(time.time() - started, 1),
     })  # fmt: skip
-    log.info(f"sampled {len(texts)} completions of {len(prompts)} prompts in {time.time() - started:.0f}s -> {out}")
+    log.info(f"sampled {len(rows) * cfg.n} completions of {len(rows)} prompts in {time.time() - started:.0f}s -> {out}")
     return out
 
 

@@ -80,6 +80,13 @@ class NonFinite(str, Enum):
     skip = "skip"  # drop that update (weights and optimizer state unchanged) and go on
 
 
+class LowPrecision(str, Enum):
+    """What pure low-precision weights with updates too small to register do (``guard.low_precision``)."""
+
+    refuse = "refuse"  # a config error before any weights load (dpo.config.check_update_precision)
+    allow = "allow"  # you know better (e.g. an optimizer with stochastic rounding or Kahan sums)
+
+
 @dataclass
 class GuardConfig:
     """``guard``: what training does about numbers that went wrong.
@@ -87,9 +94,12 @@ class GuardConfig:
     Attributes:
         non_finite: a NaN/inf loss or gradient norm in an optimizer step: ``stop`` (name the step
             and its training rows, write nothing) or ``skip`` (drop the update, count it).
+        low_precision: bf16/fp16 weights (``model.dtype``) with a learning rate so small that
+            updates round away: ``refuse`` (default) or ``allow``.
     """
 
     non_finite: NonFinite = NonFinite.stop
+    low_precision: LowPrecision = LowPrecision.refuse
 
 
 class NonFiniteError(RuntimeError):

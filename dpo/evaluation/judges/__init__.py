@@ -1,0 +1,29 @@
+"""Judges of pairwise comparisons, one interface (:class:`~dpo.evaluation.judges.base.Judge`), three
+backends: an OpenAI-compatible API (:mod:`.api`), a local causal LM (:mod:`.local`), a reward model
+(:mod:`.reward`). ``conf/judge/<kind>.yaml`` picks one; :func:`build_judge` builds it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpo.evaluation.judges.api import ApiJudge
+from dpo.evaluation.judges.base import Comparison, Judge, JudgeError, Template, Verdict
+from dpo.evaluation.judges.local import LocalLMJudge
+from dpo.evaluation.judges.reward import RewardJudge
+
+JUDGES: dict[str, Any] = {"api": ApiJudge, "local": LocalLMJudge, "reward": RewardJudge}
+"""Judge kinds (``judge.kind``) and their classes; each class's ``Config`` is its group's schema."""
+
+ORDERS = ("random", "both")
+
+
+def build_judge(config: Any, template: Template, cache_dir: str) -> Judge:
+    """The judge a typed ``conf/judge`` node describes."""
+    if config.orders not in ORDERS:
+        raise ValueError(f"judge.orders must be one of {ORDERS}, got {config.orders!r}")
+    if config.kind == "local":
+        return LocalLMJudge(config, template, cache_dir)
+    return JUDGES[config.kind](config, template)
+
+
+__all__ = ["JUDGES", "ORDERS", "Comparison", "Judge", "JudgeError", "Template", "Verdict", "build_judge"]

@@ -1,0 +1,316 @@
+"""`dpo-eval`: win rates and standard errors, the three judges (the API judge against a real HTTP
+server started here), sampling with stop strings and whole prompts, end to end on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import open_dict
+
+from dpo.cli import CONF_DIR
+from dpo.evaluation.judges import Comparison, JudgeError, Template
+from dpo.evaluation.judges.local import LocalLMJudge
+from dpo.evaluation.win_rate import win_rate
+from dpo.io import read_jsonl, write_jsonl
+from dpo.pipeline.evaluate import choose_prompts, evaluate
+from dpo.sampling import GenerationConfig, cut_at_stop, generate, sample_texts
+
+KEY = "sk-test-0123456789abcdef-NEVER-WRITTEN"
+
+
+def compose_eval(overrides: list[str], out: Path, cache: Path | None = None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["data=reviews", "template=positive", *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+        cfg.paths.cache_dir = str(cache or out / "cache")
+    return cfg
+
+
+# --- win rate and standard error --------------------------------------------------------------
+
+
+def test_win_rate_and_standard_error_by_hand():
+    """Prompt 0, both orders: A wins with the policy first (1), A wins with it second (0): 0.5.
+    Prompt 1: a tie (0.5) and B with the policy second (1): 0.75. Prompt 2: unreadable, then A with
+    the policy second (0): 0. Prompt 3: both unreadable: left out.
+    Mean of [0.5, 0.75, 0] = 5/12 = 0.41667; sample variance ((1/12)^2 + (1/3)^2 + (5/12)^2) / 2
+    = 0.145833; s.e. = sqrt(0.145833 / 3) = 0.220479. Decided judgments A, A, B, A: 3/4 for A."""
+    w = win_rate([
+        (0, "A", True), (0, "A", False),
+        (1, "tie", True), (1, "B", False),
+        (2, None, True), (2, "A", False),
+        (3, None, True), (3, None, False),
+    ])  # fmt: skip
+    assert w.win_rate == pytest.approx(5 / 12) and w.stderr == pytest.approx(0.220479, abs=1e-6)
+    assert (w.n, w.judgments, w.parse_failures, w.ties) == (3, 5, 3, 1)
+    assert w.position_bias == pytest.approx(0.75)
+
+
+def test_one_prompt_has_no_standard_error_and_none_has_no_win_rate():
+    assert math.isnan(win_rate([(0, "A", True)]).stderr) and win_rate([(0, "A", True)]).win_rate == 1.0
+    assert math.isnan(win_rate([(0, None, True)]).win_rate)
+
+
+@pytest.mark.parametrize(("text", "winner"), [
+    ("Summary A is shorter and keeps the point.\nPreferred: A", "A"),
+    ("B covers more.\n\nPreferred: \"B\"", "B"),
+    ("One sentence.\nB", "B"),
+    ("Preferred: **A**.", "A"),
+    ("I like both equally.", None),
+    ("Preferred: C", None),
+    ("Preferred: A or B", None),
+    ("", None),
+])  # fmt: skip
+def test_the_verdict_is_the_letter_on_the_last_line(text, winner):
+    assert Template().parse(text) == winner
+
+
+# --- the API judge against a real HTTP server ---------------------------------------------------
+
+
+class ScriptedServer(ThreadingHTTPServer):
+    """Chat completions: prefers the continuation starting with "good", rejects one starting with
+    "bad", answers "weird" ones with no letter; the first ``fail`` requests get 429."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.requests: list[tuple[str | None, dict]] = []
+        self.fail = 0
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ScriptedServer
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        with self.server.lock:
+            self.server.requests.append((self.headers.get("Authorization"), body))
+            fail, self.server.fail = self.server.fail > 0, max(0, self.server.fail - 1)
+        if self.path != "/v1/chat/completions" or fail:
+            self.send_response(429 if fail else 404)
+            self.send_header("Retry-After", "0")
+            self.end_headers()
+            return
+        user = body["messages"][-1]["content"]
+        a = user.split("Continuation A:\n", 1)[1].split("\n\nContinuation B:", 1)[0]
+        b = user.split("Continuation B:\n", 1)[1].split("\n\nWhich", 1)[0]
+        if "weird" in a + b:
+            content = "Both have their charm."
+        elif a.startswith("good") or b.startswith("bad"):
+            content = "A is warmer about the film.\nPreferred: A"
+        else:
+            content = "B is warmer about the film.\nPreferred: B"
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    s = ScriptedServer()
+    thread = threading.Thread(target=s.serve_forever, daemon=True)
+    thread.start()
+    yield s
+    s.shutdown()
+
+
+def api_overrides(server: ScriptedServer, completions: Path) -> list[str]:
+    return ["judge=api", f"judge.base_url={server.url}", "judge.model=scripted", "judge.api_key_env=TEST_JUDGE_KEY",
+            "judge.backoff_s=0.01", "judge.max_concurrency=3", "n_prompts=8", "temperatures=[0.0]",
+            f"completions={completions}"]  # fmt: skip
+
+
+def scripted_completions(tmp_path: Path) -> Path:
+    """Policy `dpo` at T=0 on the 8 chosen prompts: 5 good, 2 bad, 1 weird (an unreadable verdict)."""
+    prompts = choose_prompts(compose_eval(["n_prompts=8"], tmp_path), None)
+    kinds = ["good", "bad", "good", "weird", "good", "bad", "good", "good"]
+    rows = [{"policy": "dpo", "temperature": 0.0, "prompt": p.text, "completion": f"{k} take {i}"}
+            for i, (p, k) in enumerate(zip(prompts, kinds, strict=True))]  # fmt: skip
+    return write_jsonl(tmp_path / "given.jsonl", rows)
+
+
+def test_api_judge_gives_the_scripted_win_rate_retries_caches_and_keeps_the_key_secret(tmp_path, server,
+                                                                                      monkeypatch):  # fmt: skip
+    """5 wins, 2 losses, 1 unreadable: win rate 5/7 over n = 7 prompts; sample variance
+    (5 (2/7)^2 + 2 (5/7)^2) / 6 = 70/294 = 0.238095, s.e. sqrt(0.238095 / 7) = 0.184428."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    completions, cache = scripted_completions(tmp_path), tmp_path / "shared_cache"
+    server.fail = 1  # the first request gets a 429 and is retried
+    results = evaluate(compose_eval(api_overrides(server, completions), tmp_path / "one", cache))
+    (row,) = read_jsonl(results, {"win_rate": float})
+    assert row["win_rate"] == pytest.approx(5 / 7) and row["stderr"] == pytest.approx(0.184428, abs=1e-6)
+    assert (row["n"], row["parse_failures"], row["skipped_prompts"]) == (7, 1, 0)
+    assert len(server.requests) == 9  # 8 comparisons + the retried 429
+    assert {auth for auth, _ in server.requests} == {f"Bearer {KEY}"}
+
+    judgments = read_jsonl(tmp_path / "one" / "judgments.jsonl", {"order": str, "raw": str})
+    assert {j["order"] for j in judgments} == {"policy_first", "baseline_first"}  # both orders were drawn
+    for j in judgments:  # the order is undone: a good policy text wins whichever letter it had
+        if j["policy_text"].startswith("good"):
+            assert j["verdict"] == ("A" if j["order"] == "policy_first" else "B")
+            assert j["a" if j["order"] == "policy_first" else "b"] == j["policy_text"]
+
+    evaluate(compose_eval(api_overrides(server, completions), tmp_path / "two", cache))
+    assert len(server.requests) == 9  # the rerun is served from the cache
+    assert (tmp_path / "two" / "results.jsonl").read_text() == results.read_text()
+
+    for path in [*tmp_path.rglob("*")]:
+        if path.is_file():
+            assert KEY not in path.read_text(errors="replace"), path
+
+
+def test_api_judge_honours_max_requests_and_dry_run_and_needs_its_key(tmp_path, server, monkeypatch, caplog):
+    completions = scripted_completions(tmp_path)
+    overrides = api_overrides(server, completions)
+    with pytest.raises(JudgeError, match="TEST_JUDGE_KEY"):
+        evaluate(compose_eval(overrides, tmp_path / "nokey"))
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    with pytest.raises(JudgeError, match="8 comparisons need a request but judge.max_requests=3"):
+        evaluate(compose_eval([*overrides, "judge.max_requests=3"], tmp_path / "capped"))
+    with caplog.at_level("INFO"):
+        evaluate(compose_eval([*overrides, "dry_run=true"], tmp_path / "dry"))
+    assert "8 judge requests to send" in caplog.text
+    assert server.requests == [] and not (tmp_path / "dry" / "judgments.jsonl").exists()
+    server.fail = 100  # every attempt fails: retries stop at the cap on requests
+    with pytest.raises(JudgeError, match="max_requests=8 reached"):
+        evaluate(compose_eval([*overrides, "judge.max_requests=8", "judge.max_retries=20"], tmp_path / "r"))
+    assert len(server.requests) == 8
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+def test_stop_strings_end_an_hh_answer_at_the_next_human_turn():
+    answer = " Sure: boil the water first.\n\nHuman: and then?\n\nAssistant: Then add salt."
+    assert cut_at_stop(answer, ["\n\nHuman:"]) == " Sure: boil the water first."
+    assert cut_at_stop(answer, ["salt", "\n\nHuman:"]) == " Sure: boil the water first."
+    assert cut_at_stop("no stop here", ["\n\nHuman:"]) == "no stop here"
+
+
+def test_generation_stops_at_a_stop_string_and_the_text_is_cut_before_it(tiny_model, bpe_tokenizer):
+    """A seeded sample, then the same sample with one of its later tokens as stop string: the text
+    ends before the stop string's first occurrence and generation itself ended there."""
+    prompts = [bpe_tokenizer("The film was")["input_ids"]]
+    torch.manual_seed(0)
+    free = generate(tiny_model, prompts, GenerationConfig(max_new_tokens=24), 0, None)[0]
+    text = bpe_tokenizer.decode(free, skip_special_tokens=True)
+    # a whole-character token (transformers matches stop strings on the decoded end of the sequence)
+    k = next(i for i in range(4, 24) if "\ufffd" not in (t := bpe_tokenizer.decode(free[i : i + 1])) and t.strip())
+    stop = bpe_tokenizer.decode(free[k : k + 1])
+    gen = GenerationConfig(max_new_tokens=24, stop=[stop])
+    torch.manual_seed(0)
+    assert sample_texts(tiny_model, bpe_tokenizer, ["The film was"], gen).texts == [[text[: text.find(stop)]]]
+    torch.manual_seed(0)
+    assert len(generate(tiny_model, prompts, gen, 0, None, tokenizer=bpe_tokenizer)[0]) <= k + 1 < len(free)
+
+
+def test_long_prompts_are_never_cut_and_too_long_ones_are_skipped(tiny_model, bpe_tokenizer):
+    """A 100-token post (TL;DR-like) is sampled from whole; one that leaves no room for 8 new tokens
+    in the 128 positions is skipped and counted, not cut to fit."""
+    words = "the post goes on about the movie and the actors and what went wrong in the second act".split()
+    long = " ".join(words * 8)
+    ids = bpe_tokenizer(long)["input_ids"]
+    fits, too_long = bpe_tokenizer.decode(ids[:100]), bpe_tokenizer.decode(ids[:125])
+    gen = GenerationConfig(max_new_tokens=8, temperature=0)
+    out = sample_texts(tiny_model, bpe_tokenizer, [fits, too_long], gen)
+    assert out.skipped == 1 and out.texts[1] is None
+    whole = generate(tiny_model, [bpe_tokenizer(fits)["input_ids"]], gen, 0, None)
+    assert len(bpe_tokenizer(fits)["input_ids"]) == 100
+    assert out.texts[0] == [bpe_tokenizer.decode(whole[0], skip_special_tokens=True)]
+
+
+def test_temperature_zero_is_deterministic(tiny_model, bpe_tokenizer):
+    gen = GenerationConfig(max_new_tokens=12, temperature=0)
+    prompts = ["The film was", "I watched this movie"]
+    torch.manual_seed(1)
+    first = sample_texts(tiny_model, bpe_tokenizer, prompts, gen, n=2).texts
+    torch.manual_seed(2)
+    assert sample_texts(tiny_model, bpe_tokenizer, prompts, gen, n=2).texts == first
+    assert first[0][0] == first[0][1]
+
+
+# --- the local LM judge ---------------------------------------------------------------------
+
+
+def local_judge(model, tokenizer) -> LocalLMJudge:
+    return LocalLMJudge(LocalLMJudge.Config(pretrained="unused", batch_size=2), Template(), "", model, tokenizer)
+
+
+def test_local_judge_follows_the_letter_probabilities_on_a_constructed_model(tiny_model, bpe_tokenizer):
+    """With the final layer norm's weight zeroed and its bias set to the sum of one letter's token
+    embeddings, every position's logits favour that letter (tied embeddings): the verdict follows."""
+    judge = local_judge(tiny_model, bpe_tokenizer)
+    comparisons = [Comparison("The film", "was great.", "was dull."), Comparison("A movie", "so-so", "fine")]
+    wte = tiny_model.transformer.wte.weight
+    with torch.no_grad():
+        tiny_model.transformer.ln_f.weight.zero_()
+        for letter in ("A", "B"):
+            tiny_model.transformer.ln_f.bias.copy_(50 * wte[judge.letters[letter]].sum(0))
+            verdicts = judge.judge(comparisons)
+            assert [v.winner for v in verdicts] == [letter, letter]
+            p = json.loads(verdicts[0].raw)
+            assert p[f"p_{letter}"] > p["p_B" if letter == "A" else "p_A"]
+
+
+def test_local_judge_verdicts_are_the_more_probable_letter_batched_or_not(tiny_model, bpe_tokenizer):
+    judge = local_judge(tiny_model, bpe_tokenizer)
+    comparisons = [Comparison("The film" + " was" * i, "good" * (i + 1), "bad") for i in range(5)]  # ragged
+    batched = judge.letter_logprobs([judge.render(c) for c in comparisons])
+    for c, lp, v in zip(comparisons, batched, judge.judge(comparisons), strict=True):
+        (alone,) = judge.letter_logprobs([judge.render(c)])
+        assert lp == pytest.approx(alone, abs=1e-5)  # left padding changes nothing
+        assert v.winner == ("A" if lp[0] > lp[1] else "B")
+
+
+# --- dpo-eval end to end --------------------------------------------------------------------
+
+
+def test_dpo_eval_end_to_end_with_the_local_judge_and_a_policy_baseline(tmp_path, exported_tiny):
+    """Two policies sampled at two temperatures, one the baseline; the tiny model judges both orders."""
+    cfg = compose_eval([f"policies={{sft: {exported_tiny}, dpo: {exported_tiny}}}", "baseline=sft",
+                        "temperatures=[0.0,1.0]", "n_prompts=3", "generation.max_new_tokens=6",
+                        f"judge.pretrained={exported_tiny}", "wandb=true",
+                        "template.user='{prompt} A:{a} B:{b}'"], tmp_path)  # fmt: skip  # within 128 positions
+    results = read_jsonl(evaluate(cfg), {"policy": str, "temperature": float, "win_rate": float})
+    assert [(r["policy"], r["temperature"]) for r in results] == [("dpo", 0.0), ("dpo", 1.0)]
+    greedy = results[0]  # the same model greedy on both sides: identical texts, so every prompt scores 1/2
+    assert greedy["win_rate"] == 0.5 and greedy["n"] == 3 and greedy["judgments"] == 6
+    judgments = read_jsonl(tmp_path / "judgments.jsonl", {"raw": str})
+    assert len(judgments) == 12 and all("p_A" in j["raw"] for j in judgments)
+    greedy_verdicts = [(j["prompt_index"], j["order"], j["verdict"]) for j in judgments if j["temperature"] == 0]
+    by_prompt = {(i, o): v for i, o, v in greedy_verdicts}  # the same input in both orders: the same letter
+    assert all(by_prompt[(i, "policy_first")] == by_prompt[(i, "baseline_first")] for i, _, _ in greedy_verdicts)
+    a_won = sum(v == "A" for _, _, v in greedy_verdicts) / 6
+    assert greedy["position_bias"] == pytest.approx(a_won)
+    assert len(read_jsonl(tmp_path / "completions.jsonl", {"completion": str})) == 12  # 2 policies x 2 T x 3
+    for name in ("results.md", "win_rate.png", "eval.meta.json"):
+        assert (tmp_path / name).is_file()
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_dpo_eval_with_a_reward_judge_against_the_chosen_responses(tmp_path, exported_tiny):
+    """The bundled reviews' chosen responses are positive, the tiny model's samples are noise: VADER
+    prefers the chosen ones on most prompts."""
+    cfg = compose_eval([f"policies={{tiny: {exported_tiny}}}", "judge=reward", "reward@judge.reward=vader",
+                        "temperatures=[1.0]", "n_prompts=8", "generation.max_new_tokens=8"], tmp_path)  # fmt: skip
+    (row,) = read_jsonl(evaluate(cfg), {"win_rate": float})
+    assert row["n"] == 8 and row["win_rate"] < 0.5 and row["judge"]["reward"] == {"name": "vader"}
