@@ -32,6 +32,9 @@ MAY_CHANGE = (
     "trainer.log_every_n_steps",
     "trainer.enable_progress_bar",
     "data.num_workers",
+    "logger.wandb.name",  # the overrides' label: `trainer.max_steps=...` on resume changes it
+    "log_export",
+    "callbacks.reward_eval.log_samples",
 )
 """Config keys a resumed run may change (how long to train and how to show it, not what)."""
 STOP_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time")

@@ -47,6 +47,7 @@ from dpo.evaluation.judges import JUDGES, Template
 from dpo.losses import LOSSES
 from dpo.models import ModelConfig
 from dpo.reference import REFERENCES
+from dpo.report.naming import resolve_run_group, resolve_run_label
 from dpo.rewards import REWARDS
 from dpo.systems.base import GuardConfig, OptimConfig
 
@@ -81,6 +82,7 @@ class TrainConfig:
         tags: wandb tags.
         run_group: wandb group; sweeps set it so their runs line up in one dashboard.
         guard: what a non-finite loss or gradient does.
+        log_export: upload the ``hf`` export as a wandb model artifact (with a wandb logger).
     """
 
     task_name: str = "train"
@@ -91,6 +93,7 @@ class TrainConfig:
     tags: list[str] = field(default_factory=list)
     run_group: str | None = None
     guard: GuardConfig = field(default_factory=GuardConfig)
+    log_export: bool = False
     # The groups: ours carry their own schema (above), third-party ones are checked by target.
     model: Any = MISSING
     data: Any = MISSING
@@ -118,6 +121,8 @@ class EvalConfig:
         temperatures: sampling temperatures (0: greedy). Paper: 0, 0.25, 0.5, 0.75, 1.0.
         n_prompts: held-out prompts judged (a seeded choice; all if fewer).
         split: the data split the prompts come from.
+        prompts_file: prompts from a file instead of ``data`` (text, one per line, or JSONL with
+            ``prompt``); the baseline must then be a policy.
         completions: a JSONL of completions to judge instead of sampling (rows: ``policy``,
             ``temperature``, ``prompt``, ``completion``; e.g. an earlier run's ``completions.jsonl``).
         dtype: parameter dtype the policies are loaded in.
@@ -137,6 +142,7 @@ class EvalConfig:
     temperatures: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     n_prompts: int = 256
     split: str = "val"
+    prompts_file: str | None = None
     completions: str | None = None
     dtype: str = "float32"
     batch_size: int = 16
@@ -144,7 +150,7 @@ class EvalConfig:
     dry_run: bool = False
     wandb: bool = False
     wandb_project: str = "dpo"
-    data: Any = MISSING
+    data: Any = None
     judge: Any = MISSING
     template: Any = MISSING
     paths: Any = MISSING
@@ -204,10 +210,13 @@ def reward_schema(name: str) -> type:
 
 
 def register() -> None:
-    """Put every schema into Hydra's ConfigStore, and register the ``${bundled:NAME}`` resolver (a
-    data file shipped in ``dpo/data/files``). Idempotent; done when this module is imported."""
+    """Put every schema into Hydra's ConfigStore, and register the resolvers ``${bundled:NAME}`` (a
+    data file shipped in ``dpo/data/files``), ``${run_label:...}`` and ``${run_group_or_sweep:...}``
+    (:mod:`dpo.report.naming`). Idempotent; done when this module is imported."""
     if not OmegaConf.has_resolver("bundled"):
         OmegaConf.register_new_resolver("bundled", bundled_path)
+        OmegaConf.register_new_resolver("run_label", resolve_run_label)
+        OmegaConf.register_new_resolver("run_group_or_sweep", resolve_run_group)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="train", node=TrainConfig)
     cs.store(group="schema", name="model", node=ModelConfig)

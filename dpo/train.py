@@ -45,7 +45,9 @@ from dpo.models import (
 )
 from dpo.reference import REFERENCES, build_reference
 from dpo.report.csv_logger import ResumableCSVLogger
+from dpo.report.naming import flatten
 from dpo.report.summary import RunSummary, reports
+from dpo.report.wandb_logging import log_export
 from dpo.run import Resume, RunState, plan_resume
 from dpo.systems.base import GuardConfig, OptimConfig
 from dpo.systems.dpo import DPOModule
@@ -88,8 +90,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     run = build(cfg, start, extra_callbacks)
     trainer, module, datamodule, state = run.trainer, run.module, run.datamodule, start.state
     with closing_wandb():
-        for logger in trainer.loggers:
-            logger.log_hyperparams(start.config)
+        for logger in trainer.loggers:  # flat: dotted keys sort and filter in wandb's run table
+            logger.log_hyperparams(flatten(start.config))
         module.reference.prepare(trainer, module, datamodule)
         if not (start.resume.ckpt_path and state.before):  # a resumed run measured its start already
             state.before = held_out_metrics(trainer, module, datamodule)
@@ -97,6 +99,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         trainer.fit(module, datamodule=datamodule, ckpt_path=start.resume.ckpt_path)
         state.after = held_out_metrics(trainer, module, datamodule)
         export_dir = export_pretrained(module.policy, run.tokenizer, out / "hf", write=trainer.is_global_zero)
+        if cfg.log_export and export_dir is not None:
+            log_export(trainer, export_dir, f"{cfg.task_name}-{state.id}-hf")
         state.status = "finished"
         record(trainer, state, out)
     log.info(summarize(cfg, run, export_dir, time.time() - started).render())

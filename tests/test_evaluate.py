@@ -314,3 +314,45 @@ def test_dpo_eval_with_a_reward_judge_against_the_chosen_responses(tmp_path, exp
                         "temperatures=[1.0]", "n_prompts=8", "generation.max_new_tokens=8"], tmp_path)  # fmt: skip
     (row,) = read_jsonl(evaluate(cfg), {"win_rate": float})
     assert row["n"] == 8 and row["win_rate"] < 0.5 and row["judge"]["reward"] == {"name": "vader"}
+
+
+def test_prompts_come_from_data_or_a_file_and_the_chosen_baseline_needs_data(tmp_path):
+    from dpo.config import ConfigError
+    from dpo.pipeline.evaluate import check
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The film was\n\nI watched\nThe film was\nA movie about\n")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=["template=positive", "policies={a: x, b: y}", "n_prompts=2", "baseline=b"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(ConfigError, match="data config .* or prompts_file"):
+        check(cfg)
+    cfg.prompts_file = str(prompts)
+    check(cfg)
+    chosen = choose_prompts(cfg, None)  # 3 unique prompts, 2 of them (seeded), in file order
+    assert len(chosen) == 2 and [p.index for p in chosen] == sorted(p.index for p in chosen)
+    assert {p.text for p in chosen} <= {"The film was", "I watched", "A movie about"}
+    cfg.baseline = "chosen"
+    with pytest.raises(ConfigError, match="baseline=chosen takes the data's preferred responses"):
+        check(cfg)
+
+
+@pytest.mark.parametrize(("data", "template", "stop", "max_new_tokens"), [
+    ("tldr_sft", "summary", [], 128),
+    ("hh", "dialogue", ["\n\nHuman:"], 256),
+])  # fmt: skip
+def test_the_paper_evaluations_compose_with_their_data_sets_sampling_settings(tmp_path, data, template, stop,
+                                                                             max_new_tokens):  # fmt: skip
+    """experiments/tldr and experiments/hh: the API judge config checks out, and sampling takes the
+    data set's stop strings and length."""
+    from dpo.pipeline.evaluate import check
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"data={data}", f"template={template}", "judge=api",
+                                         "judge.model=gpt-4-0314", "policies={sft: a, dpo: b}"])  # fmt: skip
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    check(cfg)
+    assert list(cfg.generation.stop) == stop and cfg.generation.max_new_tokens == max_new_tokens
+    assert cfg.judge.api_key_env == "OPENAI_API_KEY" and cfg.judge.orders == "random"

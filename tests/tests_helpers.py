@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import lightning.pytorch as pl
 
 from dpo.data.batch import Layout
@@ -60,3 +63,50 @@ class CountValBatches(pl.Callback):
         self.count += 1
         Path(self.out).mkdir(parents=True, exist_ok=True)
         (Path(self.out) / f"val_batches_rank{trainer.global_rank}.txt").write_text(str(self.count))
+
+
+def wandb_records(run_dir: Path) -> list[Any]:
+    """The records of an offline wandb run's ``run-<id>.wandb`` file, as wandb's protobuf ``Record``s.
+
+    wandb 0.31 ships no reader for its transaction log, so this reads the format it writes: a
+    7-byte header (``:W&B``, magic, version), then LevelDB-log records in 32 KiB blocks, each chunk
+    with a 7-byte header (crc32, length, type: 1 full, 2 first, 3 middle, 4 last).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    block, pos, buffer, out = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if length == 0 and kind == 0:
+            pos += block - pos % block
+            continue
+        buffer += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(buffer)
+            out.append(record)
+            buffer = b""
+    return out
+
+
+def wandb_logged(run_dir: Path) -> dict[str, Any]:
+    """What an offline wandb run recorded: ``name``, ``group``, ``config`` keys, and the keys of
+    every history row (tables appear as ``<key>._type`` and friends)."""
+    records = wandb_records(run_dir)
+    (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    config = {i.key for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
+    config |= {i.key for i in run.config.update}
+    history = {i.key or ".".join(i.nested_key) for r in records if r.WhichOneof("record_type") == "history"
+               for i in r.history.item}  # fmt: skip
+    artifacts = [(r.artifact.name, r.artifact.type) for r in records if r.WhichOneof("record_type") == "artifact"]
+    return {"name": run.display_name, "group": run.run_group, "config": config, "history": history,
+            "artifacts": artifacts}  # fmt: skip

@@ -11,9 +11,10 @@ import torch
 
 from dpo.data.collate import pad_id_of
 from dpo.distributed import gather_rows, rank_share
-from dpo.io import append_jsonl, write_jsonl
+from dpo.io import append_jsonl, read_jsonl, write_jsonl
 from dpo.log import get_logger
 from dpo.report.summary import change
+from dpo.report.wandb_logging import log_frontier, log_samples
 from dpo.rewards import reward_from_config
 from dpo.sampling import GenerationConfig, completion_batch, completion_kl, generate
 from dpo.systems.base import optimizer_step_ended
@@ -56,6 +57,8 @@ class RewardKLEval(pl.Callback):
         include_prompt: score prompt + completion (True) or the completion alone.
         at_start: evaluate before the first step too.
         seed: sampling seed (the same prompts and seed at every evaluation).
+        log_samples: also send each evaluation's samples to wandb as a table (the run folder
+            always has them); the frontier table goes to wandb whenever a WandbLogger is on.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class RewardKLEval(pl.Callback):
         include_prompt: bool = True,
         at_start: bool = True,
         seed: int = 0,
+        log_samples: bool = False,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
@@ -81,6 +85,7 @@ class RewardKLEval(pl.Callback):
         self.include_prompt = include_prompt
         self.at_start = at_start
         self.seed = seed
+        self.log_samples = log_samples
         self.history: list[dict[str, float]] = []
         self.reward_name = reward["name"]
         self.reward = reward_from_config(reward)
@@ -185,5 +190,9 @@ class RewardKLEval(pl.Callback):
         metrics = {f"eval/{k}": v for k, v in result.items() if k in ("reward", "kl", "kl_mc", "tokens")}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
+        # every evaluation of the run, those before a resume included (eval.jsonl is appended to)
+        log_frontier(trainer, read_jsonl(self.dirpath / "eval.jsonl", {"step": int, "kl": (int, float)}))
+        if self.log_samples:
+            log_samples(trainer, step, rows)
         log.info(f"eval step {step}: reward {result['reward']:.4f}, KL {result['kl']:.3f} (MC {result['kl_mc']:.3f})")
         return result

@@ -40,7 +40,8 @@ from dpo.evaluation.win_rate import WinRate, win_rate
 from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import DType, ModelConfig, load_policy, load_tokenizer, resolve
-from dpo.report.win_rate_plot import plot_win_rates
+from dpo.report.figures import plot_win_rates
+from dpo.report.wandb_logging import WIN_RATES_TABLE
 from dpo.sampling import GenerationConfig, sample_texts
 
 log = get_logger(__name__)
@@ -58,7 +59,7 @@ class Prompt:
 
     index: int
     text: str
-    chosen: str
+    chosen: str | None
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,11 @@ class Planned:
 
 def check(cfg: DictConfig) -> None:
     """The config's mistakes, before any model loads."""
-    require_keys(cfg, ["data.source", "judge.kind", "template.user", "paths.output_dir"])
+    require_keys(cfg, ["judge.kind", "template.user", "paths.output_dir"])
+    if (cfg.data is None) == (cfg.prompts_file is None):
+        raise ConfigError("dpo-eval: give prompts through a data config (data=hh) or prompts_file, not both")
+    if cfg.baseline == CHOSEN and cfg.data is None:
+        raise ConfigError("baseline=chosen takes the data's preferred responses: set data=..., or a policy as baseline")
     if not cfg.policies and not cfg.completions:
         raise ConfigError("dpo-eval: set policies (name: model folder or hub id) or completions (a JSONL)")
     if cfg.policies is not None and (
@@ -105,10 +110,16 @@ def check(cfg: DictConfig) -> None:
 
 
 def choose_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
-    """A seeded choice of ``n_prompts`` unique prompts of the data's ``split``, in the split's order."""
+    """A seeded choice of ``n_prompts`` unique prompts of the data's ``split`` (or ``prompts_file``),
+    in their order there."""
     from dpo.data.formats import load_rows
     from dpo.data.sources import SourceSpec
 
+    if cfg.prompts_file:
+        texts = load_prompt_file(cfg.prompts_file)
+        keep = sorted(random.Random(cfg.seed).sample(range(len(texts)), min(cfg.n_prompts, len(texts))))
+        log.info(f"{len(keep)} of {len(texts)} unique prompts of {cfg.prompts_file} chosen (seed {cfg.seed})")
+        return [Prompt(i, texts[i], None) for i in keep]
     rows, report = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row,
                              tokenizer=tokenizer)  # fmt: skip
     first: dict[str, str] = {}
@@ -118,6 +129,19 @@ def choose_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
     keep = sorted(random.Random(cfg.seed).sample(range(len(unique)), min(cfg.n_prompts, len(unique))))
     log.info(f"{len(keep)} of {len(unique)} unique {cfg.split} prompts chosen (seed {cfg.seed})")
     return [Prompt(i, unique[i][0], unique[i][1]) for i in keep]
+
+
+def load_prompt_file(path: str) -> list[str]:
+    """The unique prompts of a text file (one per non-empty line) or a JSONL file (``prompt``)."""
+    if Path(path).suffix == ".jsonl":
+        prompts = [row["prompt"] for row in read_jsonl(path, {"prompt": str})]
+    elif Path(path).is_file():
+        prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        raise ConfigError(f"prompts_file={path}: no such file")
+    if not prompts:
+        raise ConfigError(f"prompts_file={path}: no prompts")
+    return list(dict.fromkeys(prompts))
 
 
 def sample_policies(cfg: DictConfig, names: list[str], prompts: list[Prompt]) -> Texts:
@@ -201,7 +225,7 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], figure: Path) -> N
         columns = ["policy", "temperature", "win_rate", "stderr", "n", "parse_failures", "skipped_prompts"]
         table = wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])
         run.log({
-            "eval/win_rates": table,
+            WIN_RATES_TABLE: table,
             "eval/win_rate_plot": wandb.plot.line(table, "temperature", "win_rate", stroke="policy",
                                                   title=f"win rate against {cfg.baseline}"),
             "eval/win_rate_figure": wandb.Image(str(figure)),

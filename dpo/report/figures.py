@@ -1,0 +1,233 @@
+"""The figures, from the files runs leave behind (no wandb needed): training curves from
+``csv/metrics.csv``, the reward-vs-KL frontier from ``eval/eval.jsonl`` (and Best-of-N files), win
+rate against temperature from ``dpo-eval``'s ``results.jsonl``. ``dpo-report`` draws them all;
+``experiments/imdb/frontier.py`` and ``dpo-eval`` draw theirs with the same code.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dpo.io import atomic_write
+from dpo.report.naming import run_label
+
+FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
+                  "Best-of-N": "tab:red"}  # fmt: skip
+
+CURVES: dict[str, list[tuple[str, list[str]]]] = {
+    "rewards": [
+        ("reward accuracy", ["train/rewards/accuracy", "val/rewards/accuracy"]),
+        ("reward margin", ["train/rewards/margin", "val/rewards/margin"]),
+        ("chosen reward", ["train/rewards/chosen", "val/rewards/chosen"]),
+        ("rejected reward", ["train/rewards/rejected", "val/rewards/rejected"]),
+    ],
+    "loss": [("loss", ["train/loss", "val/loss"])],
+    "kl": [
+        ("KL(policy || reference) per token, chosen", ["train/kl/chosen_per_token", "val/kl/chosen_per_token"]),
+        ("KL per sequence: chosen (teacher-forced), samples (exact)", ["train/kl/chosen", "val/kl/chosen", "eval/kl"]),
+    ],
+}
+"""Figure family -> its panels: (title, metrics). Every metric is one the trainer logs; the
+dashboard (:mod:`dpo.report.dashboard`) shows the same panels."""
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    out = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=130))
+    _pyplot().close(fig)
+    return out
+
+
+# --- runs and their logs ----------------------------------------------------------------------
+
+
+@dataclass
+class TrainRun:
+    """A training run folder: its label and its logged metrics (metric -> [(step, value)])."""
+
+    path: Path
+    label: str
+    metrics: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+def overrides_of(run_dir: Path) -> list[str] | None:
+    """A run's command-line overrides (Hydra's ``.hydra/overrides.yaml``), if it kept them."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else None
+
+
+def distinct_labels(run_dirs: Sequence[Path]) -> list[str]:
+    """Labels naming what tells the runs apart: the overrides not shared by all of them (a sweep's
+    swept values), or the folder name of a run without overrides."""
+    overrides = [overrides_of(d) for d in run_dirs]
+    shared = set.intersection(*(set(o) for o in overrides if o is not None)) if any(overrides) else set()
+    if len(run_dirs) == 1:
+        shared = set()
+    labels = []
+    for d, o in zip(run_dirs, overrides, strict=True):
+        own = [x for x in o or [] if x not in shared]
+        labels.append(run_label("", own).strip() if own else d.name)
+    return labels
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` as metric -> [(step, value)] (Lightning's CSV: one row per step, blanks elsewhere)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = int(float(row.get("step") or 0))
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    out.setdefault(key, []).append((step, float(value)))
+    return out
+
+
+def find_train_runs(roots: Sequence[Path]) -> list[TrainRun]:
+    """Every training run (a folder with ``csv/metrics.csv``) under ``roots``, in path order."""
+    paths = [p for root in roots for p in sorted(Path(root).rglob("csv/metrics.csv"))]
+    dirs = [p.parent.parent for p in paths]
+    return [TrainRun(d, label, read_metrics(p)) for d, p, label in zip(dirs, paths, distinct_labels(dirs), strict=True)]
+
+
+# --- curves -----------------------------------------------------------------------------------
+
+
+def plot_curves(runs: Sequence[TrainRun], family: str, path: Path) -> Path | None:
+    """One figure of the family's panels, one line per run and metric (train solid, val dashed,
+    samples dotted); None when no run logged any of its metrics."""
+    panels = [(t, ms) for t, ms in CURVES[family] if any(m in r.metrics for r in runs for m in ms)]
+    if not panels:
+        return None
+    plt = _pyplot()
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.4 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {"train": "-", "val": "--", "eval": ":"}
+    for ax, (title, metrics) in zip(axes.flat, panels, strict=False):
+        for i, run in enumerate(runs):
+            for metric in metrics:
+                points = run.metrics.get(metric)
+                if points:
+                    stage = metric.split("/", 1)[0]
+                    ax.plot(*zip(*points, strict=True), styles.get(stage, "-"), color=colours[i % len(colours)],
+                            marker="o" if len(points) < 8 else None, ms=3,
+                            label=f"{run.label} [{stage}]")  # fmt: skip
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    legend = {}  # label -> handle, over every panel
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    labels, handles = list(legend), list(legend.values())
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 2), 1, 1))
+    return _save(fig, path)
+
+
+# --- the frontier -------------------------------------------------------------------------------
+
+
+def method_of(run_dir: Path) -> tuple[str, str]:
+    """(family, label) of a training run from its ``config.yaml``'s loss."""
+    loss = yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]
+    name = loss["name"]
+    if name == "sft":
+        return "Preferred-FT", "Preferred-FT"
+    if name == "unlikelihood":
+        return "Unlikelihood", f"Unlikelihood a={loss['alpha']:g}"
+    if name == "dpo":
+        return "DPO", f"DPO b={loss['beta']:g}"
+    return name, f"{name} " + " ".join(f"{k}={v}" for k, v in loss.items() if k not in ("name", "nll_weight"))
+
+
+def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
+    """Every evaluation under ``roots`` as ``{family, label, step, kl, reward, source}``: a training
+    run's ``eval/eval.jsonl`` (method from its ``config.yaml``) or a Best-of-N file."""
+    points = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("eval.jsonl")):
+            for row in (json.loads(x) for x in path.read_text().splitlines() if x.strip()):
+                if row.get("method") == "best_of_n":
+                    family, label, step = "Best-of-N", "Best-of-N", row["n"]
+                elif (path.parent.parent / "config.yaml").is_file():
+                    (family, label), step = method_of(path.parent.parent), row["step"]
+                else:
+                    continue
+                points.append({"family": family, "label": label, "step": step, "kl": row["kl"],
+                               "reward": row["reward"], "source": str(path)})  # fmt: skip
+    return points
+
+
+def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
+    """Ground-truth reward against sequence-level KL, one colour per method (the paper's Fig. 2 left)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for family in dict.fromkeys(p["family"] for p in points):
+        mine = [p for p in points if p["family"] == family]
+        colour = FAMILY_COLOURS.get(family)
+        ax.scatter([p["kl"] for p in mine], [p["reward"] for p in mine], s=22, alpha=0.8, label=family, c=colour)
+        if family == "Best-of-N":
+            mine = sorted(mine, key=lambda p: p["kl"])
+            ax.plot([p["kl"] for p in mine], [p["reward"] for p in mine], c=colour, lw=1, alpha=0.6)
+            for p in mine:
+                ax.annotate(f"N={p['step']}", (p["kl"], p["reward"]), fontsize=6, xytext=(3, -8),
+                            textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("KL(policy || reference), sequence level (nats)")
+    ax.set_ylabel("ground-truth reward (held-out prompts)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# --- win rates ----------------------------------------------------------------------------------
+
+
+def find_win_rates(roots: Sequence[Path]) -> list[dict[str, Any]]:
+    """The rows of every ``dpo-eval`` ``results.jsonl`` under ``roots``."""
+    rows = []
+    for root in roots:
+        for path in sorted(Path(root).rglob("results.jsonl")):
+            rows += [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if "win_rate" in r]
+    return rows
+
+
+def plot_win_rates(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Win rate against sampling temperature, one line per policy, standard errors as error bars
+    (the layout of the paper's Figs. 2 right and 3)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for policy in dict.fromkeys(r["policy"] for r in rows):
+        mine = sorted((r for r in rows if r["policy"] == policy), key=lambda r: r["temperature"])
+        err = [0.0 if math.isnan(r["stderr"]) else r["stderr"] for r in mine]
+        ax.errorbar([r["temperature"] for r in mine], [r["win_rate"] for r in mine], yerr=err, marker="o",
+                    capsize=3, label=policy)  # fmt: skip
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("sampling temperature")
+    ax.set_ylabel(f"win rate against {rows[0]['baseline']}" if rows else "win rate")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, Path(path))

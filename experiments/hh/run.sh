@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Anthropic HH single-turn dialogue (paper Sec. 6.2, Fig. 3 left) on a GPU cluster: SFT Pythia-2.8B
+# on the chosen responses (HH has no SFT data of its own, so this model is also the paper's
+# Preferred-FT), DPO (beta 0.1) from it, then the GPT-4-judged win rate against
+# the preferred (chosen) responses of the test set across temperatures. Needs 1 x 80 GB GPU per
+# training job and an OpenAI-compatible judge with its key in $OPENAI_API_KEY.
+set -euo pipefail
+out=outputs
+dpo-train experiment=hh_sft run_name=sft
+sft=$out/hh_sft/runs/sft/hf
+dpo-train experiment=hh_dpo model.pretrained=$sft run_name=dpo
+# Single-turn test dialogues; answers stop at the next "\n\nHuman:" (data=hh's response.stop).
+common=(data=hh data.source.options.single_turn=true template=dialogue judge=api judge.model=gpt-4-0314
+        n_prompts=256 "temperatures=[0.25,0.5,0.75,1.0]"
+        "policies={preferred_ft: $sft, dpo: $out/hh_dpo/runs/dpo/hf, pythia: EleutherAI/pythia-2.8b}")
+dpo-eval "${common[@]}" dry_run=true run_name=win_rates
+dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Reddit TL;DR summarization (paper Sec. 6.2, Fig. 2 right) on a GPU cluster: SFT, DPO, Preferred-FT,
+# then the GPT-4-judged win rate against the human reference summaries across temperatures.
+# Assumes one node of 8 x 80 GB GPUs per training job (conf/experiment/tldr_*.yaml say why) and an
+# OpenAI-compatible judge endpoint with its key in $OPENAI_API_KEY. Add hydra/launcher=slurm (and
+# `-m`) to submit through submitit; every stage resumes if requeued (run_name keeps its folder).
+set -euo pipefail
+out=outputs
+# 1. SFT GPT-J 6B on the reference summaries (or skip and use CarperAI/openai_summarize_tldr_sft).
+dpo-train experiment=tldr_sft run_name=sft
+sft=$out/tldr_sft/runs/sft/hf
+# 2. DPO (beta 0.5) and Preferred-FT (SFT on the preferred summary of each comparison), from the SFT model.
+dpo-train experiment=tldr_dpo model.pretrained=$sft run_name=dpo
+dpo-train experiment=tldr_dpo model.pretrained=$sft loss=sft run_name=preferred_ft task_name=tldr_pft
+# 3. Win rates against the reference summaries (CarperAI/openai_summarize_tldr, its test split),
+#    256 prompts, T in {0, .25, .5, .75, 1}, GPT-4 judge with the summary template. Dry run first:
+common=(data=tldr_sft data.source.splits.val=test template=summary judge=api judge.model=gpt-4-0314
+        n_prompts=256 "policies={sft: $sft, dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf}")
+dpo-eval "${common[@]}" dry_run=true run_name=win_rates
+dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates
+# -> outputs/eval/runs/win_rates/{results.md,win_rate.png,judgments.jsonl}
