@@ -183,6 +183,10 @@ def test_api_judge_honours_max_requests_and_dry_run_and_needs_its_key(tmp_path, 
     overrides = api_overrides(server, completions)
     with pytest.raises(JudgeError, match="TEST_JUDGE_KEY"):
         evaluate(compose_eval(overrides, tmp_path / "nokey"))
+    with caplog.at_level("INFO"):  # counting needs no key
+        evaluate(compose_eval([*overrides, "dry_run=true"], tmp_path / "dry_nokey"))
+    assert "8 judge requests to send" in caplog.text
+    caplog.clear()
     monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
     with pytest.raises(JudgeError, match="8 comparisons need a request but judge.max_requests=3"):
         evaluate(compose_eval([*overrides, "judge.max_requests=3"], tmp_path / "capped"))

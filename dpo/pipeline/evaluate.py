@@ -241,7 +241,7 @@ def evaluate(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     if cfg.judge.kind == "api":  # the key's presence is checked before any sampling
         typed_judge = typed(cfg.judge, JUDGES["api"].Config)
-        api = ApiJudge(typed_judge, typed(cfg.template, Template))
+        api = ApiJudge(typed_judge, typed(cfg.template, Template), dry_run=cfg.dry_run)
     first_model = next(iter((cfg.policies or {}).values()), None)
     tokenizer = (
         load_tokenizer(resolve(ModelConfig(first_model), cfg.paths.cache_dir).pretrained) if first_model else None

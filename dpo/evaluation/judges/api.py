@@ -113,10 +113,10 @@ class ApiJudge:
         backoff_s: float = 2.0
         cache_dir: str = "${paths.cache_dir}/judgments"
 
-    def __init__(self, config: Config, template: Template) -> None:
+    def __init__(self, config: Config, template: Template, dry_run: bool = False) -> None:
         self.config, self.template = config, template
         key = os.environ.get(config.api_key_env) if config.api_key_env else None
-        if not key and config.require_key:
+        if not key and config.require_key and not dry_run:  # a dry run sends nothing: it may count without a key
             raise JudgeError(
                 f"judge=api: the environment variable {config.api_key_env} holding the API key is not set; "
                 f"export it (the key is never written anywhere), or set judge.require_key=false for an "
