@@ -360,3 +360,16 @@ def test_the_paper_evaluations_compose_with_their_data_sets_sampling_settings(tm
     check(cfg)
     assert list(cfg.generation.stop) == stop and cfg.generation.max_new_tokens == max_new_tokens
     assert cfg.judge.api_key_env == "OPENAI_API_KEY" and cfg.judge.orders == "random"
+
+
+def test_a_malformed_completions_file_is_one_error_naming_its_row(tmp_path):
+    from dpo.config import ConfigError
+
+    bad = tmp_path / "completions.jsonl"
+    bad.write_text('{"policy": "dpo", "temperature": 0, "prompt": "x", "completion": "y"}\n'
+                   '{"policy": "dpo", "temperature": "hot", "prompt": "x", "completion": "y"}\n')  # fmt: skip
+    cfg = compose_eval([f"completions={bad}", "judge=reward", "reward@judge.reward=vader", "baseline=chosen",
+                        "n_prompts=2"], tmp_path / "out")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"completions\.jsonl:2: 'temperature' should be"):
+        evaluate(cfg)
+    assert not (tmp_path / "out" / "judgments.jsonl").exists()

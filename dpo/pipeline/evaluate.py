@@ -134,7 +134,10 @@ def choose_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
 def load_prompt_file(path: str) -> list[str]:
     """The unique prompts of a text file (one per non-empty line) or a JSONL file (``prompt``)."""
     if Path(path).suffix == ".jsonl":
-        prompts = [row["prompt"] for row in read_jsonl(path, {"prompt": str})]
+        try:
+            prompts = [row["prompt"] for row in read_jsonl(path, {"prompt": str})]
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"prompts_file: {e}") from None
     elif Path(path).is_file():
         prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -169,7 +172,11 @@ def read_completions(path: str, prompts: list[Prompt]) -> Texts:
     with no row for a (policy, temperature) counts as skipped there."""
     index = {p.text: i for i, p in enumerate(prompts)}
     out: Texts = {}
-    for row in read_jsonl(path, {"policy": str, "temperature": (int, float), "prompt": str, "completion": str}):
+    try:
+        rows = read_jsonl(path, {"policy": str, "temperature": (int, float), "prompt": str, "completion": str})
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"completions: {e}") from None
+    for row in rows:
         texts = out.setdefault((row["policy"], float(row["temperature"])), [None] * len(prompts))
         if row["prompt"] in index:
             texts[index[row["prompt"]]] = row["completion"]
