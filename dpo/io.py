@@ -87,6 +87,21 @@ def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]]) -
     return rows
 
 
+def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
+    """Prompts from a file: a JSONL file's ``field`` of each row, else one per non-empty text line.
+
+    Raises:
+        FileNotFoundError: the file is missing.
+        ValueError: a malformed JSONL row, naming ``file:row`` (:func:`read_jsonl`).
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return [row[field] for row in read_jsonl(path, {field: str})]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
     """Write one JSON object per line, atomically."""
 

@@ -37,7 +37,7 @@ from dpo.config import ConfigError, redact, require_keys, typed
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
 from dpo.evaluation.win_rate import WinRate, win_rate
-from dpo.io import read_jsonl, write_json, write_jsonl
+from dpo.io import read_jsonl, read_prompts, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import DType, ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.report.figures import plot_win_rates
@@ -120,7 +120,7 @@ def choose_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
         keep = sorted(random.Random(cfg.seed).sample(range(len(texts)), min(cfg.n_prompts, len(texts))))
         log.info(f"{len(keep)} of {len(texts)} unique prompts of {cfg.prompts_file} chosen (seed {cfg.seed})")
         return [Prompt(i, texts[i], None) for i in keep]
-    rows, report = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row,
+    rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row,
                              tokenizer=tokenizer)  # fmt: skip
     first: dict[str, str] = {}
     for row in rows:
@@ -133,15 +133,10 @@ def choose_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
 
 def load_prompt_file(path: str) -> list[str]:
     """The unique prompts of a text file (one per non-empty line) or a JSONL file (``prompt``)."""
-    if Path(path).suffix == ".jsonl":
-        try:
-            prompts = [row["prompt"] for row in read_jsonl(path, {"prompt": str})]
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"prompts_file: {e}") from None
-    elif Path(path).is_file():
-        prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    else:
-        raise ConfigError(f"prompts_file={path}: no such file")
+    try:
+        prompts = read_prompts(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(f"prompts_file: {e}") from None
     if not prompts:
         raise ConfigError(f"prompts_file={path}: no prompts")
     return list(dict.fromkeys(prompts))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
 from dpo.config import ConfigError, require_keys, typed
-from dpo.io import read_jsonl, write_json, write_jsonl
+from dpo.io import read_prompts, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.sampling import GenerationConfig, sample_texts
@@ -30,13 +30,7 @@ def load_prompts(cfg: DictConfig) -> list[str]:
     the unique prompts of ``data``'s ``prompts.split``; at most ``prompts.max_prompts``."""
     p = cfg.prompts
     if p.file:
-        path = Path(p.file)
-        if path.suffix == ".jsonl":
-            prompts = [row[p.field] for row in read_jsonl(path, {p.field: str})]
-        else:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file")
-            prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = read_prompts(p.file, p.field)
     elif cfg.get("data") is not None:
         from dpo.data.formats import load_rows
         from dpo.data.sources import SourceSpec

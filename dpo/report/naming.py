@@ -48,7 +48,9 @@ def resolve_run_group(run_group: str | None, task_name: str) -> str | None:
     if run_group:
         return run_group
     hc = _hydra()
-    if hc is not None and str(hc.mode) == "RunMode.MULTIRUN":
+    from hydra.types import RunMode
+
+    if hc is not None and hc.mode == RunMode.MULTIRUN:
         return f"{task_name}/{Path(hc.sweep.dir).name}"
     return None
 

@@ -18,9 +18,8 @@ ORDERS = ("random", "both")
 
 
 def build_judge(config: Any, template: Template, cache_dir: str) -> Judge:
-    """The judge a typed ``conf/judge`` node describes."""
-    if config.orders not in ORDERS:
-        raise ValueError(f"judge.orders must be one of {ORDERS}, got {config.orders!r}")
+    """The judge a typed ``conf/judge`` node describes (``dpo.pipeline.evaluate.check`` has checked
+    ``orders`` against :data:`ORDERS` before any model loaded)."""
     if config.kind == "local":
         return LocalLMJudge(config, template, cache_dir)
     return JUDGES[config.kind](config, template)

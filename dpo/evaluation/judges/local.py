@@ -23,6 +23,7 @@ import torch
 from dpo.evaluation.judges.base import Comparison, Template, Verdict, winner_by_score
 from dpo.models import DType, ModelConfig, load_policy, load_tokenizer, max_positions, resolve
 from dpo.progress import track
+from dpo.sampling import left_pad
 
 
 class LocalLMJudge:
@@ -89,12 +90,8 @@ class LocalLMJudge:
         fits = [i for i, x in enumerate(ids) if context is None or len(x) <= context]
         for start in track(range(0, len(fits), self.config.batch_size), f"judge {len(fits)} comparisons"):
             part = fits[start : start + self.config.batch_size]
-            width = max(len(ids[i]) for i in part)
-            batch = torch.full((len(part), width), self.tokenizer.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(batch)
-            for row, i in enumerate(part):  # left padding: the last position is every row's next token
-                batch[row, width - len(ids[i]) :] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]) :] = 1
+            # left padding: the last position is every row's next token
+            batch, mask = left_pad([ids[i] for i in part], self.tokenizer.pad_token_id)
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
             logits = self.model(input_ids=batch.to(device), attention_mask=mask.to(device),
                                 position_ids=position_ids.to(device)).logits[:, -1].float()  # fmt: skip  # (n, V)
