@@ -1,0 +1,155 @@
+"""The maths of RLHF's PPO stage (Ziegler et al. 2019, arXiv 1909.08593; Schulman et al. 2017,
+arXiv 1707.06347; GAE: Schulman et al. 2016, arXiv 1506.02438), as pure functions of tensors.
+
+The policy generates a response of ``T`` tokens; each token is one action. Tensors are shaped
+``(N, T)``: ``N`` responses, ``T`` response tokens (right-padded), with a ``mask`` of 1 on real
+tokens. :class:`dpo.systems.ppo.PPOModule` calls these in the order they are defined here.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` where ``mask`` is 1 (0 for an empty mask)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def shaped_rewards(scores: Tensor, logps: Tensor, ref_logps: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards: the KL penalty on every token, the sequence's score on its last one.
+
+    ``r_t = -kl_coef * (log pi(y_t) - log pi_ref(y_t)) + [t = last] * score`` (Ziegler et al. 2019,
+    eq. 2: the penalty summed over the response is ``kl_coef`` times the Monte-Carlo estimate of
+    the sequence KL, ``log pi(y|x) - log pi_ref(y|x)``).
+
+    Args:
+        scores: (N,) the reward model's (or ground truth's) score of each response.
+        logps, ref_logps: (N, T) the sampled tokens' log-probs under the policy at rollout time
+            and under the reference.
+        mask: (N, T) 1 on response tokens; every row has at least one.
+        kl_coef: the penalty's coefficient (``beta`` of the paper's eq. 3).
+
+    Returns:
+        (N, T) rewards, 0 on padding.
+    """
+    if (mask.sum(1) < 1).any():
+        raise ValueError("every response needs at least one token")
+    rewards = -kl_coef * (logps - ref_logps) * mask
+    last = mask.sum(1).long() - 1  # (N,) index of each row's last token (right-padded rows)
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over right-padded responses.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t`` (``V`` after the last token is 0: the episode ends),
+    ``A_t = delta_t + gamma * lam * A_{t+1}``; returns ``R_t = A_t + V_t`` are the value targets.
+
+    Returns:
+        ``(advantages, returns)``, each (N, T), 0 on padding.
+    """
+    values = values * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        m = mask[:, t]
+        # On padding, carry nothing: the next real token's successor is the episode's end.
+        advantages[:, t] = advantage * m
+        next_value = values[:, t] * m
+        next_advantage = advantages[:, t]
+    return advantages, (advantages + values) * mask
+
+
+def whiten(values: Tensor, mask: Tensor, mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+    """``(values - mean) / sqrt(var + 1e-8)`` over the masked entries, 0 on padding.
+
+    ``mean`` and ``var`` default to the masked statistics of ``values``; pass global ones to whiten
+    with statistics gathered over every rank (the PPO system does).
+    """
+    if mean is None:
+        mean = masked_mean(values, mask)
+    if var is None:
+        var = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+class PolicyLoss(NamedTuple):
+    """The clipped surrogate and its diagnostics (all masked means over tokens).
+
+    Attributes:
+        loss: ``mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)))``.
+        clip_frac: share of tokens where the clipped term was the larger one.
+        approx_kl: ``mean((ratio - 1) - log ratio)``, the k3 estimate of KL(old || new).
+    """
+
+    loss: Tensor
+    clip_frac: Tensor
+    approx_kl: Tensor
+
+
+def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float) -> PolicyLoss:
+    """PPO's clipped surrogate objective, negated (Schulman et al. 2017, eq. 7), token-level."""
+    log_ratio = (logps - old_logps) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_frac = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
+    return PolicyLoss(loss, clip_frac, approx_kl)
+
+
+def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
+    """``0.5 * mean(max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2))`` over tokens.
+
+    The value's move away from its rollout-time estimate is clipped like the policy's ratio
+    (the PPO2 baselines implementation; TRL and OpenRLHF do the same).
+    """
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    return 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(R - V) / Var(R)`` over the masked tokens: 1 is a perfect value function, 0 a constant."""
+    mean_r = masked_mean(returns, mask)
+    var_r = masked_mean((returns - mean_r) ** 2, mask)
+    residual = returns - values
+    var_res = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return 1.0 - var_res / var_r.clamp(min=1e-8)
+
+
+def entropy(logits: Tensor) -> Tensor:
+    """(..., V) logits to (...) entropies of the softmax, in fp32."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+class KLController:
+    """The KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019, sec. 2.2).
+
+    Adaptive: after each rollout batch with mean sequence KL ``kl`` (the Monte-Carlo estimate),
+    ``coef *= 1 + clip(kl / target - 1, -0.2, 0.2) * n / horizon`` where ``n`` is the number of
+    responses in the batch.
+    """
+
+    def __init__(self, coef: float, target: float | None = None, horizon: int = 10000) -> None:
+        if coef < 0:
+            raise ValueError(f"kl_coef must be >= 0, got {coef}")
+        if target is not None and target <= 0:
+            raise ValueError(f"kl_target must be > 0 or null (a fixed coefficient), got {target}")
+        self.coef, self.target, self.horizon = float(coef), target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is None:
+            return
+        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.coef *= 1.0 + error * n / self.horizon

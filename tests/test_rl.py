@@ -1,0 +1,123 @@
+"""PPO's maths (dpo.rl): GAE against a brute-force loop, the clipped losses and the KL shaping by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from dpo.rl import (
+    KLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    explained_variance,
+    gae,
+    shaped_rewards,
+    whiten,
+)
+
+
+def brute_force_gae(rewards, values, length, gamma, lam):
+    """GAE of one response of ``length`` tokens by its definition: A_t = sum_k (gamma lam)^k delta_{t+k},
+    delta_t = r_t + gamma V_{t+1} - V_t, V after the last token 0."""
+    deltas = []
+    for t in range(length):
+        next_value = values[t + 1] if t + 1 < length else 0.0
+        deltas.append(rewards[t] + gamma * next_value - values[t])
+    return [sum((gamma * lam) ** k * deltas[t + k] for k in range(length - t)) for t in range(length)]
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.5), (1.0, 1.0), (0.99, 0.0)])
+def test_gae_equals_the_brute_force_sum_on_random_masked_rows(gamma, lam):
+    torch.manual_seed(0)
+    lengths = [5, 1, 3, 7]
+    width = max(lengths)
+    mask = torch.tensor([[1.0] * n + [0.0] * (width - n) for n in lengths])
+    rewards = torch.randn(4, width) * mask
+    values = torch.randn(4, width)  # garbage on padding: must be ignored
+    advantages, returns = gae(rewards, values, mask, gamma, lam)
+    for i, n in enumerate(lengths):
+        expected = brute_force_gae(rewards[i].tolist(), values[i].tolist(), n, gamma, lam)
+        assert advantages[i, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert returns[i, :n].tolist() == pytest.approx(
+            [a + v for a, v in zip(expected, values[i, :n].tolist(), strict=True)], abs=1e-5
+        )
+        assert advantages[i, n:].abs().sum() == 0 and returns[i, n:].abs().sum() == 0
+
+
+def test_gae_with_lambda_one_and_zero_values_is_the_return_to_go():
+    """lam=1, gamma=1, V=0: A_t = sum of the rewards from t on. Rewards [1, 2, 3] -> [6, 5, 3]."""
+    advantages, _ = gae(torch.tensor([[1.0, 2.0, 3.0]]), torch.zeros(1, 3), torch.ones(1, 3), 1.0, 1.0)
+    assert advantages.tolist() == [[6.0, 5.0, 3.0]]
+
+
+def test_kl_shaping_by_hand():
+    """kl_coef 0.5; row 0 has 3 tokens with log pi - log pi_ref = [0.2, -0.4, 1.0] and score 2:
+    r = [-0.1, 0.2, -0.5 + 2] = [-0.1, 0.2, 1.5]. Row 1 has 1 token, log-ratio 0.6, score -1:
+    r = [-0.3 - 1] = [-1.3], then padding 0."""
+    logps = torch.tensor([[0.2, -0.4, 1.0], [0.6, 9.0, 9.0]])
+    ref = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    rewards = shaped_rewards(torch.tensor([2.0, -1.0]), logps, ref, mask, kl_coef=0.5)
+    assert rewards.flatten().tolist() == pytest.approx([-0.1, 0.2, 1.5, -1.3, 0.0, 0.0])
+    # Summed over a response the penalty is kl_coef times the sequence's Monte-Carlo KL.
+    assert rewards[0].sum().item() == pytest.approx(2.0 - 0.5 * (0.2 - 0.4 + 1.0))
+    with pytest.raises(ValueError, match="at least one token"):
+        shaped_rewards(torch.tensor([1.0]), torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), 0.1)
+
+
+def test_clipped_policy_loss_by_hand():
+    """eps 0.2, three tokens, ratios e^{log r}:
+    token 0: r = 1.5, A = +1: max(-1.5, -1.2) = -1.2 (clipped term larger: clipped)
+    token 1: r = 0.5, A = +1: max(-0.5, -0.8) = -0.5 (unclipped)
+    token 2: r = 0.5, A = -2: max(1.0, 1.6) = 1.6 (clipped)
+    token 3: padding (ignored). loss = (-1.2 - 0.5 + 1.6) / 3 = -0.0333..., clip_frac = 2/3."""
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 0.5, 7.0]]))
+    adv = torch.tensor([[1.0, 1.0, -2.0, 5.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    out = clipped_policy_loss(new, old, adv, mask, clip=0.2)
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5 + 1.6) / 3, abs=1e-6)
+    assert out.clip_frac.item() == pytest.approx(2 / 3)
+    k3 = [(r - 1) - math.log(r) for r in (1.5, 0.5, 0.5)]
+    assert out.approx_kl.item() == pytest.approx(sum(k3) / 3, abs=1e-6)
+
+
+def test_clipped_policy_loss_gradient_is_zero_where_clipped():
+    new = torch.log(torch.tensor([[1.5, 0.9]])).requires_grad_()
+    clipped_policy_loss(new, torch.zeros(1, 2), torch.tensor([[1.0, 1.0]]), torch.ones(1, 2), 0.2).loss.backward()
+    assert new.grad[0, 0] == 0 and new.grad[0, 1] < 0  # raising log pi of a positive-advantage token lowers the loss
+
+
+def test_clipped_value_loss_by_hand():
+    """eps 0.2; V_old = [0, 0], V = [1, 0.1], R = [2, -1]:
+    token 0: unclipped (1 - 2)^2 = 1, clipped V = 0.2: (0.2 - 2)^2 = 3.24 -> 3.24
+    token 1: unclipped (0.1 + 1)^2 = 1.21, clipped V = 0.1 (inside): 1.21 -> 1.21
+    loss = 0.5 * (3.24 + 1.21) / 2 = 1.1125."""
+    loss = clipped_value_loss(torch.tensor([[1.0, 0.1]]), torch.zeros(1, 2), torch.tensor([[2.0, -1.0]]),
+                              torch.ones(1, 2), clip=0.2)  # fmt: skip
+    assert loss.item() == pytest.approx(1.1125, abs=1e-6)
+
+
+def test_whiten_and_explained_variance():
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    w = whiten(x, mask)
+    assert w[0, :3].tolist() == pytest.approx([-1.2247, 0.0, 1.2247], abs=1e-4) and w[0, 3] == 0
+    assert explained_variance(x, x, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(x, 2.0), x, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller_moves_towards_the_target():
+    """Ziegler et al.: coef *= 1 + clip(kl/target - 1, +-0.2) * n / horizon."""
+    fixed = KLController(0.1)
+    fixed.update(kl=50.0, n=100)
+    assert fixed.coef == 0.1
+    ctl = KLController(0.1, target=6.0, horizon=1000)
+    ctl.update(kl=12.0, n=100)  # error clipped to +0.2: 0.1 * (1 + 0.2 * 0.1) = 0.102
+    assert ctl.coef == pytest.approx(0.102)
+    ctl.update(kl=4.5, n=100)  # error -0.25 -> -0.2: 0.102 * 0.98
+    assert ctl.coef == pytest.approx(0.102 * 0.98)
+    with pytest.raises(ValueError):
+        KLController(0.1, target=0.0)
