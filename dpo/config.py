@@ -29,6 +29,7 @@ from dpo.forward import LayoutError, choose_layout
 from dpo.losses import check_loss_params, get_loss
 from dpo.models import ModelLoadError, max_positions
 from dpo.schema import OUR_GROUPS, SELECTORS
+from dpo.systems import SYSTEMS, SystemSpec
 
 T = TypeVar("T")
 
@@ -210,16 +211,24 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     for group in ("trainer", "callbacks", "logger"):
         check_targets(cfg.get(group), group)
     check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",))
+    system = SYSTEMS[cfg.system.kind]
     try:
         spec = get_loss(cfg.loss.name)
         check_loss_params(cfg.loss.name, loss_params(cfg))
     except (KeyError, ValueError) as e:
         raise ConfigError(str(e.args[0])) from None
     kind = cfg.reference.kind
-    if spec.needs_reference and kind == "none":
+    if system.uses_loss and spec.needs_reference and kind == "none":
         raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
+    if system.references is not None and system.references and kind not in system.references:
+        raise ConfigError(
+            f"system={cfg.system.kind} needs a reference that scores the sequences it samples "
+            f"(reference={' or '.join(system.references)}); reference={kind} can't"
+            + (": its log-probs are precomputed for the data's pairs only" if kind == "precomputed" else "")
+        )
     if kind == "copy" and cfg.reference.sync_every and not 0 < cfg.reference.sync_alpha <= 1:
         raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
+    _check_system(cfg, system)
     data = cfg.data
     if not 0 < data.max_prompt_length < data.max_length:
         raise ConfigError(
@@ -230,7 +239,8 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         raise ConfigError(
             f"data.max_length={data.max_length} exceeds the model's {positions} positions; lower data.max_length"
         )
-    _check_source(cfg, spec.needs_pairs)
+    pairs = needs_pairs(cfg)
+    _check_source(cfg, pairs)
     check_update_precision(cfg)
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
@@ -239,10 +249,65 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     if model_class is not None:
         try:
             layout = choose_layout(layout, model_class, model_config, sharded=is_sharded(cfg.trainer),
-                                   pairs=spec.needs_pairs)  # fmt: skip
+                                   pairs=pairs and system.uses_loss)  # fmt: skip
         except LayoutError as e:
             raise ConfigError(str(e)) from None
     return dataclasses.replace(plan, layout=layout)
+
+
+def needs_pairs(cfg: DictConfig) -> bool:
+    """Whether the run's batches hold chosen and rejected responses (the system or its loss says)."""
+    data = SYSTEMS[cfg.system.kind].data
+    return get_loss(cfg.loss.name).needs_pairs if data is None else data == "pairs"
+
+
+def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
+    """The reward-model and PPO systems' own checks (the DPO system's are the loss's)."""
+    kind = cfg.system.kind
+    if not system.samples:
+        for name, node in (cfg.get("callbacks") or {}).items():
+            target = str((node or {}).get("_target_", ""))
+            if target.rsplit(".", 1)[-1] in SAMPLING_CALLBACKS:
+                raise ConfigError(
+                    f"callbacks.{name} ({target}) samples from a language model; system={kind} trains a "
+                    f"classifier: drop it (callbacks.{name}=null)"
+                )
+    if kind == "reward_model" and cfg.data.layout not in ("auto", "separate"):
+        raise ConfigError(f"system=reward_model scores whole rows: use data.layout=separate, not {cfg.data.layout}")
+    if kind == "ppo":
+        if is_sharded(cfg.trainer):
+            raise ConfigError("system=ppo runs under DDP (trainer=ddp), not a sharded (FSDP) strategy yet")
+        ppo = cfg.system
+        if ppo.reward is not None and "name" not in ppo.reward:
+            raise ConfigError(
+                "system.reward must be null (the ground truth, `reward`) or a reward config with a `name`"
+            )
+        rollouts = cfg.data.micro_batch_size * ppo.samples_per_prompt
+        if ppo.minibatch_size < 1 or rollouts % ppo.minibatch_size:
+            raise ConfigError(
+                f"system.minibatch_size={ppo.minibatch_size} must divide each rank's rollouts per batch: "
+                f"data.micro_batch_size={cfg.data.micro_batch_size} x "
+                f"system.samples_per_prompt={ppo.samples_per_prompt}"
+            )
+        if cfg.data.batch_size != cfg.data.micro_batch_size * _world(cfg.trainer):
+            raise ConfigError(
+                f"system=ppo takes one batch of prompts per PPO iteration: data.batch_size={cfg.data.batch_size} must "
+                f"equal data.micro_batch_size={cfg.data.micro_batch_size} x world size {_world(cfg.trainer)}"
+            )
+        for key in ("ppo_epochs", "samples_per_prompt"):
+            if ppo[key] < 1:
+                raise ConfigError(f"system.{key} must be >= 1, got {ppo[key]}")
+        if not 0 <= ppo.lam <= 1 or not 0 < ppo.gamma <= 1:
+            raise ConfigError(f"need 0 <= system.lam <= 1 and 0 < system.gamma <= 1, got {ppo.lam}, {ppo.gamma}")
+
+
+SAMPLING_CALLBACKS = ("RewardKLEval", "GenerationSamples")
+"""Callbacks that sample from the trained model (a reward model can't be sampled)."""
+
+
+def _world(trainer: DictConfig) -> int:
+    devices = trainer.get("devices", 1)
+    return (devices if isinstance(devices, int) else 1) * trainer.get("num_nodes", 1)
 
 
 # Relative spacing of representable numbers (machine epsilon) of the low-precision weight dtypes.
@@ -290,8 +355,9 @@ def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
     if unknown := sorted(set(options) - set(allowed)):
         raise ConfigError(f"data.source.options {unknown} unknown for format {source.format!r}; valid: {allowed}")
     if needs_pairs and not fmt.has_pairs(options):
+        who = f"loss {cfg.loss.name!r}" if SYSTEMS[cfg.system.kind].uses_loss else f"system={cfg.system.kind}"
         raise ConfigError(
-            f"loss {cfg.loss.name!r} needs preference pairs but data format {source.format!r} gives none "
+            f"{who} needs preference pairs but data format {source.format!r} gives none "
             "(its rows have no rejected response); use loss=sft or a pairs data set"
         )
 

@@ -10,6 +10,8 @@ The IMDB experiment scores completions with a sentiment reward. ``conf/reward/<n
   or, by default, from this project's own review templates; no third-party code runs to get it.
 * ``hf_classifier``: a Hugging Face sequence classifier (paper: ``siebert/sentiment-roberta-large-english``);
   the reward is the positive class's logit, its probability or the logit margin over the other class.
+* ``learned_rm``: a reward model this project trained on preference pairs (``dpo-train
+  system=reward_model``, RLHF's reward model), scored as its training scored (:mod:`dpo.reward_models`).
 
 Every reward is built by :func:`build_reward` from its config and called as ``reward(texts)``.
 """
@@ -192,6 +194,21 @@ def hf_classifier(
     model = AutoModelForSequenceClassification.from_pretrained(pretrained, **kwargs)
     index = positive_index(model.config.id2label, positive_label)
     reward = ClassifierReward(tokenizer, model, index, output, batch_size, max_length)
+    return reward if device == "auto" else reward.to(device)
+
+
+@register("learned_rm")
+def learned_rm(path: str, batch_size: int = 32, max_length: int | None = None, device: str = "auto") -> Any:
+    """A learned reward model's scalar score of prompt + completion (:class:`dpo.reward_models.LearnedReward`).
+
+    Args:
+        path: the ``hf`` export of a ``dpo-train system=reward_model`` run.
+        max_length: most tokens scored (a longer text keeps its end); None: no limit.
+        device: ``auto``: placed by its user (the evaluation callback, ``dpo-score``); or a device name.
+    """
+    from dpo.reward_models import LearnedReward
+
+    reward = LearnedReward(path, batch_size, max_length)
     return reward if device == "auto" else reward.to(device)
 
 

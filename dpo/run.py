@@ -42,12 +42,14 @@ STOP_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time")
 
 @dataclass
 class RunState:
-    """``run.json``: the run's id, status (``running`` or ``finished``) and held-out metrics."""
+    """``run.json``: the run's id, status (``running`` or ``finished``), held-out metrics and cost."""
 
     id: str
     status: str = "running"
     before: dict[str, float] = field(default_factory=dict)
     after: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # wall time of the finished run's training jobs (resumed jobs add up)
+    generated_tokens: int = 0  # tokens the run sampled to train (PPO rollouts; evaluation not counted)
 
     @classmethod
     def load_or_new(cls, out_dir: Path) -> RunState:

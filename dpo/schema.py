@@ -12,6 +12,7 @@ model           :class:`dpo.models.ModelConfig`
 data            :class:`dpo.data.datamodule.DataConfig` (``source``: :class:`dpo.data.sources.SourceSpec`)
 optim           :class:`dpo.systems.base.OptimConfig`
 reference       each kind's ``Config`` in :data:`dpo.reference.REFERENCES`
+system          each kind's ``config`` in :data:`dpo.systems.SYSTEMS`
 loss            the loss function's keyword parameters (:data:`dpo.losses.LOSSES`) plus
                 ``name`` and ``nll_weight``
 reward          the reward factory's parameters (:data:`dpo.rewards.REWARDS`) plus ``name``
@@ -49,6 +50,7 @@ from dpo.models import ModelConfig
 from dpo.reference import REFERENCES
 from dpo.report.naming import resolve_run_group, resolve_run_label
 from dpo.rewards import REWARDS
+from dpo.systems import SYSTEMS
 from dpo.systems.base import GuardConfig, OptimConfig
 
 
@@ -89,7 +91,7 @@ class TrainConfig:
     run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
     seed: int = 0
     ckpt_path: str | None = "auto"
-    optimized_metric: str = "val/rewards/accuracy"
+    optimized_metric: str | None = "val/rewards/accuracy"
     tags: list[str] = field(default_factory=list)
     run_group: str | None = None
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -97,6 +99,7 @@ class TrainConfig:
     # The groups: ours carry their own schema (above), third-party ones are checked by target.
     model: Any = MISSING
     data: Any = MISSING
+    system: Any = MISSING
     loss: Any = MISSING
     optim: Any = MISSING
     reward: Any = MISSING
@@ -156,10 +159,10 @@ class EvalConfig:
     paths: Any = MISSING
 
 
-OUR_GROUPS = ("model", "data", "loss", "optim", "reward", "reference", "paths")
+OUR_GROUPS = ("model", "data", "system", "loss", "optim", "reward", "reference", "paths")
 """Config groups whose schema is ours (the rest configure third-party classes through ``_target_``)."""
 
-SELECTORS = {"loss": "name", "reward": "name", "reference": "kind"}
+SELECTORS = {"system": "kind", "loss": "name", "reward": "name", "reference": "kind"}
 """Groups whose keys depend on the choice, and the key that names the choice."""
 
 _SUPPORTED = (int, float, bool, str, bytes, type(None))
@@ -229,6 +232,8 @@ def register() -> None:
         cs.store(group="schema/judge", name=kind, node=cls.Config)
     for kind, cls in REFERENCES.items():
         cs.store(group="schema/reference", name=kind, node=cls.Config)
+    for kind, spec in SYSTEMS.items():
+        cs.store(group="schema/system", name=kind, node=spec.config)
     for name in LOSSES:
         cs.store(group="schema/loss", name=name, node=loss_schema(name))
     for name in REWARDS:

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.checkpoint import check_fits
 from dpo.cli import entry
-from dpo.config import USER_ERRORS, ConfigError, Plan, loss_params, redact, typed, validate
+from dpo.config import USER_ERRORS, ConfigError, Plan, loss_params, needs_pairs, redact, typed, validate
+from dpo.data.collate import pad_id_of
 from dpo.data.datamodule import DataConfig, PreferenceDataModule
 from dpo.data.formats import get_format, load_rows
 from dpo.data.sources import SourceSpec
@@ -48,9 +49,14 @@ from dpo.report.csv_logger import ResumableCSVLogger
 from dpo.report.naming import flatten
 from dpo.report.summary import RunSummary, reports
 from dpo.report.wandb_logging import log_export
+from dpo.reward_models import load_reward_model
+from dpo.rewards import reward_from_config
 from dpo.run import Resume, RunState, plan_resume
-from dpo.systems.base import GuardConfig, OptimConfig
+from dpo.systems import SYSTEMS
+from dpo.systems.base import GuardConfig, OptimConfig, System
 from dpo.systems.dpo import DPOModule
+from dpo.systems.ppo import PPOConfig, PPOModule
+from dpo.systems.reward_model import RewardModelConfig, RewardModelModule
 
 log = get_logger(__name__)
 WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
@@ -75,7 +81,7 @@ class Run:
     start: Start
     tokenizer: Any
     datamodule: PreferenceDataModule
-    module: DPOModule
+    module: System
     trainer: pl.Trainer
 
 
@@ -92,7 +98,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     with closing_wandb():
         for logger in trainer.loggers:  # flat: dotted keys sort and filter in wandb's run table
             logger.log_hyperparams(flatten(start.config))
-        module.reference.prepare(trainer, module, datamodule)
+        if (reference := getattr(module, "reference", None)) is not None:
+            reference.prepare(trainer, module, datamodule)
         if not (start.resume.ckpt_path and state.before):  # a resumed run measured its start already
             state.before = held_out_metrics(trainer, module, datamodule)
             record(trainer, state, out)
@@ -102,6 +109,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         if cfg.log_export and export_dir is not None:
             log_export(trainer, export_dir, f"{cfg.task_name}-{state.id}-hf")
         state.status = "finished"
+        state.seconds = round(state.seconds + time.time() - started, 1)
+        state.generated_tokens = int(getattr(module, "generated_tokens", 0))
         record(trainer, state, out)
     log.info(summarize(cfg, run, export_dir, time.time() - started).render())
     return state.after
@@ -136,28 +145,74 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     weights), then the data is read, checked and tokenized, and only then do weights load, so a
     mistake fails before any expensive work. ``extra_callbacks`` join the configured ones.
     """
-    spec = get_loss(cfg.loss.name)
+    kind = cfg.system.kind
     tokenizer = build_tokenizer(cfg, start.model)
     resumed_step = check_resume(start, tokenizer)
     data = typed(cfg.data, DataConfig)
-    datamodule = PreferenceDataModule(tokenizer, data, pairs=spec.needs_pairs, layout=start.plan.layout, seed=cfg.seed)
+    datamodule = PreferenceDataModule(tokenizer, data, pairs=needs_pairs(cfg), layout=start.plan.layout, seed=cfg.seed,
+                                      prompts=SYSTEMS[kind].data == "prompts")  # fmt: skip
     datamodule.setup("fit")
     callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
+    module = BUILDERS[kind](cfg, start, tokenizer)
+    clip = None if kind == "ppo" else cfg.trainer.get("gradient_clip_val")  # PPO clips in its own (manual) steps
+    loggers = instantiate_loggers(cfg.logger, start.state.id, resumed_step)
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=cluster_plugins(),
+                          accumulate_grad_batches=start.plan.accumulate_grad_batches,
+                          gradient_clip_val=clip)  # fmt: skip
+    return Run(start, tokenizer, datamodule, module, trainer)
 
-    policy = load_policy(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
-    policy, reference = build_reference(
-        typed(cfg.reference, REFERENCES[cfg.reference.kind].Config), policy, needs_reference=spec.needs_reference,
-        cache_dir=data.cache_dir,
-        identity={"model": model_identity(start.model, cfg.seed), "precision": str(cfg.trainer.precision)},
-    )  # fmt: skip
-    module = DPOModule(
+
+def build_dpo(cfg: DictConfig, start: Start, tokenizer: Any) -> DPOModule:
+    """The DPO system: the policy, its reference and the ``conf/loss`` choice."""
+    spec = get_loss(cfg.loss.name)
+    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=spec.needs_reference)
+    return DPOModule(
         policy, reference, cfg.loss.name, loss_params(cfg), typed(cfg.optim, OptimConfig),
         nll_weight=cfg.loss.nll_weight, fsdp_block=start.model.fsdp_block, guard=typed(cfg.guard, GuardConfig),
     )  # fmt: skip
-    loggers = instantiate_loggers(cfg.logger, start.state.id, resumed_step)
-    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=cluster_plugins(),
-                          accumulate_grad_batches=start.plan.accumulate_grad_batches)  # fmt: skip
-    return Run(start, tokenizer, datamodule, module, trainer)
+
+
+def build_reward_model(cfg: DictConfig, start: Start, tokenizer: Any) -> RewardModelModule:
+    """The reward-model system: the model with a one-label classification head."""
+    model = load_reward_model(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
+    system = typed(cfg.system, RewardModelConfig)
+    return RewardModelModule(model, typed(cfg.optim, OptimConfig), system.center_weight,
+                             guard=typed(cfg.guard, GuardConfig))  # fmt: skip
+
+
+def build_ppo(cfg: DictConfig, start: Start, tokenizer: Any) -> PPOModule:
+    """The PPO system: the policy, its frozen reference and the reward it maximises."""
+    system = typed(cfg.system, PPOConfig)
+    reward = reward_from_config(OmegaConf.to_container(ppo_reward(cfg), resolve=True))
+    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=True)
+
+    def decode(prompt: list[int], completion: list[int]) -> str:
+        return tokenizer.decode(prompt + completion, skip_special_tokens=True)
+
+    return PPOModule(
+        policy, reference, reward, decode, pad_id_of(tokenizer), tokenizer.eos_token_id, system,
+        typed(cfg.optim, OptimConfig), guard=typed(cfg.guard, GuardConfig),
+        max_grad_norm=cfg.trainer.get("gradient_clip_val"),
+    )  # fmt: skip
+
+
+def ppo_reward(cfg: DictConfig) -> DictConfig:
+    """The reward PPO maximises: ``system.reward``, or the ground truth (``reward``) when that is null."""
+    return cfg.system.reward if cfg.system.reward is not None else cfg.reward
+
+
+def build_policy_and_reference(cfg: DictConfig, start: Start, tokenizer: Any, *, needs_reference: bool) -> tuple:
+    """The policy and its :class:`~dpo.reference.Reference` (``conf/reference``)."""
+    policy = load_policy(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
+    return build_reference(
+        typed(cfg.reference, REFERENCES[cfg.reference.kind].Config), policy, needs_reference=needs_reference,
+        cache_dir=cfg.data.cache_dir,
+        identity={"model": model_identity(start.model, cfg.seed), "precision": str(cfg.trainer.precision)},
+    )  # fmt: skip
+
+
+BUILDERS = {"dpo": build_dpo, "reward_model": build_reward_model, "ppo": build_ppo}
+"""``system.kind`` -> the function that builds its LightningModule (:data:`dpo.systems.SYSTEMS`)."""
 
 
 def check_resume(start: Start, tokenizer: Any) -> int | None:
@@ -172,11 +227,12 @@ def check_resume(start: Start, tokenizer: Any) -> int | None:
 
 
 def instantiate_all(group: DictConfig, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
-    """The objects of a group of ``_target_`` nodes (``extra``: more keyword arguments per target);
-    a user error raised inside one surfaces as itself."""
+    """The objects of a group of ``_target_`` nodes (``extra``: more keyword arguments per target;
+    a node set to null is left out); a user error raised inside one surfaces as itself."""
     extra = extra or {}
     try:
-        return [instantiate(node, **extra.get(str(node.get("_target_")), {})) for node in group.values()]
+        nodes = [node for node in group.values() if node is not None]
+        return [instantiate(node, **extra.get(str(node.get("_target_")), {})) for node in nodes]
     except InstantiationException as e:
         if isinstance(e.__cause__, USER_ERRORS):
             raise e.__cause__ from None
@@ -235,8 +291,11 @@ def summarize(cfg: DictConfig, run: Run, export_dir: Path | None, seconds: float
     target = source.splits["val"]
     described = target if source.path is None else f"{source.path} [{target}] ({source.format})"
     params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
+    title = f"loss={cfg.loss.name}({params})" if SYSTEMS[cfg.system.kind].uses_loss else f"system={cfg.system.kind}"
+    if cfg.system.kind == "ppo":
+        title += f"(reward={ppo_reward(cfg).name}, kl_coef={cfg.system.kl_coef}, kl_target={cfg.system.kl_target})"
     return RunSummary(
-        title=f"loss={cfg.loss.name}({params})", steps=trainer.global_step, seconds=seconds,
+        title=title, steps=trainer.global_step, seconds=seconds,
         held_out=(len(datamodule.datasets["val"]), described), before=state.before, after=state.after,
         sections=reports([*trainer.callbacks, run.module]), data_stats=datamodule.stats,
         checkpoint=trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,

@@ -62,6 +62,16 @@ def exported_tiny(tmp_path_factory, bpe_tokenizer):
     return str(export_pretrained(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny") / "hf"))
 
 
+@pytest.fixture(scope="session")
+def exported_tiny_rm(tmp_path_factory, bpe_tokenizer):
+    """A directory holding a tiny one-label reward model (random weights) and its tokenizer."""
+    from dpo.reward_models import load_reward_model
+
+    torch.manual_seed(0)
+    model = load_reward_model(ModelConfig(None, architecture=TINY_ARCH), tokenizer=bpe_tokenizer)
+    return str(export_pretrained(model, bpe_tokenizer, tmp_path_factory.mktemp("tiny_rm") / "hf"))
+
+
 def with_tiny(overrides: list[str]) -> list[str]:
     """``overrides`` on the tiny test configuration, unless they pick an experiment themselves."""
     return overrides if any(o.startswith("experiment=") for o in overrides) else ["experiment=tiny", *overrides]

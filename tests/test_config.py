@@ -30,20 +30,32 @@ BUNDLED_SPLITS = [
 
 
 def build_and_step(cfg):
-    """Build the job and run one training step's maths on its first batch (no Trainer.fit)."""
+    """Build the job and run one training step's maths on its first batch (no Trainer.fit); for
+    PPO, one rollout of its first 4 prompts (sample, score, advantages)."""
     run = build(cfg, begin(cfg))
     batch = next(iter(run.datamodule.train_dataloader()))
+    if cfg.system.kind == "ppo":
+        rollout, tokens = run.module.rollout(batch["prompt_ids"][:4])
+        assert tokens > 0 and torch.isfinite(rollout.advantages).all() and torch.isfinite(rollout.scores).all()
+        return run, {}
     loss, metrics = run.module.shared_step(batch, "train")
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     return run, metrics
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny, name):
+def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny, exported_tiny_rm, name):
     cfg = shrink(compose_config([*FAST, f"experiment={name}"], tmp_path), exported_tiny)
+    if cfg.system.kind == "ppo":  # debug=fast's batch of 2 prompts: one minibatch
+        cfg.system.minibatch_size = cfg.data.micro_batch_size
+        if cfg.system.reward is not None:  # PPO against a learned reward model
+            cfg.system.reward.path = exported_tiny_rm
     run, metrics = build_and_step(cfg)
     assert run.start.plan.accumulate_grad_batches >= 1 and (tmp_path / "config.yaml").is_file()
-    assert ("train/rewards/accuracy" in metrics) == run.module.spec.needs_pairs
+    if cfg.system.kind == "dpo":
+        assert ("train/rewards/accuracy" in metrics) == run.module.spec.needs_pairs
+    elif cfg.system.kind == "reward_model":
+        assert "train/rm/accuracy" in metrics
 
 
 @pytest.mark.parametrize("name", LOSS_CONFIGS)

@@ -110,3 +110,19 @@ def wandb_logged(run_dir: Path) -> dict[str, Any]:
     artifacts = [(r.artifact.name, r.artifact.type) for r in records if r.WhichOneof("record_type") == "artifact"]
     return {"name": run.display_name, "group": run.run_group, "config": config, "history": history,
             "artifacts": artifacts}  # fmt: skip
+
+
+class RecordPPOMetrics(pl.Callback):
+    """Writes each rank's own PPO metrics and prompt rows per batch to ``<out>/rank<r>.jsonl``."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import json
+        from pathlib import Path
+
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        record = {"batch": batch_idx, "rows": batch["rows"].tolist(), "local": pl_module.local_metrics}
+        with (Path(self.out) / f"rank{trainer.global_rank}.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")

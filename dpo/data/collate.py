@@ -74,3 +74,13 @@ def stack_ref_logps(examples: list[TokenizedPair]) -> Tensor:
     the separate layout (the pair layouts use the same order)."""
     chosen, rejected = zip(*(ex.ref_logps for ex in examples), strict=True)
     return torch.tensor(chosen + rejected, dtype=torch.float32)
+
+
+def collate_prompts(items: list[TokenizedPair]) -> dict[str, Any]:
+    """A batch of prompts only (systems that sample their own responses, e.g. PPO):
+    ``prompt_ids`` (B lists of ids), ``rows`` (B,) and ``n_pairs`` B."""
+    return {
+        "prompt_ids": [list(item.prompt_ids) for item in items],
+        "rows": torch.tensor([item.index for item in items], dtype=torch.long),
+        "n_pairs": len(items),
+    }

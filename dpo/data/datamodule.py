@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpo.data import cache
 from dpo.data.batch import Layout, ScoredBatch
-from dpo.data.collate import collate, pad_id_of
+from dpo.data.collate import collate, collate_prompts, pad_id_of
 from dpo.data.formats import load_rows
 from dpo.data.packing import pack_pairs
 from dpo.data.samplers import GlobalBatchSampler, ShardBatches
@@ -116,14 +116,17 @@ class PreferenceDataModule(LightningDataModule):
         tokenizer: tokenizer of the policy.
         config: the ``conf/data`` config; its ``micro_batch_size`` is the per-device batch.
         pairs: serve chosen and rejected (DPO) or chosen only (SFT).
+        prompts: serve prompts only, each distinct training prompt once per epoch
+            (:func:`dpo.data.collate.collate_prompts`; PPO samples its own responses).
         layout: the batch layout (:func:`dpo.forward.choose_layout` decides it once, before this is
             built); SFT rows always come in the separate layout.
         seed: seed of the training shuffle.
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, config: DataConfig, *, pairs: bool, layout: Layout, seed: int = 0
-    ) -> None:
+        self, tokenizer: PreTrainedTokenizerBase, config: DataConfig, *, pairs: bool, layout: Layout, seed: int = 0,
+        prompts: bool = False,
+    ) -> None:  # fmt: skip
         super().__init__()
         if layout == Layout.auto:
             raise ValueError("the datamodule needs a decided layout, not auto (dpo.forward.choose_layout)")
@@ -131,7 +134,8 @@ class PreferenceDataModule(LightningDataModule):
         self.config = config
         self.source = config.source
         self.lengths = (config.max_length, config.max_prompt_length, config.truncation_side)
-        self.pairs = pairs
+        self.pairs = pairs and not prompts
+        self.prompts = prompts
         self.seed = seed
         self.datasets: dict[str, TokenizedDataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
@@ -153,7 +157,9 @@ class PreferenceDataModule(LightningDataModule):
 
     @property
     def collate_fn(self) -> Callable[[list[TokenizedPair]], ScoredBatch]:
-        """The training and validation batches: pairs in the layout, or chosen rows for SFT."""
+        """The training and validation batches: pairs in the layout, chosen rows for SFT, or prompts."""
+        if self.prompts:
+            return collate_prompts
         return self.pair_collate if self.pairs else partial(collate, pad_id=self.pad_id, pairs=False)
 
     def cache_key(self, split: str) -> str:
@@ -214,6 +220,8 @@ class PreferenceDataModule(LightningDataModule):
             return
         for split in SPLITS:
             self._load(split)
+            if self.prompts and split == "train":
+                self._distinct_prompts(split)
             origin = "cache hit" if self.cache_hits[split] else "tokenized"
             log.info(f"data/{split} ({origin}): {_fmt(self.stats[split])}")
         if (n := len(self.datasets["train"])) < self.config.batch_size:
@@ -223,6 +231,16 @@ class PreferenceDataModule(LightningDataModule):
             )
         for text in self.samples(2):
             log.info(text)
+
+    def _distinct_prompts(self, split: str) -> None:
+        """Keep one row per distinct prompt (its first), so each prompt is drawn once per epoch."""
+        data = self.datasets[split]
+        first: dict[int, int] = {}
+        for i, g in enumerate(data.groups):
+            first.setdefault(g, i)
+        keep = sorted(first.values())
+        self.datasets[split] = TokenizedDataset([data.items[i] for i in keep], list(range(len(keep))))
+        self.stats[split] = {**self.stats[split], "pairs": len(keep)}
 
     def samples(self, n: int) -> list[str]:
         """The first ``n`` training pairs as the model sees them, with token counts."""

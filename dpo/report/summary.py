@@ -10,6 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 VALIDATION = (
     ("val/rewards/accuracy", "reward accuracy"),
     ("val/rewards/margin", "reward margin"),
+    ("val/rm/accuracy", "reward model accuracy"),
+    ("val/rm/margin", "reward model margin"),
     ("val/loss", "loss"),
     ("val/logps_per_token/chosen", "chosen log-prob/token"),
     ("val/kl/chosen", "KL(policy||ref) on chosen"),

@@ -1,1 +1,49 @@
-"""Training systems: LightningModules that hold a policy and train it (DPO; a reward model and PPO next)."""
+"""Training systems: LightningModules that hold a model and train it, one per ``conf/system`` choice.
+
+==============  ==============================================  ======================================
+``system=``     module                                          trains
+==============  ==============================================  ======================================
+``dpo``         :class:`dpo.systems.dpo.DPOModule`              a policy with a ``conf/loss`` preference
+                                                                loss (DPO, IPO, ..., SFT, Unlikelihood)
+``reward_model`` :class:`dpo.systems.reward_model.RewardModelModule`  RLHF's reward model (Bradley-Terry)
+``ppo``         :class:`dpo.systems.ppo.PPOModule`              a policy by PPO against a reward (RLHF)
+==============  ==============================================  ======================================
+
+:data:`SYSTEMS` says, per kind, what the config checks and the entry point need to know before
+anything loads; :func:`dpo.train.build` assembles each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpo.systems.dpo import DPOSystemConfig
+from dpo.systems.ppo import PPOConfig
+from dpo.systems.reward_model import RewardModelConfig
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """What a training system needs from the rest of the config.
+
+    Attributes:
+        config: its ``conf/system`` schema.
+        uses_loss: it trains with the ``conf/loss`` choice (else that group is ignored).
+        data: what its batches hold: ``pairs`` (chosen and rejected), ``chosen`` (SFT rows) or
+            ``prompts`` (prompts only: it samples its own responses); None: the loss decides.
+        samples: it has a causal LM that the sampling callbacks can sample from.
+        references: the ``reference.kind`` choices it runs with (None: the loss decides).
+    """
+
+    config: type
+    uses_loss: bool
+    data: str | None
+    samples: bool
+    references: tuple[str, ...] | None
+
+
+SYSTEMS: dict[str, SystemSpec] = {
+    "dpo": SystemSpec(DPOSystemConfig, uses_loss=True, data=None, samples=True, references=None),
+    "reward_model": SystemSpec(RewardModelConfig, uses_loss=False, data="pairs", samples=False, references=()),
+    "ppo": SystemSpec(PPOConfig, uses_loss=False, data="prompts", samples=True, references=("copy", "lora")),
+}

@@ -64,13 +64,19 @@ def warmup_schedule(step: int, warmup_steps: int, total_steps: int, decay: str) 
 
 
 def optimizer_step_ended(trainer: pl.Trainer, batch_idx: int, every: int = 1) -> bool:
-    """Whether batch ``batch_idx`` closed an optimizer step whose number is a multiple of ``every``.
+    """Whether batch ``batch_idx`` closed an optimizer step whose number is a multiple of ``every``,
+    or, for a system that makes several steps per batch (PPO), stepped past one.
 
     Call from ``on_train_batch_end`` (after the step, so ``global_step`` is already counted);
     ``every=0`` never fires. With accumulation only the last micro-batch of a step counts.
     """
     stepped = (batch_idx + 1) % trainer.accumulate_grad_batches == 0
-    return bool(every) and stepped and trainer.global_step % every == 0
+    if not (every and stepped):
+        return False
+    module = trainer.lightning_module
+    k = module.optimizer_steps_per_batch() if hasattr(module, "optimizer_steps_per_batch") else 1
+    step = trainer.global_step
+    return step // every > (step - k) // every
 
 
 class NonFinite(str, Enum):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,17 @@ REFERENCE_PREFIX = "reference."
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Mid-epoch resume is exact: GlobalBatchSampler skips the trained micro-batches (tests/test_scale.py).
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
+
+
+@dataclass
+class DPOSystemConfig:
+    """``conf/system/dpo.yaml``: a policy trained with the ``conf/loss`` choice (the default system).
+
+    Attributes:
+        kind: ``dpo``.
+    """
+
+    kind: str = "dpo"
 
 
 class DPOModule(System):

@@ -1,0 +1,360 @@
+"""The PPO training system: RLHF's second stage (Ziegler et al. 2019, arXiv 1909.08593), the
+baseline DPO replaces. With a ground-truth reward it is the paper's PPO-GT; with a learned reward
+model (``reward=learned_rm``) it is PPO."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from dpo.reference import Reference
+from dpo.rl import (
+    KLController,
+    clipped_policy_loss,
+    clipped_value_loss,
+    entropy,
+    explained_variance,
+    gae,
+    masked_mean,
+    shaped_rewards,
+    whiten,
+)
+from dpo.sampling import GenerationConfig, completion_batch, generate
+from dpo.systems.base import GuardConfig, OptimConfig, System
+
+REFERENCE_PREFIX = "reference."
+
+
+@dataclass
+class PPOConfig:
+    """``conf/system/ppo.yaml``: PPO against a reward with a per-token KL penalty (``conf/loss`` unused).
+
+    Attributes:
+        kind: ``ppo``.
+        reward: the reward PPO maximises, a ``conf/reward`` node such as a learned reward model
+            (``{name: learned_rm, path: ...}``: PPO); null: the run's ``reward`` group, the ground
+            truth the evaluation uses (PPO-GT).
+        include_prompt: score prompt + completion (True) or the completion alone.
+        generation: how rollouts are sampled (``max_new_tokens``, ``temperature``, ``top_k``, ``top_p``).
+        samples_per_prompt: rollouts per prompt of a batch.
+        ppo_epochs: passes over each rollout batch.
+        minibatch_size: rollouts per gradient step on each rank; it must divide the rank's rollouts
+            (``data.micro_batch_size * samples_per_prompt``).
+        kl_coef: the KL penalty's coefficient (initial value when adaptive).
+        kl_target: adapt the coefficient towards this sequence KL (nats); null: fixed.
+        kl_horizon: the adaptive controller's horizon, in rollouts.
+        gamma, lam: GAE's discount and lambda.
+        clip_range: PPO's ratio clip epsilon.
+        clip_range_value: clip of the value's move from its rollout-time estimate.
+        vf_coef: the value loss's weight in the (shared-trunk) loss.
+    """
+
+    kind: str = "ppo"
+    reward: Any = None
+    include_prompt: bool = True
+    generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 32, "temperature": 1.0})
+    samples_per_prompt: int = 1
+    ppo_epochs: int = 4
+    minibatch_size: int = 8
+    kl_coef: float = 0.1
+    kl_target: float | None = None
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+
+
+@dataclass
+class Rollout:
+    """One batch of rollouts as per-token tensors, each (N, L) over response tokens unless noted.
+
+    ``ids``/``mask`` are the (N, T) right-padded prompt + response rows; ``pos`` the position whose
+    hidden state predicts each response token (and estimates the value of the state before it);
+    ``tgt`` the token; ``tok_mask`` 1 on real response tokens.
+    """
+
+    ids: Tensor
+    mask: Tensor
+    pos: Tensor
+    tgt: Tensor
+    tok_mask: Tensor
+    scores: Tensor  # (N,)
+    logps: Tensor
+    ref_logps: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+
+def response_positions(prompt_lengths: list[int], response_lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """(N, L) predictor positions of the response tokens of right-padded prompt + response rows, and
+    the (N, L) mask of real ones (padding positions point at 0)."""
+    width = max(response_lengths)
+    pos = torch.zeros((len(prompt_lengths), width), dtype=torch.long)
+    mask = torch.zeros((len(prompt_lengths), width))
+    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
+        pos[i, :r] = torch.arange(p - 1, p - 1 + r)
+        mask[i, :r] = 1
+    return pos, mask
+
+
+class PPOModule(System):
+    """A policy trained by PPO on its own samples, a value head on its trunk, a frozen reference.
+
+    Each training batch is a batch of prompts (this rank's share). One batch is one PPO iteration:
+
+    1. rollout: sample completions (:func:`dpo.sampling.generate`), score them with the reward,
+       and, without gradients, the sampled tokens' log-probs under the policy and the reference
+       and the value of every state;
+    2. per-token rewards: ``-kl_coef * (log pi - log pi_ref)`` on every token, plus the score on the
+       last (:func:`dpo.rl.shaped_rewards`); advantages by GAE, whitened with statistics over
+       every rank's rollouts;
+    3. ``ppo_epochs`` passes over the rollouts in minibatches of ``minibatch_size``: the clipped
+       policy loss plus ``vf_coef`` times the clipped value loss, one optimizer step each.
+
+    So ``trainer.global_step`` counts optimizer steps, as for DPO, and the evaluation callback's
+    points land on the same frontier. Optimization is manual (several steps per batch); the
+    non-finite guard and gradient clipping (``trainer.gradient_clip_val``, applied here) work as
+    for DPO.
+
+    The value head is a linear layer on the policy's last hidden state (a shared trunk, as in
+    Ziegler et al. and TRL's ``AutoModelForCausalLMWithValueHead``): one forward gives logits and
+    values, and the model in memory is the policy alone. It is zero-initialised (every value
+    starts at 0), saved in checkpoints and not exported (the export is the policy).
+
+    Metrics (``train/ppo/...``, means over the rollouts of one batch, all ranks): ``reward`` (raw
+    score), ``reward_penalized`` (score minus ``kl_coef`` times the sequence KL estimate), ``kl``
+    (``log pi(y|x) - log pi_ref(y|x)`` of the rollouts), ``kl_coef``, ``entropy`` (per token),
+    ``clip_frac``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``explained_variance``,
+    ``response_tokens``; ``train/loss`` is the mean total loss.
+
+    Args:
+        policy: the causal LM to train.
+        reference: the frozen reference (``copy`` or ``lora``; it must give logits for new sequences).
+        reward: ``texts -> scores``.
+        decode: ``(prompt ids, completion ids) -> text`` to score.
+        pad_id, eos_id: the tokenizer's.
+        cfg: the ``conf/system/ppo.yaml`` config.
+        optim: optimizer and schedule.
+        guard: what a non-finite loss or gradient does.
+        max_grad_norm: clip the gradient norm to this (``trainer.gradient_clip_val``); None: no clipping.
+        sharded: whether the policy is sharded across ranks (FSDP): generation then runs ``synced_gpus``.
+        tokenizer: passed to ``generate`` (stop strings).
+    """
+
+    def __init__(
+        self,
+        policy: nn.Module,
+        reference: Reference,
+        reward: Callable[[list[str]], list[float]],
+        decode: Callable[[list[int], list[int]], str],
+        pad_id: int,
+        eos_id: int | None,
+        cfg: PPOConfig,
+        optim: OptimConfig,
+        guard: GuardConfig | None = None,
+        max_grad_norm: float | None = None,
+        sharded: bool = False,
+    ) -> None:
+        super().__init__(optim, guard)
+        self.automatic_optimization = False
+        self.policy = policy
+        self.reference = reference
+        self.value_head = nn.Linear(policy.config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        self.reward, self.decode = reward, decode
+        self.pad_id, self.eos_id = pad_id, eos_id
+        self.cfg = cfg
+        self.gen = GenerationConfig(**cfg.generation)
+        self.gen.kwargs()
+        self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.max_grad_norm = max_grad_norm
+        self.sharded = sharded
+        self.generated_tokens = 0  # rollout tokens over all ranks (the cost the frontier table reports)
+        self.rollouts = 0
+        self._batch_rollouts = 0  # this rank's rollouts in the last batch
+        self.local_metrics: dict[str, float] = {}  # this rank's share of the last batch's metrics, before the mean
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        yield from (p for p in self.policy.parameters() if p.requires_grad)
+        yield from self.value_head.parameters()
+
+    def minibatches_per_batch(self, rollouts: int) -> int:
+        """Gradient steps per PPO epoch for ``rollouts`` rollouts on a rank."""
+        if rollouts % self.cfg.minibatch_size:
+            raise ValueError(
+                f"system.minibatch_size={self.cfg.minibatch_size} must divide each rank's rollouts ({rollouts} = "
+                "data.micro_batch_size x system.samples_per_prompt)"
+            )
+        return rollouts // self.cfg.minibatch_size
+
+    def forward_tokens(self, ids: Tensor, mask: Tensor, pos: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Policy log-probs of ``tgt`` (N, L), values (N, L) and the (N, L, V) logits at ``pos``."""
+        out = self.policy(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        rows = torch.arange(len(ids), device=ids.device)[:, None]
+        logits = out.logits[rows, pos].float()  # (N, L, V)
+        hidden = out.hidden_states[-1][rows, pos]  # (N, L, H)
+        values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
+        logps = torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1)
+        return logps, values, logits
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[int]]) -> tuple[Rollout, int]:
+        """Sample, score and evaluate one batch of rollouts (no gradients); returns it and its token count."""
+        completions = generate(self.policy, prompts, self.gen, self.pad_id, self.eos_id, batch_size=len(prompts),
+                               synced_gpus=self.sharded)  # fmt: skip
+        completions = [c or [self.eos_id if self.eos_id is not None else self.pad_id] for c in completions]
+        texts = [
+            self.decode(p if self.cfg.include_prompt else [], c) for p, c in zip(prompts, completions, strict=True)
+        ]
+        scores = torch.tensor(self.reward(texts), dtype=torch.float32, device=self.device)
+        batch = completion_batch(prompts, completions, self.pad_id)
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        pos, tok_mask = response_positions([len(p) for p in prompts], [len(c) for c in completions])
+        pos, tok_mask = pos.to(self.device), tok_mask.to(self.device)
+        tgt = torch.gather(ids, 1, (pos + 1) * tok_mask.long())  # (N, L) the response tokens (padding: ids[:, 0])
+        was_training = self.policy.training
+        self.policy.eval()
+        logps, values, _ = self.forward_tokens(ids, mask, pos, tgt)
+        ref_logits = self.reference.logits(ids, mask, self.policy)  # (N, T, V)
+        rows = torch.arange(len(ids), device=ids.device)[:, None]
+        ref_logps = torch.log_softmax(ref_logits[rows, pos].float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+        self.policy.train(was_training)
+        rewards = shaped_rewards(scores, logps * tok_mask, ref_logps * tok_mask, tok_mask, self.kl.coef)
+        advantages, returns = gae(rewards, values, tok_mask, self.cfg.gamma, self.cfg.lam)
+        mean, var = self._global_moments(advantages, tok_mask)
+        advantages = whiten(advantages, tok_mask, mean, var)
+        out = Rollout(ids, mask, pos, tgt, tok_mask, scores, logps * tok_mask, ref_logps * tok_mask,
+                      values * tok_mask, advantages, returns)  # fmt: skip
+        return out, int(tok_mask.sum().item())
+
+    def _global_moments(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the masked ``values`` over every rank's rollouts."""
+        stats = torch.stack([(values * mask).sum(), (values**2 * mask).sum(), mask.sum()])
+        trainer = self._trainer  # None outside a Trainer (a rollout on its own)
+        if trainer is not None and trainer.world_size > 1:
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")
+        mean = stats[0] / stats[2].clamp(min=1)
+        return mean, (stats[1] / stats[2].clamp(min=1) - mean**2).clamp(min=0)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        prompts = [list(p) for p in batch["prompt_ids"] for _ in range(self.cfg.samples_per_prompt)]
+        rows = batch["rows"].repeat_interleave(self.cfg.samples_per_prompt)
+        ro, tokens = self.rollout(prompts)
+        n = self._batch_rollouts = len(prompts)
+        seq_kl = (ro.logps - ro.ref_logps).sum(1)  # (N,) Monte-Carlo sequence KL of each rollout
+        metrics = {
+            "train/ppo/reward": ro.scores.mean(),
+            "train/ppo/reward_penalized": (ro.scores - self.kl.coef * seq_kl).mean(),
+            "train/ppo/kl": seq_kl.mean(),
+            "train/ppo/kl_coef": torch.tensor(self.kl.coef, device=self.device),
+            "train/ppo/response_tokens": ro.tok_mask.sum(1).mean(),
+        }
+        stats = self.optimize(ro, rows)
+        metrics |= {f"train/ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
+        metrics["train/loss"] = metrics.pop("train/ppo/loss")
+        self.local_metrics = {k: float(v) for k, v in metrics.items()}
+        self.log_iteration(metrics, bar=("train/loss", "train/ppo/reward", "train/ppo/kl"))
+        everyone = self._sum_ranks(torch.tensor([float(tokens), float(n), float(seq_kl.sum())], device=self.device))
+        self.generated_tokens += int(everyone[0].item())
+        self.rollouts += int(everyone[1].item())
+        self.kl.update(float(everyone[2] / everyone[1]), int(everyone[1].item()))
+
+    def log_iteration(self, metrics: dict[str, Tensor], bar: tuple[str, ...]) -> None:
+        """Log one iteration's metrics, averaged over ranks (equal rollouts each), at the optimizer step.
+
+        Lightning's ``self.log`` stamps metrics with the number of batches that stepped, which for
+        PPO counts iterations, not optimizer steps; the loggers get them at ``global_step`` instead,
+        the clock of DPO's metrics and of the evaluation callback, so curves of both systems and the
+        frontier share one x axis.
+        """
+        keys = sorted(metrics)
+        means = self._sum_ranks(torch.stack([metrics[k].detach().float() for k in keys])) / self.trainer.world_size
+        values = dict(zip(keys, means, strict=True))
+        self.log_dict({k: v for k, v in values.items() if k in bar}, prog_bar=True, logger=False)
+        self.log_dict({k: v for k, v in values.items() if k not in bar}, logger=False)
+        every = self.trainer.log_every_n_steps
+        due = self.global_step // every > (self.global_step - self.optimizer_steps_per_batch()) // every
+        if self.trainer.is_global_zero and due:  # this iteration stepped past a multiple of log_every_n_steps
+            for logger in self.trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
+
+    def _sum_ranks(self, t: Tensor) -> Tensor:
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    def optimize(self, ro: Rollout, rows: Tensor) -> dict[str, list[Tensor]]:
+        """``ppo_epochs`` passes of minibatch updates over one rollout batch; returns per-step stats."""
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        n = len(ro.ids)
+        size = self.cfg.minibatch_size
+        self.minibatches_per_batch(n)
+        gen = torch.Generator().manual_seed(self.global_step)
+        stats: dict[str, list[Tensor]] = {}
+        for _ in range(self.cfg.ppo_epochs):
+            for idx in torch.randperm(n, generator=gen).split(size):
+                idx = idx.to(self.device)
+                m = ro.tok_mask[idx]
+                logps, values, logits = self.forward_tokens(ro.ids[idx], ro.mask[idx], ro.pos[idx], ro.tgt[idx])
+                pg = clipped_policy_loss(logps * m, ro.logps[idx], ro.advantages[idx], m, self.cfg.clip_range)
+                vf = clipped_value_loss(values * m, ro.values[idx], ro.returns[idx], m, self.cfg.clip_range_value)
+                loss = pg.loss + self.cfg.vf_coef * vf
+                self.watch_step(loss, rows[idx.cpu()])
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if self.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                sched.step()
+                with torch.no_grad():
+                    step = {
+                        "loss": loss.detach(), "policy_loss": pg.loss.detach(), "value_loss": vf.detach(),
+                        "clip_frac": pg.clip_frac, "approx_kl": pg.approx_kl,
+                        "entropy": masked_mean(entropy(logits.detach()), m),
+                        "explained_variance": explained_variance(values.detach() * m, ro.returns[idx], m),
+                    }  # fmt: skip
+                for k, v in step.items():
+                    stats.setdefault(k, []).append(v)
+        return stats
+
+    def on_fit_start(self) -> None:
+        if hasattr(self.reward, "to"):  # a reward model scores on this rank's device
+            self.reward.to(self.device)
+
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps the last training batch made (the evaluation callback's clock)."""
+        return self.cfg.ppo_epochs * math.ceil(self._batch_rollouts / self.cfg.minibatch_size)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        """PPO has no held-out loss; its held-out measure is the evaluation callback (reward and KL)."""
+        return None
+
+    def report(self) -> list[str]:
+        return super().report() + [
+            f"ppo: {self.rollouts} rollouts, {self.generated_tokens} generated tokens, final kl_coef {self.kl.coef:.4g}"
+        ]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["dpo_ppo"] = {"kl_coef": self.kl.coef, "generated_tokens": self.generated_tokens,
+                                 "rollouts": self.rollouts}  # fmt: skip
+        if not self.sharded:
+            self.reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("dpo_ppo", {})
+        self.kl.coef = float(saved.get("kl_coef", self.kl.coef))
+        self.generated_tokens = int(saved.get("generated_tokens", 0))
+        self.rollouts = int(saved.get("rollouts", 0))
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            self.reference.restore_checkpoint(state, REFERENCE_PREFIX)
