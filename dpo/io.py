@@ -67,7 +67,9 @@ def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]]) -
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    # Split at newlines only: str.splitlines also splits at U+2028/U+2029/U+0085, which the JSON
+    # strings we write (ensure_ascii=False) may hold, e.g. in a sampled completion.
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
         if not line.strip():
             continue
         try:

@@ -205,3 +205,12 @@ def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
     assert len(prompts) == 3 and all(2 <= len(p.split()) <= 8 for p in prompts)
     rows = read_jsonl(sample(cfg), {"prompt": str, "completions": list})
     assert [r["prompt"] for r in rows] == prompts and all(len(r["completions"]) == 2 for r in rows)
+
+
+def test_read_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
+    """Regression: a sampled completion holding U+2028 (written unescaped, ensure_ascii=False) split
+    its row in two under str.splitlines, and the frontier script failed on the half rows."""
+    from dpo.io import read_jsonl, write_jsonl
+
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"completion": "one\u2028two\x85three"}, {"completion": "b"}])
+    assert [r["completion"] for r in read_jsonl(path, {"completion": str})] == ["one\u2028two\x85three", "b"]
