@@ -64,12 +64,29 @@ def test_every_metric_a_dashboard_panel_names_is_logged(sweep, tmp_path, exporte
                            "temperatures=[1.0]", "n_prompts=2", "generation.max_new_tokens=4", "wandb=true"],
                           tmp_path))  # fmt: skip
     logged |= wandb_logged(tmp_path)["history"]
+    logged |= rlhf_metrics(tmp_path)
     for name in panel_metrics():
         assert name in logged or f"{name}._type" in logged, f"a dashboard panel names {name!r}, which nothing logs"
     assert f"{WIN_RATES_TABLE}._type" in logged
     assert [m for _, ms in LINE_PANELS for m in ms] == [m for f in CURVES.values() for _, ms in f for m in ms] + [
         "eval/reward"
     ]  # the dashboard and dpo-report draw the same curves
+
+
+def rlhf_metrics(tmp_path) -> set[str]:
+    """The metric names a tiny reward-model run and a tiny PPO run log to CSV."""
+    from conftest import FAST, compose_config
+    from dpo.train import train
+
+    names: set[str] = set()
+    ppo = ["system.minibatch_size=2", "callbacks=reward_eval", "callbacks.reward_eval.n_prompts=2",
+           "callbacks.reward_eval.generation.max_new_tokens=4"]  # fmt: skip
+    for kind, extra in (("reward_model", []), ("ppo", ppo)):
+        out = tmp_path / kind
+        train(compose_config([*FAST, f"system={kind}", "callbacks.samples=null", *extra], out))
+        with (out / "csv" / "metrics.csv").open() as f:
+            names |= set(next(csv.reader(f)))
+    return names
 
 
 def test_the_report_holds_the_panels_and_offline_writes_its_spec_and_the_publish_command(tmp_path, capsys):

@@ -45,9 +45,13 @@ def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
                                    "ties": "random", "val_fraction": 0.25, "seed": 0}))  # fmt: skip
     meta = json.loads((pairs / "pairs.meta.json").read_text())
     assert meta["pairs"]["train"] >= 8 and meta["pairs"]["val"] >= 1
-    for name, overrides in (("dpo", ["loss=dpo"]), ("ul", ["loss=unlikelihood", "loss.alpha=0.5"])):
+    ppo_gt = ["experiment=imdb_ppo_gt_mini", "system.minibatch_size=1", "system.ppo_epochs=1",
+              "system.generation.max_new_tokens=6"]  # fmt: skip
+    runs = (("dpo", ["experiment=imdb_mini", "loss=dpo"]),
+            ("ul", ["experiment=imdb_mini", "loss=unlikelihood", "loss.alpha=0.5"]), ("ppo_gt", ppo_gt))  # fmt: skip
+    for name, overrides in runs:
         cfg = shrink(compose_config([
-            *FAST, "experiment=imdb_mini", *overrides, "trainer.max_steps=4", "callbacks.reward_eval.every_n_steps=2",
+            *FAST, *overrides, "trainer.max_steps=4", "callbacks.reward_eval.every_n_steps=2",
             "callbacks.reward_eval.n_prompts=4", "callbacks.reward_eval.generation.max_new_tokens=6",
             f"data.source.splits.train={pairs / 'train.jsonl'}", f"data.source.splits.val={pairs / 'val.jsonl'}",
         ], tmp_path / "sweep" / name), exported_tiny)  # fmt: skip
@@ -60,4 +64,7 @@ def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
                            str(tmp_path / "bon"), "--out", str(out)], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = {json.loads(x)["label"] for x in out.with_suffix(".jsonl").read_text().splitlines()}
-    assert labels == {"DPO b=0.1", "Unlikelihood a=0.5", "Best-of-N"}
+    assert labels == {"DPO b=0.1", "Unlikelihood a=0.5", "PPO-GT kl=0.2", "Best-of-N"}
+    costs = out.with_name("frontier_costs.md").read_text()
+    ppo_row = next(line for line in costs.splitlines() if line.startswith("| PPO-GT kl=0.2 |"))
+    assert int(ppo_row.split("|")[-2]) > 0  # PPO-GT's rollout tokens, counted exactly

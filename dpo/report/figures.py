@@ -20,7 +20,7 @@ from dpo.io import atomic_write
 from dpo.report.naming import run_label
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
-                  "Best-of-N": "tab:red"}  # fmt: skip
+                  "Best-of-N": "tab:red", "PPO": "tab:purple", "PPO-GT": "tab:brown"}  # fmt: skip
 
 CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "rewards": [
@@ -33,6 +33,17 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "kl": [
         ("KL(policy || reference) per token, chosen", ["train/kl/chosen_per_token", "val/kl/chosen_per_token"]),
         ("KL per sequence: chosen (teacher-forced), samples (exact)", ["train/kl/chosen", "val/kl/chosen", "eval/kl"]),
+    ],
+    "reward_model": [
+        ("reward model accuracy", ["train/rm/accuracy", "val/rm/accuracy"]),
+        ("reward model margin", ["train/rm/margin", "val/rm/margin"]),
+    ],
+    "ppo": [
+        ("rollout reward (raw, KL-penalised)", ["train/ppo/reward", "train/ppo/reward_penalized"]),
+        ("rollout KL per sequence (Monte-Carlo), KL coefficient", ["train/ppo/kl", "train/ppo/kl_coef"]),
+        ("entropy per token", ["train/ppo/entropy"]),
+        ("clip fraction, approximate KL", ["train/ppo/clip_frac", "train/ppo/approx_kl"]),
+        ("value loss, explained variance", ["train/ppo/value_loss", "train/ppo/explained_variance"]),
     ],
 }
 """Figure family -> its panels: (title, metrics). Every metric is one the trainer logs; the
@@ -148,8 +159,20 @@ def plot_curves(runs: Sequence[TrainRun], family: str, path: Path) -> Path | Non
 
 
 def method_of(run_dir: Path) -> tuple[str, str]:
-    """(family, label) of a training run from its ``config.yaml``'s loss."""
-    loss = yaml.safe_load((run_dir / "config.yaml").read_text())["loss"]
+    """(family, label) of a training run from its ``config.yaml``: the loss of a DPO-system run
+    (DPO, Preferred-FT, Unlikelihood); for PPO, ``PPO-GT`` when it maximised the evaluation's own
+    reward (the ground truth), else ``PPO`` (a learned reward model)."""
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    system = cfg.get("system") or {"kind": "dpo"}
+    if system["kind"] == "ppo":
+        trained_on = system.get("reward") or cfg["reward"]
+        family = "PPO-GT" if trained_on == cfg["reward"] else "PPO"
+        return family, f"{family} kl={system['kl_coef']:g}" + (
+            f"->{system['kl_target']:g}" if system.get("kl_target") else ""
+        )
+    if system["kind"] != "dpo":
+        return system["kind"], system["kind"]
+    loss = cfg["loss"]
     name = loss["name"]
     if name == "sft":
         return "Preferred-FT", "Preferred-FT"
@@ -160,22 +183,132 @@ def method_of(run_dir: Path) -> tuple[str, str]:
     return name, f"{name} " + " ".join(f"{k}={v}" for k, v in loss.items() if k not in ("name", "nll_weight"))
 
 
+def standard_error(values: Sequence[float]) -> float | None:
+    """The standard error of the mean of ``values`` (None for fewer than 2)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = sum(values) / n
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def _sample_rewards(eval_dir: Path, step: int) -> list[float]:
+    """The per-sample rewards of a training run's evaluation at ``step`` (``step<N>.jsonl``)."""
+    path = eval_dir / f"step{step:06d}.jsonl"
+    if not path.is_file():
+        return []
+    return [row["reward"] for row in _jsonl(path)]
+
+
+def _best_of_n_rewards(eval_path: Path, n: int) -> list[float]:
+    """Each prompt's best reward among its first ``n`` samples, from ``scored.jsonl`` beside a
+    Best-of-N ``eval.jsonl`` (empty when it is not there)."""
+    scored = eval_path.parent / "scored.jsonl"
+    if not scored.is_file():
+        return []
+    return [max(r["rewards"][:n]) for r in _jsonl(scored) if len(r["rewards"]) >= n]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    """A JSONL file's rows, split at newlines only (``str.splitlines`` also splits at U+2028 and
+    friends, which a sampled completion may hold inside a JSON string)."""
+    return [json.loads(x) for x in path.read_text().split("\n") if x.strip()]
+
+
 def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
-    """Every evaluation under ``roots`` as ``{family, label, step, kl, reward, source}``: a training
-    run's ``eval/eval.jsonl`` (method from its ``config.yaml``) or a Best-of-N file."""
+    """Every evaluation under ``roots`` as ``{family, label, step, kl, reward, reward_se, source}``: a
+    training run's ``eval/eval.jsonl`` (method from its ``config.yaml``) or a Best-of-N file.
+    ``reward_se`` is the standard error of the mean reward over the evaluation's samples (None when
+    the samples are not beside it)."""
     points = []
     for root in roots:
         for path in sorted(Path(root).rglob("eval.jsonl")):
-            for row in (json.loads(x) for x in path.read_text().splitlines() if x.strip()):
+            for row in _jsonl(path):
                 if row.get("method") == "best_of_n":
                     family, label, step = "Best-of-N", "Best-of-N", row["n"]
+                    samples = _best_of_n_rewards(path, row["n"])
                 elif (path.parent.parent / "config.yaml").is_file():
                     (family, label), step = method_of(path.parent.parent), row["step"]
+                    samples = _sample_rewards(path.parent, row["step"])
                 else:
                     continue
                 points.append({"family": family, "label": label, "step": step, "kl": row["kl"],
-                               "reward": row["reward"], "source": str(path)})  # fmt: skip
+                               "reward": row["reward"], "reward_se": standard_error(samples),
+                               "source": str(path)})  # fmt: skip
     return points
+
+
+def run_cost(run_dir: Path) -> dict[str, float] | None:
+    """A training run's cost from its ``run.json``: wall seconds and tokens generated to train (PPO's
+    rollouts); None without one. Runs from before run.json kept the time: the seconds from
+    ``config.yaml``'s writing to ``run.json``'s last one (the same span: start to export)."""
+    if not (run_dir / "run.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return None
+    state = json.loads((run_dir / "run.json").read_text())
+    seconds = state.get("seconds") or (run_dir / "run.json").stat().st_mtime - (run_dir / "config.yaml").stat().st_mtime
+    return {"seconds": float(seconds), "generated_tokens": float(state.get("generated_tokens", 0))}
+
+
+PAIR_FAMILIES = ("DPO", "Preferred-FT", "Unlikelihood", "PPO")  # trained on (or through a reward model from) pairs
+
+
+def sampled_tokens(meta: dict) -> int:
+    """Upper bound of the tokens a dpo-sample run generated: sequences x max_new_tokens."""
+    return int(meta["n"] * meta["n_prompts"] * meta["generation"]["max_new_tokens"])
+
+
+def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | None = None) -> str:
+    """A Markdown table: per run, its last evaluation (per N for Best-of-N) and what it cost: wall
+    seconds of training, of the data it needed (the pairs' generation, ``pairs_meta``, for methods
+    trained on pairs; plus the reward model's training, ``rm_dir``, for PPO; Best-of-N's sampling)
+    and the tokens generated for it."""
+    pairs = json.loads(pairs_meta.read_text())["samples"] if pairs_meta.is_file() else {"seconds": 0, "n": 0,
+                                                                                       "n_prompts": 0}  # fmt: skip
+    pair_seconds = pairs["seconds"]
+    pair_tokens = sampled_tokens(pairs) if "generation" in pairs else 0
+    rm = run_cost(rm_dir) if rm_dir else None  # None: no reward model run given (or found)
+    last: dict[str, dict] = {}
+    for p in points:
+        if p["family"] == "Best-of-N" or p["step"] >= last.get(p["source"], {}).get("step", -1):
+            key = f"{p['source']}#{p['step']}" if p["family"] == "Best-of-N" else p["source"]
+            last[key] = p
+    lines = ["| method | step / N | KL | reward (± s.e.) | training s | data s | generated tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in sorted(last.values(), key=lambda p: (p["family"], p["label"], p["step"])):
+        se = f" ± {p['reward_se']:.3f}" if p.get("reward_se") is not None else ""
+        if p["family"] == "Best-of-N":
+            meta_path = Path(p["source"]).parent / "samples.jsonl.meta.json"
+            if not meta_path.is_file():  # the samples' metadata is not beside it: cost unknown
+                lines.append(f"| {p['label']} | {p['step']} | {p['kl']:.3f} | {p['reward']:.4f}{se} | 0 | ? | ? |")
+                continue
+            meta = json.loads(meta_path.read_text())
+            n_max = meta["n"]
+            train, data = 0.0, meta["seconds"] * p["step"] / n_max  # the first N of n_max samples per prompt
+            tokens = f"≤{sampled_tokens(meta) * p['step'] // n_max}"
+        else:
+            cost = run_cost(Path(p["source"]).parent.parent)
+            if cost is None:
+                lines.append(f"| {p['label']} | {p['step']} | {p['kl']:.3f} | {p['reward']:.4f}{se} | ? | ? | ? |")
+                continue
+            train, data, extra = cost["seconds"], 0.0, 0
+            if p["family"] in PAIR_FAMILIES:
+                data, extra = pair_seconds, pair_tokens
+            if p["family"] == "PPO" and rm is not None:
+                data += rm["seconds"]
+            gen = int(cost["generated_tokens"])
+            tokens = f"{gen + extra}" if not extra else f"≤{gen + extra}"
+        lines.append(f"| {p['label']} | {p['step']} | {p['kl']:.3f} | {p['reward']:.4f}{se} | {train:.0f} | "
+                     f"{data:.0f} | {tokens} |")  # fmt: skip
+    notes = [
+        "",
+        f"data s: pair generation ({pair_seconds:.0f} s, dpo-sample of the pairs' {pairs['n_prompts']} openings "
+        f"x {pairs['n']}) for the methods trained on pairs"
+        + (f"; PPO adds the reward model's training ({rm['seconds']:.0f} s)" if rm else "")
+        + "; Best-of-N: sampling N completions per evaluation opening. Tokens marked ≤ are sequences x "
+        "max_new_tokens (the starting model's completions use ~31.9 of 32); PPO's rollout tokens are counted "
+        "exactly. Evaluation sampling (the same for every method) is not counted.",
+    ]
+    return "\n".join(lines + notes) + "\n"
 
 
 def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -186,6 +319,9 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> P
         mine = [p for p in points if p["family"] == family]
         colour = FAMILY_COLOURS.get(family)
         ax.scatter([p["kl"] for p in mine], [p["reward"] for p in mine], s=22, alpha=0.8, label=family, c=colour)
+        bars = [p for p in mine if p.get("reward_se") is not None]
+        ax.errorbar([p["kl"] for p in bars], [p["reward"] for p in bars], yerr=[p["reward_se"] for p in bars],
+                    fmt="none", ecolor=colour, elinewidth=0.8, alpha=0.5)  # fmt: skip
         if family == "Best-of-N":
             mine = sorted(mine, key=lambda p: p["kl"])
             ax.plot([p["kl"] for p in mine], [p["reward"] for p in mine], c=colour, lw=1, alpha=0.6)
@@ -193,7 +329,7 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> P
                 ax.annotate(f"N={p['step']}", (p["kl"], p["reward"]), fontsize=6, xytext=(3, -8),
                             textcoords="offset points")  # fmt: skip
     ax.set_xlabel("KL(policy || reference), sequence level (nats)")
-    ax.set_ylabel("ground-truth reward (held-out prompts)")
+    ax.set_ylabel("ground-truth reward (held-out prompts; bars: standard error)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -209,7 +345,7 @@ def find_win_rates(roots: Sequence[Path]) -> list[dict[str, Any]]:
     rows = []
     for root in roots:
         for path in sorted(Path(root).rglob("results.jsonl")):
-            rows += [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip()) if "win_rate" in r]
+            rows += [r for r in _jsonl(path) if "win_rate" in r]
     return rows
 
 
