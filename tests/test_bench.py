@@ -46,3 +46,13 @@ def test_token_count_covers_both_rows(bench):
     module, work = bench
     counts = module.tokens_per_step(work, 3)
     assert len(counts) == 3 and all(8 * 2 * (64 + 32) <= c <= 8 * 2 * (192 + 128 + 1) for c in counts)
+
+
+@pytest.mark.slow
+def test_trl_best_does_the_same_work_as_trl(bench):
+    """trl_best (precomputed reference log-probs, parallel tokenization) changes TRL's speed, not its
+    losses: step for step equal to TRL's defaults."""
+    module, work = bench
+    default = module.run_trl(work, "tiny", steps=3)["losses"]
+    best = module.run_trl(work, "tiny", steps=3, best=True)["losses"]
+    assert best == pytest.approx(default, abs=1e-5)

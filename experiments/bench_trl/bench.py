@@ -1,7 +1,7 @@
 """Benchmark: a DPO step of dpo-train against TRL's DPOTrainer on identical work.
 
     pip install -e ".[bench]"
-    python experiments/bench_trl/bench.py                 # 7M and 30M GPT-2, 2 repetitions
+    python experiments/bench_trl/bench.py --reps 3        # 7M and 30M GPT-2, TRL (default and best) vs ours
     python experiments/bench_trl/bench.py --sizes 7m --steps 6 --reps 1   # quick look
 
 Both trainers get the same model (a GPT-2 built from a config, saved once), the same synthetic
@@ -32,12 +32,22 @@ SIZES = {"7m": {"n_layer": 6, "n_embd": 256, "n_head": 4}, "30m": {"n_layer": 8,
 VOCAB, BATCH, LR, CLIP, BETA = 8192, 8, 1e-5, 1.0, 0.1
 VARIANTS = {
     "trl": "TRL DPOTrainer, its defaults except bf16 (fp32, live reference copy)",
+    "trl_best": "TRL DPOTrainer at its CPU best: trl + precompute_ref_log_probs (batch 32) + dataset_num_proc=2",
     "ours_separate": "dpo-train in TRL's layout: chosen and rejected rows, live reference, fp32",
     "ours_shared": "dpo-train, shared_prefix layout (one padded row per pair, 4D mask), live reference, fp32",
     "ours_exact": "dpo-train defaults, fp32, every approximation off: padding-free prefix sharing, live reference",
     "ours_fast": "dpo-train fast: defaults + precomputed reference (+ bf16 autocast where bf16 GEMM is faster)",
 }
-DEFAULT_VARIANTS = ["trl", "ours_separate", "ours_exact", "ours_fast"]
+DEFAULT_VARIANTS = ["trl", "trl_best", "ours_separate", "ours_exact", "ours_fast"]
+# TRL 1.16's DPOConfig speed options, and why trl_best takes or leaves each on a CPU:
+#   precompute_ref_log_probs (+ precompute_ref_batch_size)  taken: one reference pass before training
+#   dataset_num_proc                                         taken: parallel tokenization (start time only)
+#   disable_dropout                                          already on by default
+#   padding_free                                             off in 1.16: it warns and pads (dpo_trainer.py)
+#   pad_to_multiple_of                                       pads more: only for tensor-core shapes on GPUs
+#   activation_offloading, gradient_checkpointing            memory levers (GPU), slower steps
+#   use_liger_kernel                                         Triton kernels: GPU only
+TRL_BEST = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 32, "dataset_num_proc": 2}
 OURS = {
     "ours_separate": ["data.layout=separate"],
     "ours_shared": ["data.layout=shared_prefix"],
@@ -94,7 +104,7 @@ def tokens_per_step(work: Path, steps: int) -> list[int]:
     return [sum(count[s * BATCH : (s + 1) * BATCH]) for s in range(steps)]
 
 
-def run_trl(work: Path, size: str, steps: int) -> dict:
+def run_trl(work: Path, size: str, steps: int, best: bool = False) -> dict:
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -141,6 +151,7 @@ def run_trl(work: Path, size: str, steps: int) -> dict:
         disable_tqdm=True,
         dataloader_num_workers=0,
         bf16=False,  # TRL defaults to bf16 autocast; see --help: on CPUs without bf16 GEMM units it is ~100x slower
+        **(TRL_BEST if best else {}),
     )
     Recorder(
         model=model,
@@ -197,8 +208,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     levers = OURS.get(args.variant, []) + (BF16 if args.variant == "ours_fast" and args.bf16 else [])
-    if args.variant == "trl":
-        result = run_trl(work, args.size, args.steps)
+    if args.variant in ("trl", "trl_best"):
+        result = run_trl(work, args.size, args.steps, best=args.variant == "trl_best")
     else:
         result = run_ours(work, args.size, args.steps, levers)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -278,21 +289,23 @@ def main() -> None:
     print(f"{args.steps} steps, median of steps 3..{args.steps}; batch {BATCH} pairs; {args.reps} repetitions\n")
     header = (
         f"{'size':<5} {'variant':<13} {'step s':>7} {'start s':>7} {'tokens/s':>8} {'peak RSS MB':>11} {'MFU %':>6} "
-        f"{'x TRL (per rep)':>16} {'max |loss - TRL|':>16}"
+        f"{'x TRL (per rep)':>16} {'x TRL best (per rep)':>21} {'max |loss - TRL|':>16}"
     )
     print(header)
     print("-" * len(header))
     for size in args.sizes:
         n = n_params(work, size)
         for variant in args.variants:
-            per_rep, ratios, starts = [], [], []
+            per_rep, starts = [], []
+            ratios: dict[str, list[float]] = {"trl": [], "trl_best": []}
             for rep in range(args.reps):
                 r = results[(variant, size, rep)]
                 median = statistics.median(r["times"][2:])
                 per_rep.append((median, r["peak_rss_mb"]))
                 starts.append(r["start"])
-                if "trl" in args.variants:
-                    ratios.append(statistics.median(results[("trl", size, rep)]["times"][2:]) / median)
+                for base in ratios:
+                    if base in args.variants:
+                        ratios[base].append(statistics.median(results[(base, size, rep)]["times"][2:]) / median)
             step = statistics.median(m for m, _ in per_rep)
             tok = statistics.median(tokens[2:])
             mfu = 100 * (8 * n * tok) / step / flops_rate
@@ -300,10 +313,14 @@ def main() -> None:
             if "trl" in args.variants:
                 ours, theirs = results[(variant, size, 0)]["losses"], results[("trl", size, 0)]["losses"]
                 diff = f"{max(abs(a - b) for a, b in zip(ours, theirs, strict=True)):.2e}"
-            ratio = " ".join(f"{x:.2f}" for x in ratios)
+
+            def show(xs: list[float]) -> str:
+                return " ".join(f"{x:.2f}" for x in xs) + (f" ={statistics.median(xs):.2f}" if len(xs) > 2 else "")
+
             print(
                 f"{size:<5} {variant:<13} {step:>7.3f} {statistics.median(starts):>7.1f} {tok / step:>8.0f} "
-                f"{max(r for _, r in per_rep):>11.0f} {mfu:>6.1f} {ratio:>16} {diff:>16}"
+                f"{max(r for _, r in per_rep):>11.0f} {mfu:>6.1f} {show(ratios['trl']):>16} "
+                f"{show(ratios['trl_best']):>21} {diff:>16}"
             )
     print()
     for variant in args.variants:
