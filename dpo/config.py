@@ -245,6 +245,11 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     plan = plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
+    if cfg.system.kind == "ppo" and plan.accumulate_grad_batches != 1:
+        raise ConfigError(
+            f"system=ppo takes one batch of prompts per PPO iteration: data.batch_size={data.batch_size} must "
+            f"equal data.micro_batch_size={data.micro_batch_size} x world size {plan.world_size}"
+        )
     layout = Layout(data.layout)
     if model_class is not None:
         try:
@@ -289,11 +294,6 @@ def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
                 f"data.micro_batch_size={cfg.data.micro_batch_size} x "
                 f"system.samples_per_prompt={ppo.samples_per_prompt}"
             )
-        if cfg.data.batch_size != cfg.data.micro_batch_size * _world(cfg.trainer):
-            raise ConfigError(
-                f"system=ppo takes one batch of prompts per PPO iteration: data.batch_size={cfg.data.batch_size} must "
-                f"equal data.micro_batch_size={cfg.data.micro_batch_size} x world size {_world(cfg.trainer)}"
-            )
         for key in ("ppo_epochs", "samples_per_prompt"):
             if ppo[key] < 1:
                 raise ConfigError(f"system.{key} must be >= 1, got {ppo[key]}")
@@ -303,11 +303,6 @@ def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
 
 SAMPLING_CALLBACKS = ("RewardKLEval", "GenerationSamples")
 """Callbacks that sample from the trained model (a reward model can't be sampled)."""
-
-
-def _world(trainer: DictConfig) -> int:
-    devices = trainer.get("devices", 1)
-    return (devices if isinstance(devices, int) else 1) * trainer.get("num_nodes", 1)
 
 
 # Relative spacing of representable numbers (machine epsilon) of the low-precision weight dtypes.
