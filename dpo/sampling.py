@@ -5,12 +5,20 @@ Shapes: ``N`` sequences, ``P`` prompt tokens (left-padded), ``L`` generated toke
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.generation import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from dpo.data.batch import IGNORE_INDEX
 from dpo.logprobs import sequence_kl, sequence_logps
@@ -90,6 +98,21 @@ def cut_at_eos(tokens: list[int], eos_id: int | None, pad_id: int) -> list[int]:
     return out
 
 
+@dataclass
+class Completions:
+    """What :func:`sample_completions` returns, one entry per prompt.
+
+    Attributes:
+        tokens: the generated ids, cut after the first EOS (stop strings still inside: see ``generate``).
+        logps: per generated token, ``log pi(token | prefix)`` under the model's own next-token
+            distribution (fp32 log-softmax of its logits, before temperature, top-k and top-p), the
+            value a forward pass over ``prompt + completion`` gives for that token.
+    """
+
+    tokens: list[list[int]]
+    logps: list[list[float]]
+
+
 @torch.no_grad()
 def generate(
     model: nn.Module,
@@ -108,26 +131,134 @@ def generate(
     ``progress`` labels a progress bar (standalone sampling; none inside Lightning's loops).
     With ``gen.stop``, generation of a row ends once a stop string appears (``tokenizer`` required);
     the ids still hold it: decode and :func:`cut_at_stop` (or use :func:`sample_texts`).
+    ``synced_gpus``: every rank runs the same number of forward passes (DDP/FSDP; FSDP gathers
+    weights inside each), until the last row of every rank is done.
+    """
+    return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer).tokens
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    prompts: list[list[int]],
+    gen: GenerationConfig,
+    pad_id: int,
+    eos_id: int | None,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
+    progress: str | None = None,
+    tokenizer: Any = None,
+) -> Completions:
+    """:func:`generate`, with the log-probability of each generated token.
+
+    Our own decode loop over the model's forward and a ``DynamicCache`` (Hugging Face ``generate``
+    is the reference it is tested against): a row that ends (EOS or a stop string) leaves the
+    batch, so later steps run on the rows still going. What is drawn is ``generate``'s: the same
+    temperature, top-k and top-p warpers, and at every step one ``torch.multinomial`` draw over all
+    rows of the batch (ended rows hold a placeholder), so with the same seed and batch a prompt
+    draws the same random numbers as under ``generate``. Only the configured sampling applies, never
+    defaults stored with the model (``generation_config.json``).
     """
     if gen.stop and tokenizer is None:
         raise ValueError("generation.stop needs the tokenizer")
-    stop_kwargs = {"tokenizer": tokenizer} if gen.stop else {}
+    kwargs = gen.kwargs()  # validates
+    warp = _warpers(gen) if kwargs["do_sample"] else None
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out: list[list[int]] = []
+    out = Completions([], [])
     try:
         starts = range(0, len(prompts), batch_size)
         for start in track(starts, progress) if progress else starts:
             ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
-            seqs = model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
-                synced_gpus=synced_gpus, **gen.kwargs(), **stop_kwargs,
-            )  # fmt: skip  # (n, P + L)
-            out += [cut_at_eos(s[ids.shape[1] :], eos_id, pad_id) for s in seqs.tolist()]
+            tokens, logps = _decode(model, ids.to(device), mask.to(device), gen, warp, pad_id, eos_id,
+                                    tokenizer, synced_gpus)  # fmt: skip
+            out.tokens += tokens
+            out.logps += logps
     finally:
         model.train(was_training)
     return out
+
+
+def _warpers(gen: GenerationConfig) -> LogitsProcessorList:
+    """Hugging Face's sampling warpers for ``gen``, in ``generate``'s order."""
+    warpers = LogitsProcessorList()
+    if gen.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(gen.temperature))
+    if gen.top_k:
+        warpers.append(TopKLogitsWarper(gen.top_k))
+    if gen.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(gen.top_p))
+    return warpers
+
+
+def _more_steps(local: bool, synced: bool, device: torch.device) -> bool:
+    """Whether any rank (only this one unless ``synced``) still has rows going."""
+    if not synced:
+        return local
+    flag = torch.tensor([float(local)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _decode(
+    model: nn.Module, ids: Tensor, mask: Tensor, gen: GenerationConfig, warp: LogitsProcessorList | None,
+    pad_id: int, eos_id: int | None, tokenizer: Any, synced: bool,
+) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+    """Decode one left-padded batch: ``ids``/``mask`` (N, P); returns tokens and log-probs per row.
+
+    ``rows`` maps the cache's rows to the batch's; ``going`` marks which of them still generate
+    (a finished row stays only as the one placeholder a synced rank needs to keep stepping).
+    """
+    n = ids.shape[0]
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding shifts each row's positions
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   **keep_last).logits[:, -1].float()  # fmt: skip  # (N, V)
+    position = positions[:, -1:]  # (N, 1)
+    rows = torch.arange(n, device=ids.device)
+    going = torch.ones(n, dtype=torch.bool, device=ids.device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    for step in range(gen.max_new_tokens):
+        picked = _pick(logits, warp, rows, going, n, pad_id)  # (R,)
+        chosen_logps = torch.log_softmax(logits, -1).gather(-1, picked[:, None])[:, 0]
+        for r, t, lp in zip(rows[going].tolist(), picked[going].tolist(), chosen_logps[going].tolist(), strict=True):
+            tokens[r].append(t)
+            logps[r].append(lp)
+        ended = going & (picked == eos_id) if eos_id is not None else torch.zeros_like(going)
+        if gen.stop:
+            ended |= torch.tensor([bool(g) and any(s in tokenizer.decode(tokens[r]) for s in gen.stop)
+                                   for r, g in zip(rows.tolist(), going.tolist(), strict=True)],
+                                  device=going.device)  # fmt: skip
+        going &= ~ended
+        last = step + 1 == gen.max_new_tokens
+        if not _more_steps(bool(going.any()) and not last, synced and not last, ids.device):
+            break
+        keep = going if going.any() else torch.arange(len(going), device=going.device) == 0  # a synced placeholder
+        if not keep.all():
+            cache.batch_select_indices(keep.nonzero()[:, 0])
+            rows, going, mask, position, picked = rows[keep], going[keep], mask[keep], position[keep], picked[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        position = position + 1
+        logits = model(input_ids=picked[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                       use_cache=True, **keep_last).logits[:, -1].float()  # fmt: skip
+    return tokens, logps
+
+
+def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going: Tensor, n: int, pad_id: int) -> Tensor:
+    """Next token of each cache row: greedy without ``warp``, else one multinomial draw over all ``n``
+    rows of the batch, as ``generate`` draws (rows not going get a placeholder; their draws are unused)."""
+    if warp is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(warp(None, logits.clone()), -1)  # (R, V)
+    if len(rows) == n and bool(going.all()):
+        return torch.multinomial(probs, 1)[:, 0]
+    full = torch.zeros(n, probs.shape[-1], device=probs.device, dtype=probs.dtype)
+    full[:, pad_id] = 1.0
+    full[rows[going]] = probs[going]
+    return torch.multinomial(full, 1)[rows, 0]
 
 
 @dataclass

@@ -53,6 +53,21 @@ def gemm_rate(n: int = 1024, seconds: float = 1.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def matmul_seconds(model, batch: int, reps: int = 5) -> float:
+    """Seconds of one decode step's matrix products alone, at this batch, with this torch's kernels:
+    every linear layer of the model (and the output head) applied to ``batch`` rows."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    with torch.no_grad():
+        for w in weights:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        start = time.perf_counter()
+        for _ in range(reps):
+            for w in weights:
+                torch.nn.functional.linear(inputs[w.shape[1]], w)
+    return (time.perf_counter() - start) / reps
+
+
 def plain(model, prompts: list[list[int]], gen: GenerationConfig, pad: int, eos: int) -> list[list[int]]:
     """Hugging Face ``generate`` on the whole left-padded batch, nothing else."""
     ids, mask = left_pad(prompts, pad)
@@ -61,17 +76,23 @@ def plain(model, prompts: list[list[int]], gen: GenerationConfig, pad: int, eos:
     return [cut_at_eos(s[ids.shape[1] :], eos, pad) for s in out.tolist()]
 
 
-def timed(fn, reps: int) -> tuple[float, int]:
-    """Median seconds of ``reps`` calls after a warm-up, and the tokens one call generates."""
+def side_by_side(plain_fn, ours_fn, reps: int) -> tuple[float, float, float, int, int]:
+    """Seconds per call of each (median), the median of the per-repetition ratios, and the tokens one
+    call of each generates. One warm-up call each, then ``reps`` rounds of plain then ours, each
+    from the same seed, so slow spells of the machine hit both."""
     torch.manual_seed(0)
-    tokens = sum(len(t) for t in fn())
-    times = []
+    n_plain = sum(len(t) for t in plain_fn())
+    torch.manual_seed(0)
+    n_ours = sum(len(t) for t in ours_fn())
+    t_plain, t_ours = [], []
     for _ in range(reps):
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
+        for fn, times in ((plain_fn, t_plain), (ours_fn, t_ours)):
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+    ratio = statistics.median((n_ours / o) / (n_plain / p) for p, o in zip(t_plain, t_ours, strict=True))
+    return statistics.median(t_plain), statistics.median(t_ours), ratio, n_plain, n_ours
 
 
 def main() -> None:
@@ -99,7 +120,7 @@ def main() -> None:
           f"({weight_bytes / 2**20:.0f} MiB fp32)")  # fmt: skip
     print(f"measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s (copy), fp32 GEMM {flops / 1e9:.1f} GFLOP/s\n")
     header = (f"{'batch':>5} {'T':>4} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'limit tok/s':>11} "
-              f"{'% of limit':>10}  bound")  # fmt: skip
+              f"{'% of limit':>10} {'matmuls tok/s':>13} {'% of it':>7}  bound")  # fmt: skip
     print(header)
     print("-" * len(header))
     for batch in args.batches:
@@ -110,15 +131,18 @@ def main() -> None:
             limit, bound = bandwidth / (weight_bytes + kv), "memory bandwidth"
         else:
             limit, bound = flops / (2 * n_params), "GEMM rate"
+        matmuls = batch / matmul_seconds(model, batch)  # a step that did nothing but its matrix products
         for temperature in args.temperatures:
             gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=temperature)
-            t_plain, n_plain = timed(lambda p=prompts, g=gen: plain(model, p, g, pad, eos), args.reps)
-            t_ours, n_ours = timed(lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b),
-                                   args.reps)  # fmt: skip
+            t_plain, t_ours, ratio, n_plain, n_ours = side_by_side(
+                lambda p=prompts, g=gen: plain(model, p, g, pad, eos),
+                lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b),
+                args.reps,
+            )
             ours = n_ours / t_ours
-            print(f"{batch:>5} {temperature:>4g} {n_plain / t_plain:>11.1f} {ours:>10.1f} "
-                  f"{(n_plain / t_plain) and ours / (n_plain / t_plain):>7.2f} {limit:>11.1f} "
-                  f"{100 * ours / limit:>10.1f}  {bound}")  # fmt: skip
+            print(f"{batch:>5} {temperature:>4g} {n_plain / t_plain:>11.1f} {ours:>10.1f} {ratio:>7.2f} "
+                  f"{limit:>11.1f} {100 * ours / limit:>10.1f} {matmuls:>13.1f} {100 * ours / matmuls:>7.1f}  "
+                  f"{bound}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,161 @@
+"""The generation helper's own decode loop against Hugging Face ``generate`` on tiny models:
+the same tokens (greedy, and sampled with the same seed: the same random stream), log-probs equal
+to a plain forward pass, finished rows leaving the batch, stop strings, and ranks kept in step."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from dpo.logprobs import sequence_logps
+from dpo.models import ModelConfig, load_policy
+from dpo.sampling import GenerationConfig, completion_batch, cut_at_eos, generate, left_pad, sample_completions
+
+LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 128}  # fmt: skip
+GPT2 = {"model_type": "gpt2", "n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 128}
+ARCHS = pytest.mark.parametrize("arch", [GPT2, LLAMA], ids=["gpt2", "llama"])
+TEXTS = ["The film was", "I", "A slow, careful and rather long opening that", "Worst"]
+
+
+def build(arch, tokenizer):
+    torch.manual_seed(0)
+    return load_policy(ModelConfig(None, architecture=arch), tokenizer=tokenizer).eval()
+
+
+def plain(model, prompts, gen, pad, eos):
+    """Hugging Face ``generate`` on the whole left-padded batch, rows cut at ``eos``."""
+    ids, mask = left_pad(prompts, pad)
+    kwargs = {"eos_token_id": eos} if eos is not None else {}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **gen.kwargs(), **kwargs)
+    return [cut_at_eos(s[ids.shape[1] :], eos, pad) for s in out.tolist()]
+
+
+def mid_eos(model, prompts, gen, pad):
+    """A token that one row draws early and another never: as EOS it ends rows at different steps."""
+    torch.manual_seed(0)
+    free = plain(model, prompts, gen, pad, None)
+    for token in free[0][2:8]:
+        if any(token not in row for row in free[1:]):
+            return token
+    raise AssertionError("no token separates the rows: the fixture prompts need changing")
+
+
+def same_as_generate(model, prompts, gen, pad, eos):
+    torch.manual_seed(0)
+    want = plain(model, prompts, gen, pad, eos)
+    torch.manual_seed(0)
+    got = generate(model, prompts, gen, pad, eos, batch_size=len(prompts))
+    return got, want
+
+
+@ARCHS
+def test_greedy_tokens_equal_generate_with_rows_ending_at_different_steps(arch, bpe_tokenizer):
+    model = build(arch, bpe_tokenizer)
+    prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
+    gen = GenerationConfig(max_new_tokens=16, temperature=0)
+    eos = mid_eos(model, prompts, gen, 0)
+    got, want = same_as_generate(model, prompts, gen, 0, eos)
+    assert got == want
+    assert len(set(map(len, got))) > 1 and got[0][-1] == eos  # rows did end early, at different steps
+
+
+@ARCHS
+@pytest.mark.parametrize("gen", [GenerationConfig(max_new_tokens=16, temperature=1.0),
+                                 GenerationConfig(max_new_tokens=16, temperature=0.7, top_k=50, top_p=0.9)],
+                         ids=["T1", "T0.7-topk-topp"])  # fmt: skip
+def test_sampled_tokens_equal_generate_with_the_same_seed(arch, gen, bpe_tokenizer):
+    """One multinomial draw over the whole batch per step, as generate draws: the same stream, even
+    after rows have left the batch."""
+    model = build(arch, bpe_tokenizer)
+    prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
+    eos = mid_eos(model, prompts, gen, 0)
+    got, want = same_as_generate(model, prompts, gen, 0, eos)
+    assert got == want
+    assert len(set(map(len, got))) > 1
+
+
+@ARCHS
+def test_sampled_log_probs_equal_a_forward_pass_over_the_sequences(arch, bpe_tokenizer):
+    model = build(arch, bpe_tokenizer)
+    prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=40)
+    eos = mid_eos(model, prompts, gen, 0)
+    torch.manual_seed(1)
+    out = sample_completions(model, prompts, gen, 0, eos, batch_size=len(prompts))
+    assert [len(lp) for lp in out.logps] == [len(t) for t in out.tokens]
+    batch = completion_batch(prompts, out.tokens, 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    per_token = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[..., 0]
+    for i, lps in enumerate(out.logps):
+        want = per_token[i][labels[i, 1:] != -100]
+        torch.testing.assert_close(torch.tensor(lps), want, atol=1e-5, rtol=1e-5)
+    # and their sums are the sequence log-probs the losses use
+    total = sequence_logps(logits, labels).sum
+    torch.testing.assert_close(torch.tensor([sum(lp) for lp in out.logps]), total, atol=1e-4, rtol=1e-5)
+
+
+def test_a_stop_string_ends_its_row_and_leaves_the_others_as_they_were(bpe_tokenizer):
+    """With a stop string one row draws, that row ends at the step its text first holds it; the other
+    rows keep the tokens they draw without it (their random numbers don't move)."""
+    model = build(GPT2, bpe_tokenizer)
+    prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
+    free_gen = GenerationConfig(max_new_tokens=20)
+    torch.manual_seed(0)
+    free = generate(model, prompts, free_gen, 0, None, batch_size=4)
+    text = bpe_tokenizer.decode(free[0])
+    k = next(i for i in range(3, 20) if "\ufffd" not in (t := bpe_tokenizer.decode(free[0][i : i + 1])) and t.strip())
+    stop = bpe_tokenizer.decode(free[0][k : k + 1])
+    end = next(j for j in range(1, 21) if stop in bpe_tokenizer.decode(free[0][:j]))
+    torch.manual_seed(0)
+    got = generate(model, prompts, GenerationConfig(max_new_tokens=20, stop=[stop]), 0, None, batch_size=4,
+                   tokenizer=bpe_tokenizer)  # fmt: skip
+    assert got[0] == free[0][:end] and stop in text
+    for row_free, row in zip(free[1:], got[1:], strict=True):
+        seen = next((j for j in range(1, 21) if stop in bpe_tokenizer.decode(row_free[:j])), None)
+        assert row == (row_free[:seen] if seen else row_free)
+
+
+def test_batches_are_decoded_in_order_of_the_prompts(bpe_tokenizer):
+    """Several batches: each prompt's completion comes back in its own place, and greedy decoding of
+    a prompt doesn't depend on the batch it shares (up to float rounding on this tiny model)."""
+    model = build(LLAMA, bpe_tokenizer)
+    prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS * 2]
+    gen = GenerationConfig(max_new_tokens=8, temperature=0)
+    one_by_one = [generate(model, [p], gen, 0, None)[0] for p in prompts]
+    assert generate(model, prompts, gen, 0, None, batch_size=3) == one_by_one
+
+
+def _synced_worker(rank: int, world: int, port: str, bpe_tokenizer, counts) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = build(GPT2, bpe_tokenizer)
+        calls = []
+        model.register_forward_hook(lambda *_: calls.append(1))
+        prompt = bpe_tokenizer(TEXTS[rank])["input_ids"]
+        gen = GenerationConfig(max_new_tokens=10)
+        torch.manual_seed(rank)
+        # rank 0's EOS is the token it draws first, so its only row ends at once
+        eos = generate(model, [prompt], GenerationConfig(max_new_tokens=1), 0, None)[0][0] if rank == 0 else None
+        calls.clear()
+        torch.manual_seed(rank)
+        tokens = generate(model, [prompt], gen, 0, eos, synced_gpus=True)[0]
+        counts[rank] = (len(calls), len(tokens))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_synced_ranks_run_the_same_number_of_forward_passes(bpe_tokenizer):
+    """Rank 0's row ends at its first token, rank 1's runs all 10: both ranks still call the model
+    10 times (a prefill and 9 steps), as FSDP's weight gathers need."""
+    counts = mp.Manager().dict()
+    mp.spawn(_synced_worker, args=(2, "29533", bpe_tokenizer, counts), nprocs=2)
+    assert counts[0] == (10, 1) and counts[1] == (10, 10)
