@@ -17,6 +17,7 @@ ceiling). Timing is the median of ``--reps`` repetitions after one warm-up call.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from pathlib import Path
@@ -68,22 +69,28 @@ def matmul_seconds(model, batch: int, reps: int = 5) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def plain(model, prompts: list[list[int]], gen: GenerationConfig, pad: int, eos: int) -> list[list[int]]:
+def plain(
+    model, prompts: list[list[int]], gen: GenerationConfig, pad: int, eos: int, tokenizer=None
+) -> list[list[int]]:
     """Hugging Face ``generate`` on the whole left-padded batch, nothing else."""
     ids, mask = left_pad(prompts, pad)
+    stop = {"tokenizer": tokenizer} if gen.stop else {}
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **gen.kwargs())
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **gen.kwargs(), **stop)
     return [cut_at_eos(s[ids.shape[1] :], eos, pad) for s in out.tolist()]
 
 
-def side_by_side(plain_fn, ours_fn, reps: int) -> tuple[float, float, float, int, int]:
-    """Seconds per call of each (median), the median of the per-repetition ratios, and the tokens one
-    call of each generates. One warm-up call each, then ``reps`` rounds of plain then ours, each
-    from the same seed, so slow spells of the machine hit both."""
+def side_by_side(plain_fn, ours_fn, reps: int) -> tuple[float, float, float, int, int, float]:
+    """Seconds per call of each (median), the median of the per-repetition ratios, the tokens one
+    call of each generates, and the fraction of rows whose tokens are the same in both (their
+    warm-up calls, same seed). Then ``reps`` rounds of plain then ours, each from the same seed, so
+    slow spells of the machine hit both."""
     torch.manual_seed(0)
-    n_plain = sum(len(t) for t in plain_fn())
+    rows_plain = plain_fn()
     torch.manual_seed(0)
-    n_ours = sum(len(t) for t in ours_fn())
+    rows_ours = ours_fn()
+    n_plain, n_ours = sum(map(len, rows_plain)), sum(map(len, rows_ours))
+    same = sum(a == b for a, b in zip(rows_plain, rows_ours, strict=True)) / len(rows_plain)
     t_plain, t_ours = [], []
     for _ in range(reps):
         for fn, times in ((plain_fn, t_plain), (ours_fn, t_ours)):
@@ -92,7 +99,26 @@ def side_by_side(plain_fn, ours_fn, reps: int) -> tuple[float, float, float, int
             fn()
             times.append(time.perf_counter() - start)
     ratio = statistics.median((n_ours / o) / (n_plain / p) for p, o in zip(t_plain, t_ours, strict=True))
-    return statistics.median(t_plain), statistics.median(t_ours), ratio, n_plain, n_ours
+    return statistics.median(t_plain), statistics.median(t_ours), ratio, n_plain, n_ours, same
+
+
+def draw_seconds(batch: int, vocab: int, reps: int = 10) -> float:
+    """Seconds of one step's draw alone: softmax and ``torch.multinomial`` over ``batch`` x ``vocab``."""
+    logits = torch.randn(batch, vocab)
+    torch.multinomial(torch.softmax(logits, -1), 1)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.multinomial(torch.softmax(logits, -1), 1)
+    return (time.perf_counter() - start) / reps
+
+
+def thin_twin(model) -> torch.nn.Module:
+    """The same architecture and depth at width 64 and a 256-token vocabulary: its decode step costs
+    what a step costs besides the width-bound work (Python, kernel launches, small tensors)."""
+    cfg = copy.deepcopy(model.config)
+    cfg.update({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "head_dim": 16, "vocab_size": 256})  # fmt: skip
+    return type(model)(cfg).eval()
 
 
 def main() -> None:
@@ -102,6 +128,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--stop", default=".", help="stop string of the last table (rows end at different steps)")
+    parser.add_argument("--stop-batches", nargs="*", type=int, default=[16, 64])
     parser.add_argument("--cache", default=".cache/dpo", help="where the GGUF is converted once")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,9 +148,10 @@ def main() -> None:
           f"({weight_bytes / 2**20:.0f} MiB fp32)")  # fmt: skip
     print(f"measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s (copy), fp32 GEMM {flops / 1e9:.1f} GFLOP/s\n")
     header = (f"{'batch':>5} {'T':>4} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'limit tok/s':>11} "
-              f"{'% of limit':>10} {'matmuls tok/s':>13} {'% of it':>7}  bound")  # fmt: skip
+              f"{'% of limit':>10} {'matmuls tok/s':>13} {'% of it':>7} {'same rows':>9}  bound")  # fmt: skip
     print(header)
     print("-" * len(header))
+    steps = {}  # batch -> (ours' seconds per step at T=1, matmul seconds, draw seconds)
     for batch in args.batches:
         prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
         mean_prompt = sum(map(len, prompts)) / len(prompts)
@@ -131,18 +160,50 @@ def main() -> None:
             limit, bound = bandwidth / (weight_bytes + kv), "memory bandwidth"
         else:
             limit, bound = flops / (2 * n_params), "GEMM rate"
-        matmuls = batch / matmul_seconds(model, batch)  # a step that did nothing but its matrix products
+        t_matmul = matmul_seconds(model, batch)  # a step that did nothing but its matrix products
         for temperature in args.temperatures:
             gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=temperature)
-            t_plain, t_ours, ratio, n_plain, n_ours = side_by_side(
+            t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
                 lambda p=prompts, g=gen: plain(model, p, g, pad, eos),
                 lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b),
                 args.reps,
             )
             ours = n_ours / t_ours
             print(f"{batch:>5} {temperature:>4g} {n_plain / t_plain:>11.1f} {ours:>10.1f} {ratio:>7.2f} "
-                  f"{limit:>11.1f} {100 * ours / limit:>10.1f} {matmuls:>13.1f} {100 * ours / matmuls:>7.1f}  "
-                  f"{bound}", flush=True)  # fmt: skip
+                  f"{limit:>11.1f} {100 * ours / limit:>10.1f} {batch / t_matmul:>13.1f} "
+                  f"{100 * ours * t_matmul / batch:>7.1f} {same:>9.0%}  {bound}", flush=True)  # fmt: skip
+            if temperature > 0:
+                steps[batch] = (t_ours / args.new_tokens, t_matmul, draw_seconds(batch, c.vocab_size))
+
+    twin = thin_twin(model)
+    print(
+        f"\nWhere a decode step's time goes (ours, T=1; ms per step; 'other' = the same "
+        f"{c.num_hidden_layers}-layer model at width 64, sampled greedily: Python and small-tensor work):"
+    )
+    print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}")
+    for batch, (t_step, t_matmul, t_draw) in steps.items():
+        thin_prompts = [[(t % 255) + 1 for t in tokenizer(o)["input_ids"]] for o in openings[:batch]]
+        greedy = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0)
+        generate(twin, thin_prompts, greedy, 0, None, batch_size=batch)
+        start = time.perf_counter()
+        generate(twin, thin_prompts, greedy, 0, None, batch_size=batch)
+        t_other = (time.perf_counter() - start) / args.new_tokens
+        rest = t_step - t_matmul - t_draw - t_other
+        print(f"{batch:>5} {1e3 * t_step:>7.1f} {1e3 * t_matmul:>8.1f} {1e3 * t_draw:>6.1f} {1e3 * t_other:>6.1f} "
+              f"{1e3 * rest:>6.1f}", flush=True)  # fmt: skip
+
+    print(f"\nRows that end at the first {args.stop!r} (T=1; the rows leave our batch as they end):")
+    print(f"{'batch':>5} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'mean tokens':>11} {'same rows':>9}")
+    for batch in args.stop_batches:
+        prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
+        gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, stop=[args.stop])
+        t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
+            lambda p=prompts, g=gen: plain(model, p, g, pad, eos, tokenizer),
+            lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b, tokenizer=tokenizer),
+            args.reps,
+        )
+        print(f"{batch:>5} {n_plain / t_plain:>11.1f} {n_ours / t_ours:>10.1f} {ratio:>7.2f} "
+              f"{n_ours / batch:>11.1f} {same:>9.0%}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
