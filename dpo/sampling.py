@@ -211,8 +211,9 @@ def _decode(
     (a finished row stays only as the one placeholder a synced rank needs to keep stepping).
     """
     n = ids.shape[0]
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    cache = DynamicCache(config=model.config)
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    cache = DynamicCache(config=inner.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding shifts each row's positions
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                    **keep_last).logits[:, -1].float()  # fmt: skip  # (N, V)

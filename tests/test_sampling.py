@@ -122,6 +122,25 @@ def test_a_stop_string_ends_its_row_and_leaves_the_others_as_they_were(bpe_token
         assert row == (row_free[:seen] if seen else row_free)
 
 
+def test_a_lora_policy_samples_with_its_adapter_as_generate_does(bpe_tokenizer):
+    """A PEFT-wrapped policy (reference=lora): the adapter is active while sampling, the head still
+    runs on the last position only, and the sampled tokens are generate's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(build(LLAMA, bpe_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # a non-zero adapter, so that it matters
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
+    gen = GenerationConfig(max_new_tokens=12, temperature=1.0)
+    got, want = same_as_generate(model, prompts, gen, 0, None)
+    assert got == want
+    with model.disable_adapter():
+        torch.manual_seed(0)
+        assert generate(model, prompts, gen, 0, None, batch_size=4) != got
+
+
 def test_batches_are_decoded_in_order_of_the_prompts(bpe_tokenizer):
     """Several batches: each prompt's completion comes back in its own place, and greedy decoding of
     a prompt doesn't depend on the batch it shares (up to float rounding on this tiny model)."""

@@ -2,7 +2,7 @@
 `model.generate`, and the hardware limit that applies, measured in the same run.
 
     python experiments/bench_sampling/bench.py                       # SmolLM2-135M, batch 1/16/64, T 0 and 1
-    python experiments/bench_sampling/bench.py --batches 16 --reps 1 # quick look
+    python experiments/bench_sampling/bench.py --batches 16 --reps 1 --stop-batches  # quick look
 
 Same model (SmolLM2-135M-Instruct, fp32, offline from its PyPI wheel), same prompts (real review
 openings of 2-8 words from dpo/data/files/review_prompts.txt, so rows differ in length), 64 new
@@ -11,7 +11,15 @@ each row's EOS (what the caller keeps). Limits, measured here: at batch 1 a step
 weight and the KV cache once, so tokens/s <= memory bandwidth / bytes read per step (bandwidth:
 a large tensor copy); at batch >= 16 the matmuls dominate, so tokens/s <= GEMM FLOP/s / (2 x
 parameters) per token (attention FLOPs are small at these lengths and left out, so the bound is a
-ceiling). Timing is the median of ``--reps`` repetitions after one warm-up call.
+ceiling). "matmuls tok/s" is the rate of a step that did nothing but its matrix products at this
+batch with these kernels (each weight read from memory once, as in a real step); "same rows" is
+the share of rows whose tokens equal plain generate's (same seed). Timing: one warm-up call each,
+then ``--reps`` rounds of plain then ours; medians, and the median of the per-round ratios.
+
+Two more tables: where one decode step's time goes (the matmuls alone, the softmax + multinomial
+draw alone, the same architecture at width 64 for the per-layer Python and small-tensor work, the
+rest; and the matmuls with oneDNN-packed weights, kernels neither path uses), and rows that end at
+a stop string (``--stop``), where ending rows leave our batch.
 """
 
 from __future__ import annotations
@@ -102,6 +110,22 @@ def side_by_side(plain_fn, ours_fn, reps: int) -> tuple[float, float, float, int
     return statistics.median(t_plain), statistics.median(t_ours), ratio, n_plain, n_ours, same
 
 
+def packed_matmul_seconds(model, batch: int, reps: int = 5) -> float:
+    """:func:`matmul_seconds` with each weight reordered once for oneDNN (what inductor's freezing
+    does on a CPU): the headroom of faster kernels, which plain ``generate`` and ours don't use."""
+    weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
+    with torch.no_grad():
+        for w, p in zip(weights, packed, strict=True):
+            torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+        start = time.perf_counter()
+        for _ in range(reps):
+            for w, p in zip(weights, packed, strict=True):
+                torch.ops.mkldnn._linear_pointwise(inputs[w.shape[1]], p, None, "none", [], "")
+    return (time.perf_counter() - start) / reps
+
+
 def draw_seconds(batch: int, vocab: int, reps: int = 10) -> float:
     """Seconds of one step's draw alone: softmax and ``torch.multinomial`` over ``batch`` x ``vocab``."""
     logits = torch.randn(batch, vocab)
@@ -180,7 +204,7 @@ def main() -> None:
         f"\nWhere a decode step's time goes (ours, T=1; ms per step; 'other' = the same "
         f"{c.num_hidden_layers}-layer model at width 64, sampled greedily: Python and small-tensor work):"
     )
-    print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}")
+    print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}   {'packed matmuls':>14}")
     for batch, (t_step, t_matmul, t_draw) in steps.items():
         thin_prompts = [[(t % 255) + 1 for t in tokenizer(o)["input_ids"]] for o in openings[:batch]]
         greedy = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0)
@@ -190,7 +214,7 @@ def main() -> None:
         t_other = (time.perf_counter() - start) / args.new_tokens
         rest = t_step - t_matmul - t_draw - t_other
         print(f"{batch:>5} {1e3 * t_step:>7.1f} {1e3 * t_matmul:>8.1f} {1e3 * t_draw:>6.1f} {1e3 * t_other:>6.1f} "
-              f"{1e3 * rest:>6.1f}", flush=True)  # fmt: skip
+              f"{1e3 * rest:>6.1f}   {1e3 * packed_matmul_seconds(model, batch):>14.1f}", flush=True)  # fmt: skip
 
     print(f"\nRows that end at the first {args.stop!r} (T=1; the rows leave our batch as they end):")
     print(f"{'batch':>5} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'mean tokens':>11} {'same rows':>9}")
