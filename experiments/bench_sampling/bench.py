@@ -154,6 +154,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--stop", default=".", help="stop string of the last table (rows end at different steps)")
     parser.add_argument("--stop-batches", nargs="*", type=int, default=[16, 64])
+    parser.add_argument("--compile-batches", nargs="*", type=int, default=[],
+                        help="also time generate with a static cache, compiled (minutes each)")  # fmt: skip
     parser.add_argument("--cache", default=".cache/dpo", help="where the GGUF is converted once")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -228,6 +230,37 @@ def main() -> None:
         )
         print(f"{batch:>5} {n_plain / t_plain:>11.1f} {n_ours / t_ours:>10.1f} {ratio:>7.2f} "
               f"{n_ours / batch:>11.1f} {same:>9.0%}", flush=True)  # fmt: skip
+
+    for batch in args.compile_batches:
+        compiled(model, [tokenizer(o)["input_ids"] for o in openings[:batch]], args.new_tokens, pad, eos, args.reps)
+
+
+def compiled(model, prompts: list[list[int]], new_tokens: int, pad: int, eos: int, reps: int) -> None:
+    """Hugging Face ``generate`` with a static KV cache, eager and then compiled by inductor (its
+    CPU opt-in), against the default: seconds of the first call (compilation) and tokens/s after."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(mode="default")
+    compile_config._compile_all_devices = True  # transformers compiles on GPUs only unless asked
+    gen = GenerationConfig(max_new_tokens=new_tokens, temperature=1.0)
+    ids, mask = left_pad(prompts, pad)
+    print(f"\ngenerate at batch {len(prompts)}, T=1: default vs static cache vs static cache + torch.compile")
+    static = {"cache_implementation": "static"}
+    for name, extra in (
+        ("default", {}),
+        ("static", static),
+        ("static+compile", {**static, "compile_config": compile_config}),
+    ):
+        times, tokens = [], 0
+        for _ in range(reps + 1):
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad, **gen.kwargs(), **extra)
+            times.append(time.perf_counter() - start)
+            tokens = sum(len(cut_at_eos(r[ids.shape[1] :], eos, pad)) for r in out.tolist())
+        print(f"  {name:<15} first call {times[0]:6.1f} s, then {tokens / statistics.median(times[1:]):6.1f} tok/s",
+              flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
