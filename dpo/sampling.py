@@ -224,7 +224,7 @@ def _decode(
     logps: list[list[float]] = [[] for _ in range(n)]
     for step in range(gen.max_new_tokens):
         picked = _pick(logits, warp, rows, going, n, pad_id)  # (R,)
-        chosen_logps = torch.log_softmax(logits, -1).gather(-1, picked[:, None])[:, 0]
+        chosen_logps = logits.gather(-1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)  # log-softmax at picked
         for r, t, lp in zip(rows[going].tolist(), picked[going].tolist(), chosen_logps[going].tolist(), strict=True):
             tokens[r].append(t)
             logps[r].append(lp)
@@ -253,7 +253,7 @@ def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going:
     rows of the batch, as ``generate`` draws (rows not going get a placeholder; their draws are unused)."""
     if warp is None:
         return logits.argmax(-1)
-    probs = torch.softmax(warp(None, logits.clone()), -1)  # (R, V)
+    probs = torch.softmax(warp(None, logits.clone()) if warp else logits, -1)  # (R, V); logits stay raw
     if len(rows) == n and bool(going.all()):
         return torch.multinomial(probs, 1)[:, 0]
     full = torch.zeros(n, probs.shape[-1], device=probs.device, dtype=probs.dtype)

@@ -62,6 +62,11 @@ def gemm_rate(n: int = 1024, seconds: float = 1.0) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
+def up_to_stop(rows: list[list[int]], tokenizer, stop: str) -> list[list[int]]:
+    """Each row's tokens up to the one whose text first holds ``stop``: what a caller keeps."""
+    return [r[: next((j for j in range(1, len(r) + 1) if stop in tokenizer.decode(r[:j])), len(r))] for r in rows]
+
+
 def matmul_seconds(model, batch: int, reps: int = 5) -> float:
     """Seconds of one decode step's matrix products alone, at this batch, with this torch's kernels:
     every linear layer of the model (and the output head) applied to ``batch`` rows."""
@@ -88,15 +93,15 @@ def plain(
     return [cut_at_eos(s[ids.shape[1] :], eos, pad) for s in out.tolist()]
 
 
-def side_by_side(plain_fn, ours_fn, reps: int) -> tuple[float, float, float, int, int, float]:
+def side_by_side(plain_fn, ours_fn, reps: int, kept=lambda rows: rows) -> tuple[float, float, float, int, int, float]:
     """Seconds per call of each (median), the median of the per-repetition ratios, the tokens one
     call of each generates, and the fraction of rows whose tokens are the same in both (their
-    warm-up calls, same seed). Then ``reps`` rounds of plain then ours, each from the same seed, so
-    slow spells of the machine hit both."""
+    warm-up calls, same seed; both counted on ``kept`` rows). Then ``reps`` rounds of plain then
+    ours, each from the same seed, so slow spells of the machine hit both."""
     torch.manual_seed(0)
-    rows_plain = plain_fn()
+    rows_plain = kept(plain_fn())
     torch.manual_seed(0)
-    rows_ours = ours_fn()
+    rows_ours = kept(ours_fn())
     n_plain, n_ours = sum(map(len, rows_plain)), sum(map(len, rows_ours))
     same = sum(a == b for a, b in zip(rows_plain, rows_ours, strict=True)) / len(rows_plain)
     t_plain, t_ours = [], []
@@ -147,7 +152,7 @@ def thin_twin(model) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", nargs="+", type=int, default=[1, 16, 64])
+    parser.add_argument("--batches", nargs="*", type=int, default=[1, 16, 64])
     parser.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
@@ -173,63 +178,70 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads; {n_params / 1e6:.0f}M parameters "
           f"({weight_bytes / 2**20:.0f} MiB fp32)")  # fmt: skip
     print(f"measured: memory bandwidth {bandwidth / 1e9:.1f} GB/s (copy), fp32 GEMM {flops / 1e9:.1f} GFLOP/s\n")
-    header = (f"{'batch':>5} {'T':>4} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'limit tok/s':>11} "
-              f"{'% of limit':>10} {'matmuls tok/s':>13} {'% of it':>7} {'same rows':>9}  bound")  # fmt: skip
-    print(header)
-    print("-" * len(header))
     steps = {}  # batch -> (ours' seconds per step at T=1, matmul seconds, draw seconds)
-    for batch in args.batches:
-        prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
-        mean_prompt = sum(map(len, prompts)) / len(prompts)
-        if batch == 1:  # each step reads every weight and the KV cache once
-            kv = kv_per_token * (mean_prompt + args.new_tokens / 2)
-            limit, bound = bandwidth / (weight_bytes + kv), "memory bandwidth"
-        else:
-            limit, bound = flops / (2 * n_params), "GEMM rate"
-        t_matmul = matmul_seconds(model, batch)  # a step that did nothing but its matrix products
-        for temperature in args.temperatures:
-            gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=temperature)
-            t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
-                lambda p=prompts, g=gen: plain(model, p, g, pad, eos),
-                lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b),
-                args.reps,
-            )
-            ours = n_ours / t_ours
-            print(f"{batch:>5} {temperature:>4g} {n_plain / t_plain:>11.1f} {ours:>10.1f} {ratio:>7.2f} "
-                  f"{limit:>11.1f} {100 * ours / limit:>10.1f} {batch / t_matmul:>13.1f} "
-                  f"{100 * ours * t_matmul / batch:>7.1f} {same:>9.0%}  {bound}", flush=True)  # fmt: skip
-            if temperature > 0:
-                steps[batch] = (t_ours / args.new_tokens, t_matmul, draw_seconds(batch, c.vocab_size))
+    if args.batches:
+        header = (f"{'batch':>5} {'T':>4} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'limit tok/s':>11} "
+                  f"{'% of limit':>10} {'matmuls tok/s':>13} {'% of it':>7} {'same rows':>9}  bound")  # fmt: skip
+        print(header)
+        print("-" * len(header))
+        for batch in args.batches:
+            prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
+            mean_prompt = sum(map(len, prompts)) / len(prompts)
+            if batch == 1:  # each step reads every weight and the KV cache once
+                kv = kv_per_token * (mean_prompt + args.new_tokens / 2)
+                limit, bound = bandwidth / (weight_bytes + kv), "memory bandwidth"
+            else:
+                limit, bound = flops / (2 * n_params), "GEMM rate"
+            t_matmul = matmul_seconds(model, batch)  # a step that did nothing but its matrix products
+            for temperature in args.temperatures:
+                gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=temperature)
+                t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
+                    lambda p=prompts, g=gen: plain(model, p, g, pad, eos),
+                    lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b),
+                    args.reps,
+                )
+                ours = n_ours / t_ours
+                print(f"{batch:>5} {temperature:>4g} {n_plain / t_plain:>11.1f} {ours:>10.1f} {ratio:>7.2f} "
+                      f"{limit:>11.1f} {100 * ours / limit:>10.1f} {batch / t_matmul:>13.1f} "
+                      f"{100 * ours * t_matmul / batch:>7.1f} {same:>9.0%}  {bound}", flush=True)  # fmt: skip
+                if temperature > 0:
+                    steps[batch] = (t_ours / args.new_tokens, t_matmul, draw_seconds(batch, c.vocab_size))
 
-    twin = thin_twin(model)
-    print(
-        f"\nWhere a decode step's time goes (ours, T=1; ms per step; 'other' = the same "
-        f"{c.num_hidden_layers}-layer model at width 64, sampled greedily: Python and small-tensor work):"
-    )
-    print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}   {'packed matmuls':>14}")
-    for batch, (t_step, t_matmul, t_draw) in steps.items():
-        thin_prompts = [[(t % 255) + 1 for t in tokenizer(o)["input_ids"]] for o in openings[:batch]]
-        greedy = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0)
-        generate(twin, thin_prompts, greedy, 0, None, batch_size=batch)
-        start = time.perf_counter()
-        generate(twin, thin_prompts, greedy, 0, None, batch_size=batch)
-        t_other = (time.perf_counter() - start) / args.new_tokens
-        rest = t_step - t_matmul - t_draw - t_other
-        print(f"{batch:>5} {1e3 * t_step:>7.1f} {1e3 * t_matmul:>8.1f} {1e3 * t_draw:>6.1f} {1e3 * t_other:>6.1f} "
-              f"{1e3 * rest:>6.1f}   {1e3 * packed_matmul_seconds(model, batch):>14.1f}", flush=True)  # fmt: skip
-
-    print(f"\nRows that end at the first {args.stop!r} (T=1; the rows leave our batch as they end):")
-    print(f"{'batch':>5} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'mean tokens':>11} {'same rows':>9}")
-    for batch in args.stop_batches:
-        prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
-        gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, stop=[args.stop])
-        t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
-            lambda p=prompts, g=gen: plain(model, p, g, pad, eos, tokenizer),
-            lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b, tokenizer=tokenizer),
-            args.reps,
+    if steps:
+        twin = thin_twin(model)
+        print(
+            f"\nWhere a decode step's time goes (ours, T=1; ms per step; 'other' = the same "
+            f"{c.num_hidden_layers}-layer model at width 64, sampled greedily: Python and small-tensor work):"
         )
-        print(f"{batch:>5} {n_plain / t_plain:>11.1f} {n_ours / t_ours:>10.1f} {ratio:>7.2f} "
-              f"{n_ours / batch:>11.1f} {same:>9.0%}", flush=True)  # fmt: skip
+        print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}   {'packed matmuls':>14}")
+        for batch, (t_step, t_matmul, t_draw) in steps.items():
+            thin_prompts = [[(t % 255) + 1 for t in tokenizer(o)["input_ids"]] for o in openings[:batch]]
+            greedy = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0)
+            generate(twin, thin_prompts, greedy, 0, None, batch_size=batch)
+            start = time.perf_counter()
+            generate(twin, thin_prompts, greedy, 0, None, batch_size=batch)
+            t_other = (time.perf_counter() - start) / args.new_tokens
+            rest = t_step - t_matmul - t_draw - t_other
+            print(f"{batch:>5} {1e3 * t_step:>7.1f} {1e3 * t_matmul:>8.1f} {1e3 * t_draw:>6.1f} {1e3 * t_other:>6.1f} "
+                  f"{1e3 * rest:>6.1f}   {1e3 * packed_matmul_seconds(model, batch):>14.1f}", flush=True)  # fmt: skip
+
+    if args.stop_batches:
+        print(f"\nRows that end at the first {args.stop!r} (T=1; the rows leave our batch as they end; tokens "
+              "counted and compared up to the stop string, what the caller keeps):")  # fmt: skip
+        print(
+            f"{'batch':>5} {'plain tok/s':>11} {'ours tok/s':>10} {'x plain':>7} {'mean tokens':>11} {'same rows':>9}"
+        )
+        for batch in args.stop_batches:
+            prompts = [tokenizer(o)["input_ids"] for o in openings[:batch]]
+            gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=1.0, stop=[args.stop])
+            t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
+                lambda p=prompts, g=gen: plain(model, p, g, pad, eos, tokenizer),
+                lambda p=prompts, g=gen, b=batch: generate(model, p, g, pad, eos, batch_size=b, tokenizer=tokenizer),
+                args.reps,
+                lambda rows: up_to_stop(rows, tokenizer, args.stop),
+            )
+            print(f"{batch:>5} {n_plain / t_plain:>11.1f} {n_ours / t_ours:>10.1f} {ratio:>7.2f} "
+                  f"{n_ours / batch:>11.1f} {same:>9.0%}", flush=True)  # fmt: skip
 
     for batch in args.compile_batches:
         compiled(model, [tokenizer(o)["input_ids"] for o in openings[:batch]], args.new_tokens, pad, eos, args.reps)
