@@ -112,6 +112,9 @@ class NonFiniteError(RuntimeError):
     """Training stopped at a non-finite loss or gradient (``guard.non_finite=stop``)."""
 
 
+REFERENCE_PREFIX = "reference."  # where a system's reference model sits in its state dict
+
+
 class System(LightningModule):
     """A training system: the optimizer of its trainable parameters, the non-finite guard, and metrics.
 
@@ -137,6 +140,7 @@ class System(LightningModule):
         self._val_sums: dict[str, Tensor] = {}
         self._val_count = 0
         self._val_bar: set[str] = set()
+        self.sharded = False  # whether the models are sharded across ranks (FSDP2)
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates; systems narrow it (DPO: the policy alone)."""
@@ -219,10 +223,19 @@ class System(LightningModule):
         )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A system's reference (DPO, PPO) prunes what need not be saved; a distributed (FSDP)
+        checkpoint keeps all."""
         checkpoint["dpo_skipped_steps"] = self.skipped_steps
+        reference = getattr(self, "reference", None)
+        if reference is not None and not self.sharded:
+            reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("dpo_skipped_steps", 0))
+        reference = getattr(self, "reference", None)
+        state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
+        if reference is not None and state is not None:
+            reference.restore_checkpoint(state, REFERENCE_PREFIX)
 
 
 def _local(t: Tensor) -> Tensor:

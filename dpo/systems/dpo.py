@@ -17,8 +17,6 @@ from dpo.losses import check_loss_params, compute_loss, get_loss
 from dpo.reference import NoReference, Reference
 from dpo.systems.base import GuardConfig, OptimConfig, System, optimizer_step_ended
 
-REFERENCE_PREFIX = "reference."
-
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Mid-epoch resume is exact: GlobalBatchSampler skips the trained micro-batches (tests/test_scale.py).
@@ -77,7 +75,6 @@ class DPOModule(System):
         self.reference = reference
         self.loss_name, self.loss_params, self.nll_weight = loss, dict(loss_params), nll_weight
         self.fsdp_block = fsdp_block
-        self.sharded = False
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.policy.parameters() if p.requires_grad)
@@ -172,15 +169,3 @@ class DPOModule(System):
     def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
         if optimizer_step_ended(self.trainer, batch_idx):
             self.reference.after_optimizer_step(self.policy, self.trainer.global_step)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """The reference prunes what need not be saved; a distributed (FSDP) checkpoint keeps all."""
-        super().on_save_checkpoint(checkpoint)
-        if not self.sharded:
-            self.reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
-        if state is not None:
-            self.reference.restore_checkpoint(state, REFERENCE_PREFIX)

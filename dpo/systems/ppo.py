@@ -27,8 +27,6 @@ from dpo.rl import (
 from dpo.sampling import GenerationConfig, completion_batch, generate
 from dpo.systems.base import GuardConfig, OptimConfig, System
 
-REFERENCE_PREFIX = "reference."
-
 
 @dataclass
 class PPOConfig:
@@ -346,8 +344,6 @@ class PPOModule(System):
         super().on_save_checkpoint(checkpoint)
         checkpoint["dpo_ppo"] = {"kl_coef": self.kl.coef, "generated_tokens": self.generated_tokens,
                                  "rollouts": self.rollouts}  # fmt: skip
-        if not self.sharded:
-            self.reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -355,6 +351,3 @@ class PPOModule(System):
         self.kl.coef = float(saved.get("kl_coef", self.kl.coef))
         self.generated_tokens = int(saved.get("generated_tokens", 0))
         self.rollouts = int(saved.get("rollouts", 0))
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            self.reference.restore_checkpoint(state, REFERENCE_PREFIX)
