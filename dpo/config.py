@@ -28,6 +28,7 @@ from dpo.data.sources import DataError
 from dpo.forward import LayoutError, choose_layout
 from dpo.losses import check_loss_params, get_loss
 from dpo.models import ModelLoadError, max_positions
+from dpo.precision import PrecisionError, PrecisionPlan, plan_precision
 from dpo.schema import OUR_GROUPS, SELECTORS
 from dpo.systems import SYSTEMS, SystemSpec
 
@@ -53,6 +54,7 @@ class Plan:
     micro_batch_size: int
     accumulate_grad_batches: int
     layout: Layout = Layout.separate
+    precision: PrecisionPlan | None = None  # what trainer.precision decides (dpo.precision)
 
 
 def plan_batch(batch_size: int, micro_batch_size: int, devices: Any, num_nodes: int) -> Plan:
@@ -241,7 +243,8 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         )
     pairs = needs_pairs(cfg)
     _check_source(cfg, pairs)
-    check_update_precision(cfg)
+    precision = precision_plan(cfg)
+    check_update_precision(cfg, precision)
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     plan = plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
@@ -257,7 +260,31 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
                                    pairs=pairs and system.uses_loss)  # fmt: skip
         except LayoutError as e:
             raise ConfigError(str(e)) from None
-    return dataclasses.replace(plan, layout=layout)
+    return dataclasses.replace(plan, layout=layout, precision=precision)
+
+
+def precision_plan(cfg: DictConfig) -> PrecisionPlan:
+    """What ``trainer.precision`` decides for this run (:func:`dpo.precision.plan_precision`).
+
+    Also refuses ``trainer.accelerator=gpu`` where no CUDA device is visible (Lightning would
+    refuse it only when the trainer is built, after the weights load).
+    """
+    import torch
+
+    trainer = cfg.trainer
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA device is visible here; "
+            "run on a GPU node, or use trainer.accelerator=cpu (trainer=cpu, ddp_cpu or fsdp_cpu)"
+        )
+    try:
+        return plan_precision(
+            trainer.get("precision", "32-true"), accelerator=accelerator, sharded=is_sharded(trainer),
+            clip=trainer.get("gradient_clip_val"), optimizer=OmegaConf.to_container(cfg.optim.optimizer, resolve=True),
+        )  # fmt: skip
+    except PrecisionError as e:
+        raise ConfigError(str(e)) from None
 
 
 def needs_pairs(cfg: DictConfig) -> bool:
@@ -312,7 +339,7 @@ TYPICAL_WEIGHT = 0.02
 weights stay near it): the scale at which the rounding check asks whether an update registers."""
 
 
-def check_update_precision(cfg: DictConfig) -> None:
+def check_update_precision(cfg: DictConfig, precision: PrecisionPlan | None = None) -> None:
     """Refuse pure bf16/fp16 weights when the learning rate is too small for updates to register.
 
     Adaptive optimizers (Adam, RMSprop) move a weight by about ``lr`` per step. A weight ``w`` stored
@@ -321,15 +348,22 @@ def check_update_precision(cfg: DictConfig) -> None:
     weights never move (measured: 87% of bf16 weights of scale 0.02 unchanged after 3 RMSprop steps
     at lr 1e-6, the paper's TL;DR setting). Float32 master weights with ``trainer.precision=bf16-mixed``
     compute in bf16 and keep every update.
+
+    The weights are low-precision when ``model.dtype`` says so, or when ``trainer.precision`` is
+    ``bf16-true``/``16-true`` (Lightning casts the model, whatever ``model.dtype`` is).
     """
+    precision = precision or precision_plan(cfg)
     dtype = getattr(cfg.model.get("dtype"), "value", cfg.model.get("dtype"))
+    where = f"model.dtype={dtype}"
+    if precision.weights in WEIGHT_EPS:
+        dtype, where = precision.weights, f"trainer.precision={precision.precision}"
     lr = cfg.optim.optimizer.get("lr")
     if dtype not in WEIGHT_EPS or not isinstance(lr, int | float) or cfg.guard.get("low_precision") == "allow":
         return
     smallest = TYPICAL_WEIGHT * WEIGHT_EPS[dtype] / 2
     if lr < smallest:
         raise ConfigError(
-            f"model.dtype={dtype} with optim.optimizer.lr={lr:g}: an update of about lr moves a weight of size "
+            f"{where} with optim.optimizer.lr={lr:g}: {dtype} weights; an update of about lr moves a weight of size "
             f"{TYPICAL_WEIGHT} only if lr > {smallest:.1e}, so most updates round away and the weights barely train. "
             f"Keep float32 master weights and compute in {dtype}: model.dtype=float32 "
             f"trainer.precision={'bf16' if dtype == 'bfloat16' else '16'}-mixed (or guard.low_precision=allow)"

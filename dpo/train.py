@@ -133,6 +133,8 @@ def begin(cfg: DictConfig) -> Start:
         state.save(out)
     if resume.ckpt_path:
         log.info(f"resuming from {resume.ckpt_path}")
+    if plan.precision.note:
+        log.info(plan.precision.note)
     _sanitize_wandb_env()
     pl.seed_everything(cfg.seed, workers=True)
     return Start(plan, model, config, resume, state)
@@ -167,7 +169,7 @@ def build_dpo(cfg: DictConfig, start: Start, tokenizer: Any) -> DPOModule:
     spec = get_loss(cfg.loss.name)
     policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=spec.needs_reference)
     return DPOModule(
-        policy, reference, cfg.loss.name, loss_params(cfg), typed(cfg.optim, OptimConfig),
+        policy, reference, cfg.loss.name, loss_params(cfg), optim_config(cfg, start),
         nll_weight=cfg.loss.nll_weight, fsdp_block=start.model.fsdp_block, guard=typed(cfg.guard, GuardConfig),
     )  # fmt: skip
 
@@ -176,7 +178,7 @@ def build_reward_model(cfg: DictConfig, start: Start, tokenizer: Any) -> RewardM
     """The reward-model system: the model with a one-label classification head."""
     model = load_reward_model(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
     system = typed(cfg.system, RewardModelConfig)
-    return RewardModelModule(model, typed(cfg.optim, OptimConfig), system.center_weight,
+    return RewardModelModule(model, optim_config(cfg, start), system.center_weight,
                              guard=typed(cfg.guard, GuardConfig))  # fmt: skip
 
 
@@ -191,9 +193,16 @@ def build_ppo(cfg: DictConfig, start: Start, tokenizer: Any) -> PPOModule:
 
     return PPOModule(
         policy, reference, reward, decode, pad_id_of(tokenizer), tokenizer.eos_token_id, system,
-        typed(cfg.optim, OptimConfig), guard=typed(cfg.guard, GuardConfig),
+        optim_config(cfg, start), guard=typed(cfg.guard, GuardConfig),
         max_grad_norm=cfg.trainer.get("gradient_clip_val"),
     )  # fmt: skip
+
+
+def optim_config(cfg: DictConfig, start: Start) -> OptimConfig:
+    """``conf/optim`` with the optimizer options the run's precision decides (:mod:`dpo.precision`)."""
+    optim = typed(cfg.optim, OptimConfig)
+    optim.optimizer = start.plan.precision.optimizer_options(optim.optimizer)
+    return optim
 
 
 def ppo_reward(cfg: DictConfig) -> DictConfig:

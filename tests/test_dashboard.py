@@ -47,6 +47,7 @@ def test_the_wandb_run_is_named_by_its_overrides_grouped_by_its_sweep_and_holds_
     assert logged["group"] == f"tiny/{sweep.name}" == wandb_logged(sweep / "1")["group"]
     assert {"loss.beta", "optim.optimizer.lr", "data.batch_size", "callbacks.reward_eval.n_prompts"} <= logged["config"]
     assert {"eval/reward", "eval/kl", "val/rewards/accuracy", "train/loss"} <= logged["history"]
+    assert {"train/grad_norm", "train/tokens_per_s", "train/peak_memory_mb"} <= logged["history"]
     assert {f"{FRONTIER_TABLE}._type", "eval/samples._type"} <= logged["history"]
     assert ("tiny-" + json.loads((sweep / "0" / "run.json").read_text())["id"] + "-hf", "model") in logged["artifacts"]
 

@@ -243,3 +243,17 @@ def test_layout_is_chosen_once_from_the_model_class_and_strategy(tiny_model):
         choose("padding_free", OldStyle)
     with pytest.raises(LayoutError, match="untested under FSDP2"):
         choose("shared_prefix", sharded=True)
+
+
+def test_every_layout_counts_the_same_pair_tokens(bpe_tokenizer):
+    """``n_tokens`` (what ``train/tokens_per_s`` counts) is the pairs' tokens as two unpadded rows
+    each, so layouts that run fewer tokens (the prompt once) report the same work: for every layout
+    it equals the separate layout's real tokens, sum over pairs of 2 * prompt + chosen + rejected."""
+    pairs, pad = pairs_for(bpe_tokenizer)[0], bpe_tokenizer.pad_token_id
+    expected = sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    separate = collate(pairs, pad_id=pad)
+    assert separate["n_tokens"] == int(separate["attention_mask"].sum()) == expected
+    for padding_free in (False, True):
+        assert pack_pairs(pairs, pad_id=pad, padding_free=padding_free)["n_tokens"] == expected
+    sft = collate(pairs, pad_id=pad, pairs=False)
+    assert sft["n_tokens"] == sum(len(p.prompt_ids) + len(p.chosen_ids) for p in pairs)

@@ -56,6 +56,9 @@ class ScoredBatch(TypedDict):
         score_seg: (R, S) :data:`CHOSEN`, :data:`REJECTED` or :data:`PAD`.
         score_pair: (R, S) index in the batch (0..B-1) of the pair each scored token belongs to.
         n_pairs: ``B``.
+        n_tokens: the pairs' tokens as two unpadded rows each (prompt + chosen, prompt + rejected;
+            prompt + chosen alone for SFT), whatever the layout: the work a step does in TRL's
+            terms, so ``train/tokens_per_s`` compares across layouts and with other trainers.
         rows: (B,) each pair's row in its split (-1: a stand-in that counts for nothing), for
             messages that name rows (the non-finite guard) and for gathering per-row results.
         ref_logps: (2B,) precomputed reference log-probs ``[chosen; rejected]``, when present.
@@ -68,6 +71,7 @@ class ScoredBatch(TypedDict):
     score_seg: Tensor
     score_pair: Tensor
     n_pairs: int
+    n_tokens: int
     rows: Tensor
     ref_logps: NotRequired[Tensor]
 

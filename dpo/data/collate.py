@@ -57,7 +57,7 @@ def collate(
     batch = PreferenceBatch(
         input_ids=input_ids, attention_mask=attention_mask, labels=labels,
         score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,
-        n_pairs=len(examples), rows=rows_of(examples),
+        n_pairs=len(examples), rows=rows_of(examples), n_tokens=sum(len(ids) for ids, _ in rows),
     )  # fmt: skip
     if pairs and examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)

@@ -81,7 +81,7 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = 
         input_ids=input_ids, position_ids=position_ids,
         attention_mask=torch.ones((1, width), dtype=torch.long) if mask is None else mask,
         score_pos=score_pos, score_tgt=score_tgt, score_seg=score_seg, score_pair=score_pair,
-        n_pairs=len(examples), rows=rows_of(examples),
+        n_pairs=len(examples), rows=rows_of(examples), n_tokens=sum(2 * p + c + r for p, c, r in segments),
     )  # fmt: skip
     if padding_free:
         batch["segments"] = torch.tensor(segments, dtype=torch.long)  # (B, 3)

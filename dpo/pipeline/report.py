@@ -4,7 +4,8 @@
 
 One PNG per figure family, each run a line (labelled by its overrides): ``rewards.png`` (reward
 accuracy, margin, chosen and rejected rewards, train and validation), ``loss.png``, ``kl.png`` (KL to
-the reference per token and per sequence, and of sampled completions), ``frontier.png`` (reward
+the reference per token and per sequence, and of sampled completions), ``health.png`` (gradient
+norm before clipping, tokens per second, peak memory), ``frontier.png`` (reward
 against KL of every evaluation: the IMDB figure) and ``win_rate.png`` (``dpo-eval`` results against
 temperature), each drawn only if some folder holds its data. The dashboard (``dpo-dashboard``) shows
 the same panels in wandb.

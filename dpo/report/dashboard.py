@@ -8,7 +8,8 @@ Report layout: a runs table of the sweep's group, grouped by the swept parameter
 reward accuracy, margin, chosen/rejected rewards, loss and KL against ``trainer/global_step`` (train
 and validation); a scatter of every run's last ground-truth reward against its KL (the IMDB
 frontier across a sweep); each run's own frontier (the ``eval/frontier`` table logged at every
-evaluation) and ``dpo-eval``'s win rate against temperature as custom charts on their tables.
+evaluation) and ``dpo-eval``'s win rate against temperature as custom charts on their tables; the
+training health panels (gradient norm before clipping, tokens per second, peak memory).
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ def build_report(spec: DashboardSpec) -> Any:
                        filters=f"Metric('Group') == '{spec.group}'",
                        groupby=[f"config.{spec.group_by}"] if spec.group_by else [])  # fmt: skip
     group_by = wr.Config(spec.group_by) if spec.group_by else None
-    lines = [wr.LinePlot(title=title, x=X_AXIS, y=list(metrics), groupby=group_by) for title, metrics in LINE_PANELS]
+    health = {title for title, _ in CURVES["health"]}
+    lines = [wr.LinePlot(title=title, x=X_AXIS, y=list(metrics), groupby=group_by) for title, metrics in LINE_PANELS
+             if title not in health]  # fmt: skip
+    health_lines = [wr.LinePlot(title=title, x=X_AXIS, y=list(metrics), groupby=group_by)
+                    for title, metrics in CURVES["health"]]  # fmt: skip
     frontier = wr.ScatterPlot(title=FRONTIER[0], x=wr.SummaryMetric(FRONTIER[1]), y=wr.SummaryMetric(FRONTIER[2]))
     tables = [wr.CustomChart.from_table(key, chart_fields=fields, chart_strings={"title": title})
               for title, key, fields in TABLE_CHARTS]  # fmt: skip
@@ -90,6 +95,9 @@ def build_report(spec: DashboardSpec) -> Any:
             wr.PanelGrid(runsets=[runset], panels=lines[4:]),
             wr.H1("Reward against KL and win rates"),
             wr.PanelGrid(runsets=[runset], panels=[frontier, *tables]),
+            wr.H1("Training health"),
+            wr.P("Gradient norm before clipping, pair tokens per second over all ranks, peak memory per step."),
+            wr.PanelGrid(runsets=[runset], panels=health_lines),
         ],
     )  # fmt: skip
 

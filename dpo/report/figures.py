@@ -45,6 +45,11 @@ CURVES: dict[str, list[tuple[str, list[str]]]] = {
         ("clip fraction, approximate KL", ["train/ppo/clip_frac", "train/ppo/approx_kl"]),
         ("value loss, explained variance", ["train/ppo/value_loss", "train/ppo/explained_variance"]),
     ],
+    "health": [  # every system, every optimizer step (dpo.systems.base.System.on_train_batch_end)
+        ("gradient norm before clipping", ["train/grad_norm"]),
+        ("throughput: pair tokens per second, all ranks", ["train/tokens_per_s"]),
+        ("peak memory, MB (CUDA allocated per step; CPU: process peak RSS)", ["train/peak_memory_mb"]),
+    ],
 }
 """Figure family -> its panels: (title, metrics). Every metric is one the trainer logs; the
 dashboard (:mod:`dpo.report.dashboard`) shows the same panels."""

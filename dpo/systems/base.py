@@ -8,6 +8,8 @@ metrics named ``{stage}/{group}/{name}`` as one mean per optimizer step, whateve
 from __future__ import annotations
 
 import math
+import resource
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -141,6 +143,9 @@ class System(LightningModule):
         self._val_count = 0
         self._val_bar: set[str] = set()
         self.sharded = False  # whether the models are sharded across ranks (FSDP2)
+        self._step_started = 0.0  # perf_counter at the first micro-batch of this optimizer step
+        self._step_tokens = 0  # this rank's pair tokens (ScoredBatch.n_tokens) in this optimizer step
+        self._grad_norm: Tensor | None = None  # this step's gradient norm before clipping
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates; systems narrow it (DPO: the policy alone)."""
@@ -161,7 +166,10 @@ class System(LightningModule):
         self._step_rows.append(rows.detach().cpu())
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """The non-finite guard: every rank agrees whether this step's loss and gradients are finite."""
+        """The non-finite guard (every rank agrees whether this step's loss and gradients are finite),
+        and the gradient norm before clipping (Lightning clips after this hook)."""
+        if self.automatic_optimization:  # a manual step (PPO) measures its norm before it clips
+            self._grad_norm = self.grad_norm()
         finite = self._step_finite and all(
             bool(torch.isfinite(_local(p.grad)).all()) for p in self.trainable_parameters() if p.grad is not None
         )
@@ -182,6 +190,49 @@ class System(LightningModule):
         optimizer.zero_grad(set_to_none=True)  # no gradient: the optimizer leaves weights and state alone
         self.skipped_steps += 1
         self.print(f"guard: skipped optimizer step {step} (non-finite; training rows {rows_all})")
+
+    def grad_norm(self) -> Tensor:
+        """The L2 norm of all trainable parameters' gradients, over every rank's shard (FSDP2), in fp32."""
+        norms = [torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32)
+                 for p in self.trainable_parameters() if p.grad is not None]  # fmt: skip
+        squares = torch.stack(norms).square().sum() if norms else torch.zeros((), device=self.device)
+        if self.sharded:
+            squares = self.trainer.strategy.reduce(squares, reduce_op="sum")
+        return squares.sqrt()
+
+    def health_metrics(self, tokens: int, seconds: float) -> dict[str, Tensor]:
+        """``train/tokens_per_s`` (every rank's ``tokens`` over this rank's ``seconds``) and
+        ``train/peak_memory_mb`` (the largest over ranks: CUDA's ``max_memory_allocated`` since
+        the last call on GPUs, the process's peak resident memory so far on CPUs); same on every rank."""
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        mine = torch.tensor([float(tokens), peak], device=self.device)
+        every = self.trainer.strategy.all_gather(mine).reshape(-1, 2) if self.trainer.world_size > 1 else mine[None]
+        return {
+            "train/tokens_per_s": every[:, 0].sum() / max(seconds, 1e-9),
+            "train/peak_memory_mb": every[:, 1].max(),
+        }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._step_started, self._step_tokens = time.perf_counter(), 0
+        if isinstance(batch, dict):
+            self._step_tokens += int(batch.get("n_tokens", 0))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Per optimizer step: ``train/grad_norm`` (before clipping), ``train/tokens_per_s`` (the
+        step's pair tokens, :attr:`dpo.data.batch.ScoredBatch.n_tokens`, summed over ranks and
+        micro-batches, per second from its first micro-batch's start to its last one's end, the
+        optimizer update included) and ``train/peak_memory_mb``. Manual steps (PPO) log their own."""
+        if not self.automatic_optimization or (batch_idx + 1) % self.trainer.accumulate_grad_batches:
+            return
+        metrics = self.health_metrics(self._step_tokens, time.perf_counter() - self._step_started)
+        if self._grad_norm is not None:
+            metrics["train/grad_norm"] = self._grad_norm
+        self.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False)
 
     def log_metrics(self, metrics: dict[str, Tensor], stage: str, batch_size: int, bar: tuple[str, ...] = ()) -> None:
         """Log ``{stage}/...`` metrics (see the class docstring); ``bar`` names go to the progress bar."""

@@ -167,5 +167,6 @@ class DPOModule(System):
         return {"rows": batch["rows"].cpu(), "logps": torch.stack([logps.chosen, logps.rejected], 1).float().cpu()}
 
     def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if optimizer_step_ended(self.trainer, batch_idx):
             self.reference.after_optimizer_step(self.policy, self.trainer.global_step)

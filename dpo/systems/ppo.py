@@ -5,6 +5,7 @@ model (``reward=learned_rm``) it is PPO."""
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,7 +132,10 @@ class PPOModule(System):
     score), ``reward_penalized`` (score minus ``kl_coef`` times the sequence KL estimate), ``kl``
     (``log pi(y|x) - log pi_ref(y|x)`` of the rollouts), ``kl_coef``, ``entropy`` (per token),
     ``clip_frac``, ``approx_kl``, ``policy_loss``, ``value_loss``, ``explained_variance``,
-    ``response_tokens``; ``train/loss`` is the mean total loss.
+    ``response_tokens``; ``train/loss`` is the mean total loss; ``train/grad_norm`` the mean of the
+    iteration's gradient norms before clipping; ``train/tokens_per_s`` and ``train/peak_memory_mb``
+    as :meth:`System.on_train_batch_end` defines them, over the whole iteration (its rollouts'
+    prompt and response tokens; sampling, scoring and updates timed).
 
     Args:
         policy: the causal LM to train.
@@ -246,6 +250,7 @@ class PPOModule(System):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prompts = [list(p) for p in batch["prompt_ids"] for _ in range(self.cfg.samples_per_prompt)]
         rows = batch["rows"].repeat_interleave(self.cfg.samples_per_prompt)
+        started = time.perf_counter()
         ro, tokens = self.rollout(prompts)
         n = self._batch_rollouts = len(prompts)
         seq_kl = (ro.logps - ro.ref_logps).sum(1)  # (N,) Monte-Carlo sequence KL of each rollout
@@ -259,6 +264,9 @@ class PPOModule(System):
         stats = self.optimize(ro, rows)
         metrics |= {f"train/ppo/{k}": torch.stack(v).mean() for k, v in stats.items()}
         metrics["train/loss"] = metrics.pop("train/ppo/loss")
+        metrics["train/grad_norm"] = metrics.pop("train/ppo/grad_norm")  # mean over the iteration's steps
+        # Throughput of the iteration (sampling, scoring and updates): its rollouts' prompt and response tokens.
+        metrics |= self.health_metrics(int(ro.mask.sum().item()), time.perf_counter() - started)
         self.local_metrics = {k: float(v) for k, v in metrics.items()}
         self.log_iteration(metrics, bar=("train/loss", "train/ppo/reward", "train/ppo/kl"))
         everyone = self._sum_ranks(torch.tensor([float(tokens), float(n), float(seq_kl.sum())], device=self.device))
@@ -308,6 +316,7 @@ class PPOModule(System):
                 self.watch_step(loss, rows[idx.cpu()])
                 opt.zero_grad()
                 self.manual_backward(loss)
+                grad_norm = self.grad_norm()  # before clipping, as automatic optimization logs it
                 if self.max_grad_norm:
                     self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
                 opt.step()
@@ -315,7 +324,7 @@ class PPOModule(System):
                 with torch.no_grad():
                     step = {
                         "loss": loss.detach(), "policy_loss": pg.loss.detach(), "value_loss": vf.detach(),
-                        "clip_frac": pg.clip_frac, "approx_kl": pg.approx_kl,
+                        "clip_frac": pg.clip_frac, "approx_kl": pg.approx_kl, "grad_norm": grad_norm,
                         "entropy": masked_mean(entropy(logits.detach()), m),
                         "explained_variance": explained_variance(values.detach() * m, ro.returns[idx], m),
                     }  # fmt: skip
