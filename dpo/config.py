@@ -55,6 +55,7 @@ class Plan:
     accumulate_grad_batches: int
     layout: Layout = Layout.separate
     precision: PrecisionPlan | None = None  # what trainer.precision decides (dpo.precision)
+    mesh: tuple[int, int] | None = None  # FSDP2's (data_parallel_size, tensor_parallel_size); None: not FSDP2
 
 
 def plan_batch(batch_size: int, micro_batch_size: int, devices: Any, num_nodes: int) -> Plan:
@@ -260,7 +261,34 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
                                    pairs=pairs and system.uses_loss)  # fmt: skip
         except LayoutError as e:
             raise ConfigError(str(e)) from None
-    return dataclasses.replace(plan, layout=layout, precision=precision)
+    return dataclasses.replace(plan, layout=layout, precision=precision,
+                               mesh=device_mesh(cfg.trainer, plan.world_size))  # fmt: skip
+
+
+def device_mesh(trainer: DictConfig, world: int) -> tuple[int, int] | None:
+    """FSDP2's ``(data_parallel_size, tensor_parallel_size)`` under ``ModelParallelStrategy``; None otherwise.
+
+    ``auto`` means every process (pure FSDP, what conf/trainer/fsdp.yaml asks for). Lightning 2.6.6's
+    own ``auto`` is the number of nodes, which with ``tensor_parallel_size: 1`` fails at the first
+    validation on any node with more than one GPU ("multiplied should equal the world size").
+
+    Raises:
+        ConfigError: sizes whose product is not the world size.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    strategy = OmegaConf.select(trainer, "strategy")
+    if not isinstance(strategy, DictConfig) or not issubclass(get_object(strategy["_target_"]), ModelParallelStrategy):
+        return None
+    tp, dp = strategy.get("tensor_parallel_size", "auto"), strategy.get("data_parallel_size", "auto")
+    tp = 1 if tp == "auto" else tp
+    dp = world // tp if dp == "auto" else dp
+    if not isinstance(dp, int) or not isinstance(tp, int) or dp * tp != world:
+        raise ConfigError(
+            f"trainer.strategy.data_parallel_size={dp} x tensor_parallel_size={tp} must equal the world size {world} "
+            "(trainer.devices x trainer.num_nodes); data_parallel_size=auto shards over every process"
+        )
+    return dp, tp
 
 
 def precision_plan(cfg: DictConfig) -> PrecisionPlan:

@@ -158,9 +158,12 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     module = BUILDERS[kind](cfg, start, tokenizer)
     clip = None if kind == "ppo" else cfg.trainer.get("gradient_clip_val")  # PPO clips in its own (manual) steps
     loggers = instantiate_loggers(cfg.logger, start.state.id, resumed_step)
+    mesh = start.plan.mesh  # FSDP2's sizes, "auto" resolved (dpo.config.device_mesh)
+    sizes = {} if mesh is None else {"strategy": OmegaConf.merge(
+        cfg.trainer.strategy, {"data_parallel_size": mesh[0], "tensor_parallel_size": mesh[1]})}  # fmt: skip
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, plugins=cluster_plugins(),
                           accumulate_grad_batches=start.plan.accumulate_grad_batches,
-                          gradient_clip_val=clip)  # fmt: skip
+                          gradient_clip_val=clip, **sizes)  # fmt: skip
     return Run(start, tokenizer, datamodule, module, trainer)
 
 
@@ -179,7 +182,7 @@ def build_reward_model(cfg: DictConfig, start: Start, tokenizer: Any) -> RewardM
     model = load_reward_model(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
     system = typed(cfg.system, RewardModelConfig)
     return RewardModelModule(model, optim_config(cfg, start), system.center_weight,
-                             guard=typed(cfg.guard, GuardConfig))  # fmt: skip
+                             guard=typed(cfg.guard, GuardConfig), fsdp_block=start.model.fsdp_block)  # fmt: skip
 
 
 def build_ppo(cfg: DictConfig, start: Start, tokenizer: Any) -> PPOModule:

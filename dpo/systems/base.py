@@ -143,6 +143,7 @@ class System(LightningModule):
         self._val_count = 0
         self._val_bar: set[str] = set()
         self.sharded = False  # whether the models are sharded across ranks (FSDP2)
+        self.fsdp_block: str | None = None  # decoder block class FSDP2 shards as one unit (None: _no_split_modules)
         self._step_started = 0.0  # perf_counter at the first micro-batch of this optimizer step
         self._step_tokens = 0  # this rank's pair tokens (ScoredBatch.n_tokens) in this optimizer step
         self._grad_norm: Tensor | None = None  # this step's gradient norm before clipping
@@ -150,6 +151,36 @@ class System(LightningModule):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates; systems narrow it (DPO: the policy alone)."""
         return (p for p in self.parameters() if p.requires_grad)
+
+    def configure_model(self) -> None:
+        """Under FSDP2 (``ModelParallelStrategy``), shard the trained model (``self.policy``) and a
+        live reference (``self.reference``, if any) block by block.
+
+        Each decoder block is one ``fully_shard`` unit, then :meth:`shard_roots` (the whole model);
+        the reference is sharded the same way (it is frozen, so it holds no gradients or optimizer
+        state). Lightning may call this once per stage; it shards once.
+        """
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or self.sharded:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        reference = getattr(self, "reference", None)
+        for model in (self.policy, *(reference.own_models() if reference is not None else ())):
+            blocks = {self.fsdp_block} if self.fsdp_block else set(model._no_split_modules or ())
+            if not blocks:
+                raise ValueError("set model.fsdp_block: this model names no block class to shard")
+            units = [m for m in model.modules() if type(m).__name__ in blocks]
+            if not units:
+                raise ValueError(f"model.fsdp_block {sorted(blocks)} matches no module of {type(model).__name__}")
+            for unit in [*units, *self.shard_roots(model)]:
+                fully_shard(unit, mesh=mesh["data_parallel"])
+        self.sharded = True
+
+    def shard_roots(self, model: nn.Module) -> list[nn.Module]:
+        """The modules FSDP2 shards after the decoder blocks, the model last: every module the system
+        calls directly must be one (FSDP2 gathers a unit's parameters in its own forward hook)."""
+        return [model]
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = instantiate(self.optim.optimizer, _partial_=True)(self.trainable_parameters())

@@ -79,30 +79,6 @@ class DPOModule(System):
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.policy.parameters() if p.requires_grad)
 
-    def configure_model(self) -> None:
-        """Under FSDP2 (``ModelParallelStrategy``), shard the policy and a live reference block by block.
-
-        Each decoder block is one ``fully_shard`` unit, then the whole model; the reference is
-        sharded the same way (it is frozen, so it holds no gradients or optimizer state).
-        Lightning may call this once per stage; it shards once.
-        """
-        mesh = getattr(self, "device_mesh", None)
-        if mesh is None or self.sharded:
-            return
-        from torch.distributed.fsdp import fully_shard
-
-        for model in (self.policy, *self.reference.own_models()):
-            blocks = {self.fsdp_block} if self.fsdp_block else set(model._no_split_modules or ())
-            if not blocks:
-                raise ValueError("set model.fsdp_block: this model names no block class to shard")
-            units = [m for m in model.modules() if type(m).__name__ in blocks]
-            if not units:
-                raise ValueError(f"model.fsdp_block {sorted(blocks)} matches no module of {type(model).__name__}")
-            for unit in units:
-                fully_shard(unit, mesh=mesh["data_parallel"])
-            fully_shard(model, mesh=mesh["data_parallel"])
-        self.sharded = True
-
     def shared_step(self, batch: ScoredBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy forward, reference forward without grad, loss, metrics.
 

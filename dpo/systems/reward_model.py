@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpo.data.batch import PreferenceBatch
-from dpo.reward_models import last_token_scores
+from dpo.reward_models import head_of, last_token_scores
 from dpo.systems.base import GuardConfig, OptimConfig, System
 
 
@@ -50,18 +50,25 @@ class RewardModelModule(System):
         optim: optimizer and schedule.
         center_weight: see :class:`RewardModelConfig`.
         guard: what a non-finite loss or gradient does.
+        fsdp_block: the decoder block class FSDP2 shards as one unit (None: the model's ``_no_split_modules``).
     """
 
     def __init__(
-        self, model: nn.Module, optim: OptimConfig, center_weight: float = 0.0, guard: GuardConfig | None = None
+        self, model: nn.Module, optim: OptimConfig, center_weight: float = 0.0, guard: GuardConfig | None = None,
+        fsdp_block: str | None = None,
     ) -> None:
         super().__init__(optim, guard)
         # Under the name every system's checkpoint, resume check and export use for the trained model.
         self.policy = model
         self.center_weight = center_weight
+        self.fsdp_block = fsdp_block
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         return (p for p in self.policy.parameters() if p.requires_grad)
+
+    def shard_roots(self, model: nn.Module) -> list[nn.Module]:
+        """Trunk and head are called one by one (:func:`last_token_scores`): each its own FSDP2 unit."""
+        return [model.base_model, head_of(model), model]
 
     def shared_step(self, batch: PreferenceBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         n = batch["n_pairs"]

@@ -1,0 +1,284 @@
+"""The precision-and-strategy matrix: every training system with each reference it takes, under the
+GPU users' trainer configs forced onto the CPU, in three precisions, with both optimizers.
+
+    python experiments/precision_matrix/precision_matrix.py              # the full product -> results.md
+    python experiments/precision_matrix/precision_matrix.py --pairwise   # the covering set tests/ runs
+
+Factors (each read from the code, so a system, reference or trainer added later joins the matrix):
+
+* system x reference: :data:`dpo.systems.SYSTEMS`, each with the ``reference.kind`` choices it takes
+  (``references=None``: the loss decides, so every kind of :data:`dpo.reference.REFERENCES`, with
+  ``reference=none`` trained by a reference-free loss; ``()``: it takes none);
+* trainer: ``trainer=gpu``, ``ddp`` and ``fsdp`` (what a GPU user types) with
+  ``trainer.accelerator=cpu``; the multi-process ones on 2 processes (gloo). The other
+  conf/trainer files are these with the accelerator already CPU (``cpu``, ``default``,
+  ``ddp_cpu``, ``fsdp_cpu``): :data:`SAME_AS` says which.
+* precision: ``32-true``, ``bf16-mixed``, ``bf16-true``;
+* optimizer: ``optim=adamw`` (fused, the default) and ``optim=rmsprop`` (the paper's).
+
+Each combination runs `dpo-train` on a tiny model for 3 optimizer steps (global batch 4; one
+process accumulates 2 micro-batches, two processes take 2 each) and passes when it finishes with
+finite losses, its trainable weights moved, its frozen ones (the reference, LoRA's base weights)
+bit-identical, and the trained weights in the precision's dtype; or when it is refused before
+any weights load with a one-line reason (PPO under FSDP2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+HERE = Path(__file__).resolve().parent
+TRAINERS = ("gpu", "ddp", "fsdp")
+SAME_AS = {"cpu": "gpu", "default": "gpu", "ddp_cpu": "ddp", "fsdp_cpu": "fsdp"}
+"""conf/trainer files that equal a matrix trainer once the accelerator is the CPU (precision is a factor)."""
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+OPTIMIZERS = ("adamw", "rmsprop")
+REFERENCE_FREE_LOSS = "simpo"  # trains the DPO system with reference=none
+TINY = [
+    "experiment=tiny", "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",
+    "model.tokenizer.bpe_vocab_size=300", "data.max_length=64", "data.max_prompt_length=32", "data.source.max_rows=64",
+    "data.eval_batch_size=4", "logger=csv", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+    "++trainer.limit_val_batches=1", "optim.warmup_steps=0", "callbacks.samples=null",
+    "callbacks.model_checkpoint.every_n_train_steps=null",
+]  # fmt: skip
+PPO = ["system.generation.max_new_tokens=8", "system.ppo_epochs=1", "system.minibatch_size=2"]
+
+
+@dataclass(frozen=True)
+class Case:
+    system: str
+    reference: str
+    trainer: str
+    precision: str
+    optim: str
+
+    @property
+    def name(self) -> str:
+        return "-".join((self.system, self.reference, self.trainer, self.precision, self.optim))
+
+    def overrides(self) -> list[str]:
+        world = 1 if self.trainer == "gpu" else 2
+        # PPO takes one batch of prompts per iteration (no accumulation); the others accumulate 2 on one process.
+        batch = 2 * world if self.system == "ppo" else 4
+        out = [*TINY, f"system={self.system}", f"reference={self.reference}", f"trainer={self.trainer}",
+               "trainer.accelerator=cpu", f"trainer.devices={world}", f"trainer.precision={self.precision}",
+               f"optim={self.optim}", "optim.optimizer.lr=5e-4", "optim.warmup_steps=0",
+               f"data.batch_size={batch}", "data.micro_batch_size=2"]  # fmt: skip
+        if self.system == "dpo" and self.reference == "none":
+            out.append(f"loss={REFERENCE_FREE_LOSS}")
+        return out + (PPO if self.system == "ppo" else [])
+
+
+def system_references() -> list[tuple[str, str]]:
+    """(system, reference kind) pairs, from the systems and references registries."""
+    from dpo.reference import REFERENCES
+    from dpo.systems import SYSTEMS
+
+    out = []
+    for kind, spec in SYSTEMS.items():
+        refs = list(REFERENCES) if spec.references is None else list(spec.references) or ["none"]
+        out += [(kind, ref) for ref in refs]
+    return out
+
+
+def full_product() -> list[Case]:
+    return [Case(s, r, t, p, o) for (s, r), t, p, o in itertools.product(system_references(), TRAINERS, PRECISIONS,
+                                                                       OPTIMIZERS)]  # fmt: skip
+
+
+def pairwise() -> list[Case]:
+    """A set of cases in which every pair of factor values appears at least once (greedy covering:
+    each step takes the case of the full product that covers the most pairs not yet covered, ties
+    broken by product order, so the set is the same on every machine)."""
+    cases = full_product()
+    factors = lambda c: ((c.system, c.reference), c.trainer, c.precision, c.optim)  # noqa: E731
+    pairs_of = lambda c: {(i, a, j, b) for (i, a), (j, b) in itertools.combinations(enumerate(factors(c)), 2)}  # noqa: E731
+    missing = set().union(*(pairs_of(c) for c in cases))
+    chosen = []
+    while missing:
+        best = max(cases, key=lambda c: len(pairs_of(c) & missing))
+        chosen.append(best)
+        missing -= pairs_of(best)
+    return chosen
+
+
+def covered_pairs(cases: list[Case]) -> set[tuple]:
+    factors = [((c.system, c.reference), c.trainer, c.precision, c.optim) for c in cases]
+    return {(i, a, j, b) for f in factors for (i, a), (j, b) in itertools.combinations(enumerate(f), 2)}
+
+
+class Probe(pl.Callback):
+    """Writes ``<out>/probe_rank<r>.json``: how many trainable tensors moved, which frozen ones changed,
+    the trained weights' dtype."""
+
+    def __init__(self, out: str) -> None:
+        self.out = Path(out)
+
+    @staticmethod
+    def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """Whole parameters: FSDP2's sharded DTensors gathered (every rank calls this at the same hook),
+        as FSDP2 leaves a root unit gathered after its forward (plain, whole tensors)."""
+        return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p) for n, p in module.named_parameters()}
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        self.before = {n: t.detach().clone() for n, t in self._params(module).items()}
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        now = self._params(module)
+        changed = {n for n, t in now.items() if not torch.equal(t.detach(), self.before[n])}
+        dtypes = sorted({str(now[n].dtype).removeprefix("torch.") for n in self.trainable})
+        self.out.mkdir(parents=True, exist_ok=True)
+        result = {"trainable": len(self.trainable), "moved": len(changed & self.trainable),
+                  "frozen": len(now) - len(self.trainable), "frozen_changed": sorted(changed - self.trainable),
+                  "dtypes": dtypes}  # fmt: skip
+        (self.out / f"probe_rank{trainer.global_rank}.json").write_text(json.dumps(result))
+
+
+@dataclass
+class Result:
+    case: Case
+    verdict: str  # ok, refused, FAILED
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+    moved: str = ""
+    frozen_unchanged: bool | None = None
+    dtypes: str = ""
+    message: str = ""
+
+
+# A weight moves unless its gradient is 0 for 3 steps: unused embedding rows don't count (tensors are
+# compared whole), but bf16-true can round a whole small tensor's updates away (LayerNorm biases at
+# lr 5e-4 move by ~5e-4 against a bf16 spacing of 2^-8 near 1), so the bar is most tensors, not all.
+MOVED_FRACTION = 0.5
+WEIGHT_DTYPE = {"32-true": "float32", "bf16-mixed": "float32", "bf16-true": "bfloat16"}
+
+
+def run_case(case: Case, work: Path) -> Result:
+    """Run one case in a subprocess (DDP re-launches it) and judge it."""
+    out = work / case.name
+    path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", DPO_CACHE_DIR=str(work / "cache"),
+               OMP_NUM_THREADS="1", PYTHONPATH=path)  # fmt: skip
+    cmd = [sys.executable, "-m", "dpo.train", f"hydra.run.dir={out}", *case.overrides(),
+           "+callbacks.probe._target_=precision_matrix.Probe", f"+callbacks.probe.out={out / 'probe'}"]  # fmt: skip
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    seconds = round(time.perf_counter() - started, 1)
+    text = (proc.stdout + proc.stderr).strip()
+    if proc.returncode:
+        last = text.splitlines()[-1] if text else ""
+        loaded = any((out / "checkpoints").glob("*")) or (out / "probe").exists()
+        one_line = "[ERROR] - " in last and "DPO_FULL_ERROR=1 shows the traceback" in last and "Traceback" not in text
+        verdict = "refused" if one_line and not loaded else "FAILED"
+        return Result(case, verdict, seconds, message=last[:300] if one_line else text[-3000:])
+    rows = list(csv.DictReader((out / "csv" / "metrics.csv").open()))
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    probes = [json.loads(p.read_text()) for p in sorted((out / "probe").glob("probe_rank*.json"))]
+    moved = sum(p["moved"] for p in probes) / max(1, sum(p["trainable"] for p in probes))
+    unchanged = not any(p["frozen_changed"] for p in probes)
+    dtypes = sorted({d for p in probes for d in p["dtypes"]})
+    problems = []
+    if len(losses) != 3 or not all(math.isfinite(x) for x in losses):
+        problems.append(f"losses {losses}")
+    if moved < MOVED_FRACTION:
+        problems.append(f"only {moved:.0%} of trainable tensors moved")
+    if not unchanged:
+        problems.append(f"frozen weights changed: {probes[0]['frozen_changed'][:3]}")
+    if dtypes != [WEIGHT_DTYPE[case.precision]]:
+        problems.append(f"trained weights in {dtypes}, expected {WEIGHT_DTYPE[case.precision]}")
+    return Result(case, "FAILED" if problems else "ok", seconds, losses, f"{moved:.0%}", unchanged, "/".join(dtypes),
+                  "; ".join(problems))  # fmt: skip
+
+
+# The first step's loss under bf16-mixed against 32-true, same system, reference, trainer and optimizer
+# (the optimizer has not acted yet). DPO-family losses start at policy == reference in the same
+# precision, so they agree exactly; the reward model's first loss is a forward of random weights whose
+# bf16-rounded matmuls (8 significant bits, ~0.4% per rounding) move a loss near ln 2 by well under
+# 0.01; PPO's first loss depends on the sampled tokens, which bf16 logits can change: not compared.
+FIRST_LOSS_TOL = {"dpo": 1e-6, "reward_model": 1e-2}
+
+
+def first_loss_gaps(results: list[Result]) -> dict[str, float]:
+    """|first loss (bf16-mixed) - first loss (32-true)| per case name with both twins ok."""
+    by = {(r.case.system, r.case.reference, r.case.trainer, r.case.precision, r.case.optim): r for r in results}
+    gaps = {}
+    for (s, ref, t, p, o), r in by.items():
+        twin = by.get((s, ref, t, "32-true", o))
+        if p == "bf16-mixed" and s in FIRST_LOSS_TOL and twin and r.losses and twin.losses:
+            gaps[r.case.name] = abs(r.losses[0] - twin.losses[0])
+    return gaps
+
+
+def table(results: list[Result]) -> str:
+    gaps = first_loss_gaps(results)
+    head = ("| system | reference | trainer | precision | optim | verdict | s | loss step 1 -> 3 | |bf16-fp32| step 1 "
+            "| moved | frozen same | weights | note |")
+    lines = [head, "|" + "|".join(["---"] * 13) + "|"]
+    for r in results:
+        c = r.case
+        loss = f"{r.losses[0]:.4f} -> {r.losses[-1]:.4f}" if r.losses else ""
+        gap = f"{gaps[c.name]:.1e}" if c.name in gaps else ""
+        same = "" if r.frozen_unchanged is None else ("yes" if r.frozen_unchanged else "NO")
+        note = r.message.replace("|", "/").replace("\n", " ")[:160]
+        lines.append(f"| {c.system} | {c.reference} | {c.trainer} | {c.precision} | {c.optim} | {r.verdict} | "
+                     f"{r.seconds:.0f} | {loss} | {gap} | {r.moved} | {same} | {r.dtypes} | {note} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairwise", action="store_true", help="the covering set only")
+    parser.add_argument("--work", type=Path, default=Path("outputs/precision_matrix"))
+    parser.add_argument("--out", type=Path, default=None, help="markdown table (default: results.md beside this file)")
+    parser.add_argument("--only", nargs="*", default=None, help="case names (system-reference-trainer-precision-optim)")
+    args = parser.parse_args()
+    cases = pairwise() if args.pairwise else full_product()
+    if args.only:
+        cases = [c for c in cases if c.name in args.only]
+    results = []
+    for i, case in enumerate(cases, 1):
+        result = run_case(case, args.work)
+        results.append(result)
+        print(f"[{i}/{len(cases)}] {case.name}: {result.verdict} ({result.seconds:.0f} s) {result.message[:200]}",
+              flush=True)  # fmt: skip
+        (args.work / "results.jsonl").parent.mkdir(parents=True, exist_ok=True)
+        with (args.work / "results.jsonl").open("a") as f:
+            f.write(json.dumps(asdict(result)) + "\n")
+    gaps = first_loss_gaps(results)
+    bad_gaps = {n: g for n, g in gaps.items() if g > FIRST_LOSS_TOL[n.split("-")[0]]}
+    verdicts = {v: sum(r.verdict == v for r in results) for v in ("ok", "refused", "FAILED")}
+    summary = (f"{len(results)} cases: {verdicts['ok']} ok, {verdicts['refused']} refused before weights load, "
+               f"{verdicts['FAILED']} failed; first-step loss bf16-mixed vs 32-true: max gap "
+               f"{max(gaps.values(), default=0):.1e} over {len(gaps)} twins, "
+               f"{len(bad_gaps)} over tolerance")  # fmt: skip
+    print(summary)
+    out = args.out or HERE / ("results_pairwise.md" if args.pairwise else "results.md")
+    machine = _machine()
+    out.write_text(f"# Precision-and-strategy matrix\n\n`{' '.join(sys.argv)}` on {machine}, "
+                   f"{time.strftime('%Y-%m-%d')}.\n\n{summary}\n\n{table(results)}\n")  # fmt: skip
+    sys.exit(1 if verdicts["FAILED"] or bad_gaps else 0)
+
+
+def _machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU")  # fmt: skip
+    bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    return f"{cpu}, {os.cpu_count()} cores, {'with' if bf16 else 'without'} avx512_bf16, torch {torch.__version__}"
+
+
+if __name__ == "__main__":
+    main()
