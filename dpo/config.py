@@ -334,9 +334,9 @@ def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
                 )
     if kind == "reward_model" and cfg.data.layout not in ("auto", "separate"):
         raise ConfigError(f"system=reward_model scores whole rows: use data.layout=separate, not {cfg.data.layout}")
+    if not system.shardable and is_sharded(cfg.trainer):
+        raise ConfigError(f"system={kind} runs under DDP (trainer=ddp), not a sharded (FSDP) strategy yet")
     if kind == "ppo":
-        if is_sharded(cfg.trainer):
-            raise ConfigError("system=ppo runs under DDP (trainer=ddp), not a sharded (FSDP) strategy yet")
         ppo = cfg.system
         if ppo.reward is not None and "name" not in ppo.reward:
             raise ConfigError(

@@ -33,6 +33,7 @@ class SystemSpec:
             ``prompts`` (prompts only: it samples its own responses); None: the loss decides.
         samples: it has a causal LM that the sampling callbacks can sample from.
         references: the ``reference.kind`` choices it runs with (None: the loss decides).
+        shardable: it trains under FSDP2 (``trainer=fsdp``); else the config check refuses it.
     """
 
     config: type
@@ -40,10 +41,12 @@ class SystemSpec:
     data: str | None
     samples: bool
     references: tuple[str, ...] | None
+    shardable: bool = True
 
 
 SYSTEMS: dict[str, SystemSpec] = {
     "dpo": SystemSpec(DPOSystemConfig, uses_loss=True, data=None, samples=True, references=None),
     "reward_model": SystemSpec(RewardModelConfig, uses_loss=False, data="pairs", samples=False, references=()),
-    "ppo": SystemSpec(PPOConfig, uses_loss=False, data="prompts", samples=True, references=("copy", "lora")),
+    "ppo": SystemSpec(PPOConfig, uses_loss=False, data="prompts", samples=True, references=("copy", "lora"),
+                      shardable=False),  # its value head and rollouts are not sharded yet
 }

@@ -1,13 +1,15 @@
 """Benchmark: a DPO step of dpo-train against TRL's DPOTrainer on identical work.
 
     pip install -e ".[bench]"
-    python experiments/bench_trl/bench.py --reps 3        # 7M and 30M GPT-2, TRL (default and best) vs ours
+    python experiments/bench_trl/bench.py --reps 3        # 7M and 30M GPT-2, TRL (default, best, lean) vs ours
     python experiments/bench_trl/bench.py --sizes 7m --steps 6 --reps 1   # quick look
 
 Both trainers get the same model (a GPT-2 built from a config, saved once), the same synthetic
 pairs (prompts 64-192 tokens, responses 32-128, fixed seed) as text that a word-level tokenizer
 maps one word to one id (so both tokenize identically), batch 8 pairs, AdamW lr 1e-5 constant,
-clipping 1.0, sequential order, fp32 unless a variant says otherwise. Each variant runs in its own
+clipping 1.0, sequential order, fp32 unless a variant says otherwise. Best meets best: trl_best is
+TRL at its fastest (gradient checkpointing off, which TRL 1.16 turns on by default; bf16 exactly
+where ours_fast takes it), trl_lean TRL at its leanest for the memory column. Each variant runs in its own
 process (peak RSS is that process's); the order of the variants alternates between repetitions
 and ratios are taken within a repetition, so machine noise cancels. MFU counts the standard
 layout's FLOPs (6 N per trained token + 2 N per reference token) against this machine's fp32 GEMM
@@ -31,23 +33,34 @@ from pathlib import Path
 SIZES = {"7m": {"n_layer": 6, "n_embd": 256, "n_head": 4}, "30m": {"n_layer": 8, "n_embd": 512, "n_head": 8}}
 VOCAB, BATCH, LR, CLIP, BETA = 8192, 8, 1e-5, 1.0, 0.1
 VARIANTS = {
-    "trl": "TRL DPOTrainer, its defaults except bf16 (fp32, live reference copy)",
-    "trl_best": "TRL DPOTrainer at its CPU best: trl + precompute_ref_log_probs (batch 32) + dataset_num_proc=2",
+    "trl": "TRL DPOTrainer, its defaults (gradient checkpointing on) except fp32 (live reference copy)",
+    "trl_best": "TRL DPOTrainer at its CPU best: precompute_ref_log_probs (batch 32), dataset_num_proc=2, "
+    "gradient checkpointing off, bf16 where ours_fast gets it",
+    "trl_lean": "TRL DPOTrainer at its leanest (the memory row): precompute_ref_log_probs, gradient checkpointing on",
     "ours_separate": "dpo-train in TRL's layout: chosen and rejected rows, live reference, fp32",
     "ours_shared": "dpo-train, shared_prefix layout (one padded row per pair, 4D mask), live reference, fp32",
     "ours_exact": "dpo-train defaults, fp32, every approximation off: padding-free prefix sharing, live reference",
     "ours_fast": "dpo-train fast: defaults + precomputed reference (+ bf16 autocast where bf16 GEMM is faster)",
 }
-DEFAULT_VARIANTS = ["trl", "trl_best", "ours_separate", "ours_exact", "ours_fast"]
+DEFAULT_VARIANTS = ["trl", "trl_best", "trl_lean", "ours_separate", "ours_exact", "ours_fast"]
 # TRL 1.16's DPOConfig speed options, and why trl_best takes or leaves each on a CPU:
 #   precompute_ref_log_probs (+ precompute_ref_batch_size)  taken: one reference pass before training
 #   dataset_num_proc                                         taken: parallel tokenization (start time only)
+#   gradient_checkpointing                                   off: TRL 1.16 turns it on by default (BaseConfig);
+#                                                            it recomputes every activation in the backward
+#   bf16                                                     as ours_fast: on where bf16 GEMM beats fp32
 #   disable_dropout                                          already on by default
 #   padding_free                                             off in 1.16: it warns and pads (dpo_trainer.py)
 #   pad_to_multiple_of                                       pads more: only for tensor-core shapes on GPUs
-#   activation_offloading, gradient_checkpointing            memory levers (GPU), slower steps
+#   activation_offloading                                    a memory lever (GPU), slower steps
 #   use_liger_kernel                                         Triton kernels: GPU only
-TRL_BEST = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 32, "dataset_num_proc": 2}
+TRL = {
+    "trl": {"gradient_checkpointing": True},  # TRL's default, written down
+    "trl_best": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 32, "dataset_num_proc": 2,
+                 "gradient_checkpointing": False},
+    "trl_lean": {"precompute_ref_log_probs": True, "precompute_ref_batch_size": 32, "gradient_checkpointing": True},
+}
+"""DPOConfig options of each TRL variant (on top of the shared settings in :func:`run_trl`)."""
 OURS = {
     "ours_separate": ["data.layout=separate"],
     "ours_shared": ["data.layout=shared_prefix"],
@@ -104,7 +117,8 @@ def tokens_per_step(work: Path, steps: int) -> list[int]:
     return [sum(count[s * BATCH : (s + 1) * BATCH]) for s in range(steps)]
 
 
-def run_trl(work: Path, size: str, steps: int, best: bool = False) -> dict:
+def run_trl(work: Path, size: str, steps: int, options: dict | None = None, bf16: bool = False) -> dict:
+    """TRL's DPOTrainer for ``steps`` steps with the shared settings, ``options`` (DPOConfig fields) on top."""
     import datasets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -150,8 +164,8 @@ def run_trl(work: Path, size: str, steps: int, best: bool = False) -> dict:
         seed=0,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        bf16=False,  # TRL defaults to bf16 autocast; see --help: on CPUs without bf16 GEMM units it is ~100x slower
-        **(TRL_BEST if best else {}),
+        bf16=bf16,  # TRL defaults to bf16 autocast: on CPUs without bf16 GEMM units it is ~100x slower
+        **(options or {}),
     )
     Recorder(
         model=model,
@@ -208,8 +222,8 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = Path(args.work)
     levers = OURS.get(args.variant, []) + (BF16 if args.variant == "ours_fast" and args.bf16 else [])
-    if args.variant in ("trl", "trl_best"):
-        result = run_trl(work, args.size, args.steps, best=args.variant == "trl_best")
+    if args.variant in TRL:
+        result = run_trl(work, args.size, args.steps, TRL[args.variant], bf16=args.bf16 and args.variant == "trl_best")
     else:
         result = run_ours(work, args.size, args.steps, levers)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -228,6 +242,14 @@ def gemm_rate(threads: int, dtype: str = "float32", n: int = 1024, seconds: floa
         a @ b
         count += 1
     return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def machine() -> str:
+    """This machine's CPU model and whether it has bf16 GEMM instructions (avx512_bf16 / amx_bf16)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((x.split(":", 1)[1].strip() for x in info.splitlines() if x.startswith("model name")), "unknown CPU")
+    flags = [f for f in ("avx512_bf16", "amx_bf16") if f in info.split()]
+    return f"{model}, {os.cpu_count()} cores, bf16 instructions: {', '.join(flags) or 'none'}"
 
 
 def n_params(work: Path, size: str) -> int:
@@ -282,9 +304,10 @@ def main() -> None:
                     sys.exit(f"{variant} {size} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
                 results[(variant, size, rep)] = json.loads(line[len("RESULT ") :])
 
+    print(f"\nMachine: {machine()}")
     print(
-        f"\nGEMM rate: fp32 {flops_rate / 1e9:.1f}, bf16 {bf16_rate / 1e9:.1f} GFLOP/s ({args.threads} threads): "
-        f"bf16 autocast {'on' if use_bf16 else 'off'} in ours_fast"
+        f"GEMM rate: fp32 {flops_rate / 1e9:.1f}, bf16 {bf16_rate / 1e9:.1f} GFLOP/s ({args.threads} threads): "
+        f"bf16 autocast {'on' if use_bf16 else 'off'} in ours_fast and trl_best"
     )
     print(f"{args.steps} steps, median of steps 3..{args.steps}; batch {BATCH} pairs; {args.reps} repetitions\n")
     header = (
