@@ -108,7 +108,7 @@ def test_the_report_holds_the_panels_and_offline_writes_its_spec_and_the_publish
 
 def test_dpo_report_draws_one_png_per_figure_family_from_the_run_folders(sweep, tmp_path):
     written = report([sweep], tmp_path / "figures")
-    assert sorted(p.name for p in written) == ["frontier.png", "kl.png", "loss.png", "rewards.png"]
+    assert sorted(p.name for p in written) == ["frontier.png", "health.png", "kl.png", "loss.png", "rewards.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", str(tmp_path / "nothing")],

@@ -221,9 +221,10 @@ def worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    levers = OURS.get(args.variant, []) + (BF16 if args.variant == "ours_fast" and args.bf16 else [])
+    bf16 = args.bf16 == "on"
+    levers = OURS.get(args.variant, []) + (BF16 if args.variant == "ours_fast" and bf16 else [])
     if args.variant in TRL:
-        result = run_trl(work, args.size, args.steps, TRL[args.variant], bf16=args.bf16 and args.variant == "trl_best")
+        result = run_trl(work, args.size, args.steps, TRL[args.variant], bf16=bf16 and args.variant == "trl_best")
     else:
         result = run_ours(work, args.size, args.steps, levers)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -269,7 +270,8 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--size", help=argparse.SUPPRESS)
-    parser.add_argument("--bf16", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bf16 autocast in ours_fast and trl_best: auto = where bf16 GEMM is 1.25x fp32's or more")
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -279,7 +281,9 @@ def main() -> None:
     make_assets(work, n_pairs=BATCH * args.steps)
     flops_rate = gemm_rate(args.threads)
     bf16_rate = gemm_rate(args.threads, "bfloat16")
-    use_bf16 = bf16_rate > flops_rate  # bf16 autocast is a lever only where the CPU has bf16 GEMM units
+    # bf16 autocast is a lever only where the CPU has bf16 GEMM units that beat fp32 clearly (a tie
+    # under noise would flip the choice between runs).
+    use_bf16 = {"on": True, "off": False}.get(args.bf16, bf16_rate >= 1.25 * flops_rate)
     tokens = tokens_per_step(work, args.steps)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false")
     results: dict[tuple[str, str, int], dict] = {}
@@ -297,7 +301,7 @@ def main() -> None:
                     f"--steps={args.steps}",
                     f"--threads={args.threads}",
                 ]
-                cmd += ["--bf16"] if use_bf16 else []
+                cmd += [f"--bf16={'on' if use_bf16 else 'off'}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
                 line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
                 if proc.returncode or line is None:
