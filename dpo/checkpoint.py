@@ -129,10 +129,10 @@ class PreemptionCheckpoint(pl.Callback):
             self._previous(self.signum, None)
 
 
-def checkpoint_tensors(path: str | Path) -> tuple[int, dict[str, tuple[int, ...]]]:
+def checkpoint_tensors(path: str | Path, with_others: bool = False) -> tuple:
     """A Lightning checkpoint's global step and its policy's tensor shapes (names without the
     ``policy.`` prefix), read without loading the weights (memory-mapped file, or a distributed
-    checkpoint's metadata).
+    checkpoint's metadata); ``with_others``: also the names of its other module entries.
 
     Raises:
         ValueError: the path is not a Lightning checkpoint.
@@ -157,26 +157,46 @@ def checkpoint_tensors(path: str | Path) -> tuple[int, dict[str, tuple[int, ...]
         step = int(blob.get("global_step", 0))
         shapes = {k: tuple(v.shape) for k, v in blob["state_dict"].items()}
         prefix = "policy."
-    return step, {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    policy = {k[len(prefix) :]: v for k, v in shapes.items() if k.startswith(prefix)}
+    if not with_others:
+        return step, policy
+    root = prefix[: -len("policy.")]  # "state_dict." in a distributed checkpoint's metadata
+    others = [k[len(root) :] for k in shapes if k.startswith(root) and not k.startswith(prefix)]
+    return step, policy, others
 
 
-def check_fits(path: str | Path, expected: dict[str, tuple[int, ...]]) -> int:
-    """Check that checkpoint ``path`` holds this policy (``expected``: parameter name -> shape, as
-    the model's own ``state_dict``); return its global step.
+def check_fits(path: str | Path, expected: dict[str, tuple[int, ...]], extras: tuple[str, ...] = ()) -> int:
+    """Check that checkpoint ``path`` holds this policy and nothing of another model; return its global step.
+
+    ``expected``: the policy's parameter names and shapes (its own ``state_dict``); the checkpoint's
+    policy must hold every one of them with that shape and no other (a LoRA policy's names are read
+    as its base model's, its adapters aside). ``extras``: name prefixes of the system's own modules
+    beside the policy (PPO's ``value_head.``): present in the checkpoint exactly when expected. The
+    reference's entries (``reference.``) are the reference's business.
 
     Raises:
-        ValueError: naming the checkpoint and the first disagreement.
+        ValueError: naming the checkpoint and what disagrees (a few names).
     """
-    step, found = checkpoint_tensors(path)
+    step, found, others = checkpoint_tensors(path, with_others=True)
 
     def plain(name: str) -> str:  # a LoRA policy's names wrap the base model's
         return name.replace("base_model.model.", "").replace(".base_layer", "")
 
-    found = {plain(k): v for k, v in found.items()}
-    common = sorted(set(found) & set(expected))
-    if not common:
+    found = {plain(k): v for k, v in found.items() if ".lora_" not in k}
+    if not set(found) & set(expected):
         raise ValueError(f"{path} holds no weight of this model (e.g. {next(iter(found), 'none')!r})")
-    for name in common:
+    if missing := sorted(set(expected) - set(found)):
+        raise ValueError(f"{path} was saved from another model: it lacks {len(missing)} of this one's weights, "
+                         f"e.g. {missing[:3]}")
+    if unknown := sorted(set(found) - set(expected)):
+        raise ValueError(f"{path} was saved from another model: it holds weights this one lacks, e.g. {unknown[:3]}")
+    for name in sorted(expected):
         if found[name] != expected[name]:
             raise ValueError(f"{path} was saved from another model: {name} is {found[name]}, here {expected[name]}")
+    have = {prefix for prefix in {n.split(".", 1)[0] + "." for n in others} if prefix != "reference."}
+    if have != set(extras):
+        raise ValueError(
+            f"{path} was saved by another training system: it holds modules {sorted(have) or 'none'} beside the "
+            f"policy, this system has {sorted(extras) or 'none'}"
+        )
     return step

@@ -7,6 +7,8 @@ offline tests and the default run use. ``trust_remote_code`` is off unless the c
 
 from __future__ import annotations
 
+import copy
+import json
 from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
@@ -183,11 +185,18 @@ def load_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = No
     return AutoConfig.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code, **kwargs)
 
 
-def parameter_shapes(config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
-    """The state-dict names and shapes of the causal LM ``config`` describes, built on the meta
-    device (no memory, no weights read)."""
+def parameter_shapes(config: PretrainedConfig, *, classifier: bool = False) -> dict[str, tuple[int, ...]]:
+    """The state-dict names and shapes of the causal LM ``config`` describes (``classifier``: of the
+    one-label sequence classifier a reward model is), built on the meta device (no memory, no weights read)."""
+    from transformers import AutoModelForSequenceClassification
+
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        if classifier:
+            config = copy.deepcopy(config)
+            config.num_labels = 1  # as dpo.reward_models.load_reward_model builds it
+            model = AutoModelForSequenceClassification.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_config(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -333,6 +342,23 @@ def load_tokenizer(
     return tokenizer
 
 
+def _refuse_classifier(pretrained: str) -> None:
+    """A local export whose only architectures are sequence classifiers (a reward model) is no policy:
+    transformers would load its trunk under a new, random LM head and sample noise from it."""
+    config = Path(pretrained).expanduser() / "config.json"
+    if not config.is_file():
+        return
+    try:
+        architectures = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return  # transformers names the broken file itself
+    if architectures and all(a.endswith("ForSequenceClassification") for a in architectures):
+        raise ModelLoadError(
+            f"{pretrained} holds a reward model ({', '.join(architectures)}), not a causal LM to sample or train "
+            "as a policy: give the policy's export (a DPO/SFT/PPO run's hf/), or score with reward=learned_rm"
+        )
+
+
 def load_policy(
     cfg: ModelConfig, *, tokenizer: PreTrainedTokenizerBase | None = None, attn_implementation: str | None = None
 ) -> PreTrainedModel:
@@ -354,6 +380,7 @@ def load_policy(
         kwargs["attn_implementation"] = attn_implementation
     if cfg.pretrained is not None:
         kwargs |= hub_kwargs(cfg.pretrained, cfg.revision, what="model")
+        _refuse_classifier(cfg.pretrained)
         model = AutoModelForCausalLM.from_pretrained(cfg.pretrained, trust_remote_code=cfg.trust_remote_code, **kwargs)
     else:
         model = AutoModelForCausalLM.from_config(load_config(cfg, tokenizer), **kwargs)

@@ -35,6 +35,7 @@ MAY_CHANGE = (
     "logger.wandb.name",  # the overrides' label: `trainer.max_steps=...` on resume changes it
     "log_export",
     "callbacks.reward_eval.log_samples",
+    "guard.data_changed",  # the switch that accepts changed data on resume
 )
 """Config keys a resumed run may change (how long to train and how to show it, not what)."""
 STOP_KEYS = ("trainer.max_steps", "trainer.max_epochs", "trainer.max_time")
@@ -50,6 +51,8 @@ class RunState:
     after: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0  # wall time of the finished run's training jobs (resumed jobs add up)
     generated_tokens: int = 0  # tokens the run sampled to train (PPO rollouts; evaluation not counted)
+    data: dict[str, str] = field(default_factory=dict)  # split -> fingerprint of its tokenized content
+    data_history: list[dict[str, Any]] = field(default_factory=list)  # fingerprints replaced on resume, with the step
 
     @classmethod
     def load_or_new(cls, out_dir: Path) -> RunState:
@@ -69,6 +72,39 @@ class Resume:
 
     ckpt_path: str | None
     finished: bool = False
+
+
+def check_run_name(run_name: Any) -> None:
+    """A run's name is a folder under ``outputs/<task_name>/runs/``: non-empty, relative, no ``..``.
+
+    Raises:
+        ConfigError: naming the value.
+    """
+    name = str(run_name if run_name is not None else "")
+    if not name.strip() or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError(
+            f"run_name={name!r} must name a folder inside the task's runs folder: non-empty, relative, no '..' "
+            "(e.g. run_name=beta0.1_seed0)"
+        )
+
+
+def check_same_data(state: RunState, now: dict[str, str], resumed_step: int | None, accept: bool) -> None:
+    """Compare the data's fingerprints with those the run began with; record them in ``state``.
+
+    Raises:
+        ConfigError: a resumed run whose data changed, naming each split, unless ``accept``; then
+            the old fingerprints go to ``state.data_history`` with the step they ended at.
+    """
+    changed = sorted(s for s in now if resumed_step is not None and state.data.get(s, now[s]) != now[s])
+    if changed and not accept:
+        what = ", ".join(f"{s} ({state.data[s]} -> {now[s]})" for s in changed)
+        raise ConfigError(
+            f"the data of this run changed since it began: {what}; resume it on the data it trained on, pick a new "
+            "run_name, or go on with the new data and record it: guard.data_changed=accept"
+        )
+    if changed:
+        state.data_history.append({"step": resumed_step, "data": dict(state.data)})
+    state.data = dict(now)
 
 
 def plan_resume(ckpt_path: str | None, out_dir: Path, resolved: dict[str, Any]) -> Resume:

@@ -83,7 +83,7 @@ class TrainConfig:
         optimized_metric: the metric returned to Hydra sweepers (e.g. Optuna).
         tags: wandb tags.
         run_group: wandb group; sweeps set it so their runs line up in one dashboard.
-        guard: what a non-finite loss or gradient does.
+        guard: what a non-finite loss or gradient, too-small updates and changed data on resume do.
         log_export: upload the ``hf`` export as a wandb model artifact (with a wandb logger).
     """
 

@@ -51,7 +51,7 @@ from dpo.report.summary import RunSummary, reports
 from dpo.report.wandb_logging import log_export
 from dpo.reward_models import load_reward_model
 from dpo.rewards import reward_from_config
-from dpo.run import Resume, RunState, plan_resume
+from dpo.run import Resume, RunState, check_run_name, check_same_data, plan_resume
 from dpo.systems import SYSTEMS
 from dpo.systems.base import GuardConfig, OptimConfig, System
 from dpo.systems.dpo import DPOModule
@@ -119,6 +119,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
 def begin(cfg: DictConfig) -> Start:
     """Check the config alone, then against the model's config (no weights); decide where the run
     starts (:func:`dpo.run.plan_resume`); write the run folder's config. Loads no data or weights."""
+    check_run_name(cfg.run_name)
     validate(cfg)
     model = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
     model_config = load_config(model)
@@ -127,6 +128,8 @@ def begin(cfg: DictConfig) -> Start:
     config = redact(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     resume = plan_resume(cfg.ckpt_path, out, config)
     state = RunState.load_or_new(out)
+    if not resume.finished:
+        state.status = "running"  # until it finishes again: a killed extension must not read as finished
     if rank_zero_only.rank == 0 and not resume.finished:
         out.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(config), out / "config.yaml")
@@ -149,11 +152,16 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     """
     kind = cfg.system.kind
     tokenizer = build_tokenizer(cfg, start.model)
-    resumed_step = check_resume(start, tokenizer)
+    resumed_step = check_resume(start, tokenizer, kind)
     data = typed(cfg.data, DataConfig)
     datamodule = PreferenceDataModule(tokenizer, data, pairs=needs_pairs(cfg), layout=start.plan.layout, seed=cfg.seed,
                                       prompts=SYSTEMS[kind].data == "prompts")  # fmt: skip
     datamodule.setup("fit")
+    fingerprints = {split: datamodule.content_fingerprint(split) for split in sorted(datamodule.datasets)}
+    check_same_data(start.state, fingerprints, resumed_step, accept=cfg.guard.data_changed == "accept")
+    check_extension(cfg, start, len(datamodule.datasets["train"]), resumed_step)
+    if rank_zero_only.rank == 0:
+        start.state.save(Path(cfg.paths.output_dir))
     callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
     module = BUILDERS[kind](cfg, start, tokenizer)
     clip = None if kind == "ppo" else cfg.trainer.get("gradient_clip_val")  # PPO clips in its own (manual) steps
@@ -227,15 +235,35 @@ BUILDERS = {"dpo": build_dpo, "reward_model": build_reward_model, "ppo": build_p
 """``system.kind`` -> the function that builds its LightningModule (:data:`dpo.systems.SYSTEMS`)."""
 
 
-def check_resume(start: Start, tokenizer: Any) -> int | None:
-    """The global step of the checkpoint the run resumes from, after checking it holds this model."""
+def check_resume(start: Start, tokenizer: Any, kind: str) -> int | None:
+    """The global step of the checkpoint the run resumes from, after checking it holds this system's
+    model (the full set of names and shapes) and nothing of another's."""
     if not start.resume.ckpt_path:
         return None
-    expected = parameter_shapes(load_config(start.model, tokenizer))
+    system = SYSTEMS[kind]
+    expected = parameter_shapes(load_config(start.model, tokenizer), classifier=system.classifier)
     try:
-        return check_fits(start.resume.ckpt_path, expected)
+        return check_fits(start.resume.ckpt_path, expected, system.checkpoint_extras)
     except ValueError as e:
         raise ConfigError(f"ckpt_path: {e}") from None
+
+
+def check_extension(cfg: DictConfig, start: Start, train_rows: int, resumed_step: int | None) -> None:
+    """Refuse a resumed run that ``trainer.max_steps`` extends but ``trainer.max_epochs`` has already ended.
+
+    Optimizer steps per epoch: whole global batches of the training split (the sampler drops the
+    last partial one) times the system's steps per batch (:attr:`dpo.systems.SystemSpec.steps_per_batch`).
+    """
+    max_steps, max_epochs = cfg.trainer.get("max_steps", -1), cfg.trainer.get("max_epochs")
+    if resumed_step is None or max_steps is None or max_steps <= resumed_step or max_epochs in (None, -1):
+        return
+    per_epoch = train_rows // cfg.data.batch_size * SYSTEMS[cfg.system.kind].steps_per_batch(cfg)
+    if max_epochs * per_epoch <= resumed_step:
+        raise ConfigError(
+            f"trainer.max_steps={max_steps} extends this run past step {resumed_step}, but trainer.max_epochs="
+            f"{max_epochs} ({per_epoch} steps each) already ended it: raise trainer.max_epochs too "
+            "(or trainer.max_epochs=-1 to stop at max_steps alone)"
+        )
 
 
 def instantiate_all(group: DictConfig, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:

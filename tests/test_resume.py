@@ -1,5 +1,6 @@
 """Runs that survive faults: kill -9 then the same command resumes; a submitit requeue resumes; a
-kill mid-checkpoint keeps the previous one; a changed config is refused; a finished run isn't rerun."""
+kill mid-checkpoint keeps the previous one; a changed config is refused; a finished run isn't rerun;
+run identity cannot lie (a killed extension, an extension max_epochs ends, changed data, the name)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -211,3 +213,141 @@ def test_a_folder_checkpoint_is_never_missing(tmp_path):
     swap_in(tmp, last)
     assert find_last(tmp_path) == last and (last / "meta.pt").read_text() == "new"
     assert not tmp.exists() and not last.with_name(LAST + ".old").exists()
+
+
+def small_run_config(tmp_path, *extra):
+    """A one-layer tiny run in ``tmp_path``: 64 training pairs in batches of 16 (4 steps an epoch)."""
+    from conftest import compose_config
+
+    return compose_config(["logger=csv", "data.source.max_rows=64", "data.batch_size=16", "data.micro_batch_size=16",
+                           "trainer.log_every_n_steps=1", "model.architecture.n_layer=1",
+                           "model.architecture.n_embd=32", "model.architecture.n_head=2",
+                           "model.tokenizer.bpe_vocab_size=300", "++trainer.limit_val_batches=1",
+                           "callbacks.samples=null", *extra], tmp_path)  # fmt: skip
+
+
+class CrashAt(pl.Callback):
+    """Raises after optimizer step ``step`` (its checkpoint written): a killed job, in one process."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("killed")
+
+
+@pytest.mark.slow
+def test_a_killed_extension_of_a_finished_run_resumes_instead_of_reading_finished(tmp_path):
+    """Issue 23's first defect: a finished run extended with a larger trainer.max_steps, killed, and rerun
+    with the same command was reported "finished; nothing to train" (run.json kept status finished)."""
+    import json
+
+    from dpo.train import train
+
+    every = "callbacks.model_checkpoint.every_n_train_steps=1"
+    train(small_run_config(tmp_path, "trainer.max_steps=2", every))
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+    with pytest.raises(RuntimeError, match="killed"):
+        train(small_run_config(tmp_path, "trainer.max_steps=4", every), extra_callbacks=[CrashAt(3)])
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "running"
+    train(small_run_config(tmp_path, "trainer.max_steps=4", every))
+    assert [s for s, _ in losses(tmp_path)] == [0, 1, 2, 3]
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.slow
+def test_an_extension_that_max_epochs_already_ended_is_refused_before_weights_load(tmp_path, monkeypatch):
+    """An extension by trainer.max_steps alone used to train 0 steps and say nothing (it meets max_epochs)."""
+    import dpo.train
+    from dpo.config import ConfigError
+    from dpo.train import train
+
+    train(small_run_config(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1"))  # 4 steps: the epoch
+    monkeypatch.setattr(dpo.train, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    message = r"max_steps=6 extends this run past step 4, but trainer.max_epochs=1 \(4 steps each\) already ended it"
+    with pytest.raises(ConfigError, match=message):
+        train(small_run_config(tmp_path, "trainer.max_steps=6", "trainer.max_epochs=1"))
+
+
+@pytest.mark.slow
+def test_resuming_on_changed_data_is_refused_by_split_and_accepted_with_the_switch(tmp_path, monkeypatch):
+    """Resuming after the training file changed used to continue silently on the new data."""
+    import json
+
+    import dpo.train
+    from dpo.config import ConfigError
+    from dpo.data.sources import bundled_path
+    from dpo.train import train
+
+    data = tmp_path / "train.jsonl"
+    lines = Path(bundled_path("reviews_train.jsonl")).read_text().split("\n")[:64]
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    over = [f"data.source.splits.train={data}", "trainer.max_epochs=-1"]
+    train(small_run_config(out, "trainer.max_steps=2", *over))
+    before = json.loads((out / "run.json").read_text())["data"]
+    assert set(before) == {"train", "val"} and before["train"].startswith("64 rows, sha256 ")
+    data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows in another order
+    load_policy = dpo.train.load_policy
+    monkeypatch.setattr(dpo.train, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError, match=r"the data of this run changed since it began: train \(64 rows, sha256 "):
+        train(small_run_config(out, "trainer.max_steps=3", *over))
+    monkeypatch.setattr(dpo.train, "load_policy", load_policy)
+    train(small_run_config(out, "trainer.max_steps=3", *over, "guard.data_changed=accept"))
+    state = json.loads((out / "run.json").read_text())
+    assert state["data_history"] == [{"step": 2, "data": before}] and state["data"]["train"] != before["train"]
+    assert state["data"]["val"] == before["val"] and state["status"] == "finished"
+
+
+@pytest.mark.parametrize("name", ["", "../../x", "/tmp/elsewhere", "a/../../b"])
+def test_a_run_name_outside_the_runs_folder_is_refused(tmp_path, name):
+    from omegaconf import open_dict
+
+    from conftest import FAST, compose_config
+    from dpo.config import ConfigError
+    from dpo.train import begin
+
+    cfg = compose_config(FAST, tmp_path)
+    with open_dict(cfg):
+        cfg.run_name = name
+    with pytest.raises(ConfigError, match=r"run_name=.* must name a folder inside the task's runs folder"):
+        begin(cfg)
+
+
+def save_checkpoint(path: Path, shapes: dict[str, tuple[int, ...]], step: int = 3) -> Path:
+    torch.save({"state_dict": {k: torch.zeros(v) for k, v in shapes.items()}, "global_step": step}, path)
+    return path
+
+
+@pytest.mark.parametrize(("saved", "message"), [
+    ("fewer_layers", r"lacks 12 of this one's weights, e.g. \['transformer.h.1.attn.c_attn.bias'"),
+    ("more_layers", r"holds weights this one lacks, e.g. \['transformer.h.2.attn.c_attn.bias'"),
+    ("reward_model", r"lacks 1 of this one's weights, e.g. \['lm_head.weight'\]"),
+    ("ppo", r"saved by another training system: it holds modules \['value_head.'\] beside the policy"),
+    ("wider_vocabulary", r"saved from another model: lm_head.weight is \(96, 32\), here \(64, 32\)"),
+])  # fmt: skip
+def test_a_checkpoint_of_another_model_or_system_is_refused_by_its_names(tmp_path, saved, message):
+    """Issue 23: ckpt_path to another depth, a reward model or PPO passed the shared-shapes check and died
+    in load_state_dict after the weights loaded. Now every name is checked, both ways (read without weights)."""
+    from transformers import GPT2Config
+
+    from dpo.models import parameter_shapes
+
+    def policy(n_layer: int, classifier: bool = False) -> dict[str, tuple[int, ...]]:
+        config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=64, n_positions=32, pad_token_id=0)
+        return parameter_shapes(config, classifier=classifier)
+
+    here = policy(2)
+    wider = policy(2) | {"transformer.wte.weight": (96, 32), "lm_head.weight": (96, 32)}
+    saved_shapes = {"fewer_layers": policy(1), "more_layers": policy(3), "wider_vocabulary": wider,
+                    "reward_model": policy(2, classifier=True),
+                    "ppo": policy(2) | {"value_head.weight": (1, 32)}}[saved]  # fmt: skip
+    entries = {(k if k.startswith("value_head.") else f"policy.{k}"): v for k, v in saved_shapes.items()}
+    path = save_checkpoint(tmp_path / "other.ckpt", entries)
+    with pytest.raises(ValueError, match=message):
+        check_fits(path, here)
+    mine = {f"policy.{k}": v for k, v in here.items()}
+    assert check_fits(save_checkpoint(tmp_path / "same.ckpt", mine), here) == 3
+    ppo = save_checkpoint(tmp_path / "ppo.ckpt", mine | {"value_head.bias": (1,), "reference.x": (1,)})
+    assert check_fits(ppo, here, extras=("value_head.",)) == 3

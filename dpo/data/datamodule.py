@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import Enum
@@ -162,6 +164,15 @@ class PreferenceDataModule(LightningDataModule):
             return collate_prompts
         return self.pair_collate if self.pairs else partial(collate, pad_id=self.pad_id, pairs=False)
 
+    def content_fingerprint(self, split: str) -> str:
+        """A fingerprint of a split's tokenized rows (their ids, in order): what a resumed run must
+        still train and validate on (``run.json``; :func:`dpo.run.check_same_data`)."""
+        digest = hashlib.sha256()
+        for item in self.datasets[split].items:
+            for ids in (item.prompt_ids, item.chosen_ids, item.rejected_ids or []):
+                digest.update(len(ids).to_bytes(4, "little") + array("q", ids).tobytes())
+        return f"{len(self.datasets[split])} rows, sha256 {digest.hexdigest()[:16]}"
+
     def cache_key(self, split: str) -> str:
         """Fingerprint of one tokenized split (see :mod:`dpo.data.cache`)."""
         return cache.fingerprint(
@@ -224,6 +235,9 @@ class PreferenceDataModule(LightningDataModule):
                 self._distinct_prompts(split)
             origin = "cache hit" if self.cache_hits[split] else "tokenized"
             log.info(f"data/{split} ({origin}): {_fmt(self.stats[split])}")
+        if self.pairs:
+            for split in SPLITS:
+                self._check_pairs_differ(split)
         if (n := len(self.datasets["train"])) < self.config.batch_size:
             raise DataError(
                 f"the training split has {n} usable pairs, fewer than one global batch "
@@ -231,6 +245,23 @@ class PreferenceDataModule(LightningDataModule):
             )
         for text in self.samples(2):
             log.info(text)
+
+    def _check_pairs_differ(self, split: str) -> None:
+        """A pair whose chosen and rejected tokens are identical (as given, or once cut to
+        ``data.max_length``) teaches a preference loss nothing: every such split is refused, a few
+        such pairs are counted in a warning."""
+        items = self.datasets[split].items
+        same = [i for i, p in enumerate(items) if p.chosen_ids == p.rejected_ids]
+        where = self.source.splits.get(split) if self.source.path is None else f"{self.source.path} [{split}]"
+        if same and len(same) == len(items):
+            raise DataError(
+                f"{where}: every pair of the {split} split has the same chosen and rejected response (after "
+                f"tokenization and truncation to data.max_length={self.config.max_length}): a preference loss "
+                "learns nothing from it; check which fields hold the chosen and rejected responses"
+            )
+        if same:
+            log.warning(f"{where}: {len(same)} of {len(items)} {split} pairs have the same chosen and rejected "
+                        f"tokens (e.g. pairs {same[:5]}); they add no preference signal")  # fmt: skip
 
     def _distinct_prompts(self, split: str) -> None:
         """Keep one row per distinct prompt (its first), so each prompt is drawn once per epoch."""

@@ -95,6 +95,13 @@ class LowPrecision(str, Enum):
     allow = "allow"  # you know better (e.g. an optimizer with stochastic rounding or Kahan sums)
 
 
+class DataChanged(str, Enum):
+    """What resuming a run whose tokenized data changed does (``guard.data_changed``)."""
+
+    refuse = "refuse"  # a config error naming the split, before any weights load
+    accept = "accept"  # go on with the new data; run.json keeps the old fingerprints and the step they ended
+
+
 @dataclass
 class GuardConfig:
     """``guard``: what training does about numbers that went wrong.
@@ -104,10 +111,13 @@ class GuardConfig:
             and its training rows, write nothing) or ``skip`` (drop the update, count it).
         low_precision: bf16/fp16 weights (``model.dtype``) with a learning rate so small that
             updates round away: ``refuse`` (default) or ``allow``.
+        data_changed: a resumed run whose training or validation data changed since it began (its
+            tokenized content's fingerprint in ``run.json``): ``refuse`` (default) or ``accept``.
     """
 
     non_finite: NonFinite = NonFinite.stop
     low_precision: LowPrecision = LowPrecision.refuse
+    data_changed: DataChanged = DataChanged.refuse
 
 
 class NonFiniteError(RuntimeError):
