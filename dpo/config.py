@@ -178,6 +178,8 @@ def typed(node: Any, schema: type[T]) -> T:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except (ConfigKeyError, ValidationError) as e:
         raise ConfigError(f"{schema.__name__}: {e.msg} (key {e.full_key!r})") from None
+    except ValueError as e:  # a schema's own range checks (__post_init__), which name their keys
+        raise ConfigError(str(e)) from None
 
 
 def loss_params(cfg: DictConfig) -> dict[str, Any]:
@@ -215,6 +217,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         check_targets(cfg.get(group), group)
     check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",))
     system = SYSTEMS[cfg.system.kind]
+    typed(cfg.system, system.config)  # the system's own range checks (its __post_init__)
     try:
         spec = get_loss(cfg.loss.name)
         check_loss_params(cfg.loss.name, loss_params(cfg))
@@ -261,6 +264,12 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
                                    pairs=pairs and system.uses_loss)  # fmt: skip
         except LayoutError as e:
             raise ConfigError(str(e)) from None
+    steps = system.steps_per_batch(cfg)
+    if steps > 1 and (cfg.trainer.get("max_steps") or -1) > 0 and cfg.trainer.max_steps % steps:
+        raise ConfigError(
+            f"system={cfg.system.kind} makes {steps} optimizer steps per batch; trainer.max_steps="
+            f"{cfg.trainer.max_steps} would stop inside one: use a multiple of {steps}"
+        )
     return dataclasses.replace(plan, layout=layout, precision=precision,
                                mesh=device_mesh(cfg.trainer, plan.world_size))  # fmt: skip
 
@@ -349,11 +358,6 @@ def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
                 f"data.micro_batch_size={cfg.data.micro_batch_size} x "
                 f"system.samples_per_prompt={ppo.samples_per_prompt}"
             )
-        for key in ("ppo_epochs", "samples_per_prompt"):
-            if ppo[key] < 1:
-                raise ConfigError(f"system.{key} must be >= 1, got {ppo[key]}")
-        if not 0 <= ppo.lam <= 1 or not 0 < ppo.gamma <= 1:
-            raise ConfigError(f"need 0 <= system.lam <= 1 and 0 < system.gamma <= 1, got {ppo.lam}, {ppo.gamma}")
 
 
 SAMPLING_CALLBACKS = ("RewardKLEval", "GenerationSamples")

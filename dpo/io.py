@@ -9,6 +9,7 @@ node, build a shared file once: the first takes the lock and writes, the others 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+
+from dpo.data.sources import DataError
 
 
 @contextmanager
@@ -56,52 +59,79 @@ def locked_cache(
     return value, False
 
 
-def read_jsonl(path: str | Path, required: dict[str, type | tuple[type, ...]]) -> list[dict[str, Any]]:
-    """Rows of a JSONL file, each checked for the ``required`` keys and their types.
+def read_jsonl(
+    path: str | Path, required: dict[str, type | tuple[type, ...]], allow_empty: bool = False
+) -> list[dict[str, Any]]:
+    """Rows of a JSONL file, each checked for the ``required`` keys and their types (``allow_empty``:
+    a file with no row gives ``[]`` instead of an error).
 
     Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: naming ``file:row`` and the key, for malformed JSON, a missing key or a wrong type.
+        DataError: (a ``ValueError``) naming the file, or ``file:row`` and the key: a missing file,
+            bytes that are not UTF-8, malformed JSON, a missing key or a wrong type (a bool is not a number).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
     rows = []
     # Split at newlines only: str.splitlines also splits at U+2028/U+2029/U+0085, which the JSON
     # strings we write (ensure_ascii=False) may hold, e.g. in a sampled completion.
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
         for key, kind in required.items():
             if key not in row:
-                raise ValueError(f"{path}:{i}: missing key {key!r}")
-            if not isinstance(row[key], kind):
-                raise ValueError(f"{path}:{i}: {key!r} should be {kind}, got {type(row[key]).__name__}")
+                raise DataError(f"{path}:{i}: missing key {key!r}")
+            if not isinstance(row[key], kind) or (isinstance(row[key], bool) and bool not in _types(kind)):
+                raise DataError(f"{path}:{i}: {key!r} should be {kind}, got {type(row[key]).__name__}")
         rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no rows")
+    if not rows and not allow_empty:
+        raise DataError(f"{path}: no rows")
     return rows
+
+
+def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def finite_numbers(values: Any, where: str, key: str) -> list[float]:
+    """``values`` as floats when it is a list of finite numbers (not bools, NaN or Infinity).
+
+    Raises:
+        DataError: naming ``where`` (``file:row``) and ``key``.
+    """
+    if not isinstance(values, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    ):
+        raise DataError(f"{where}: {key!r} must be a list of finite numbers (no NaN, Infinity or booleans)")
+    return [float(v) for v in values]
 
 
 def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     """Prompts from a file: a JSONL file's ``field`` of each row, else one per non-empty text line.
 
     Raises:
-        FileNotFoundError: the file is missing.
-        ValueError: a malformed JSONL row, naming ``file:row`` (:func:`read_jsonl`).
+        DataError: a missing or non-UTF-8 file, or a malformed JSONL row, naming ``file:row`` (:func:`read_jsonl`).
     """
     path = Path(path)
     if path.suffix == ".jsonl":
         return [row[field] for row in read_jsonl(path, {field: str})]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise DataError(f"{path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
+    return [line for line in text.split("\n") if line.strip()]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:
@@ -122,8 +152,18 @@ def write_json(path: str | Path, value: Any) -> Path:
 
 
 def append_jsonl(path: str | Path, row: dict[str, Any]) -> None:
-    """Append one JSON object as a line (a log of evaluations; one short write per call)."""
+    """Append one JSON object as a line (a log of evaluations), surviving a kill.
+
+    The line goes out in one write and is synced. A line a kill tore before (no newline at the
+    file's end) was never a row: it is cut off first, so the file stays readable by :func:`read_jsonl`.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    with path.open("a+b") as f:
+        f.seek(0)
+        data = f.read()  # a log of evaluations: small
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)
+        f.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())

@@ -51,6 +51,11 @@ class GenerationConfig:
             raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"generation.stop must be non-empty strings, got {list(self.stop)}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:  # -1 used to sample greedily
+            raise ValueError(
+                f"generation needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) and 0 < top_p <= 1, got "
+                f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+            )
         stop = {"stop_strings": list(self.stop)} if self.stop else {}
         if self.temperature <= 0:
             return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **stop}

@@ -137,3 +137,25 @@ def test_skip_batches_resumes_mid_epoch():
     sampler.skip_batches = 3
     assert list(sampler) == full[12:]
     assert list(sampler) == full  # the skip applies once
+
+
+def test_a_split_whose_pairs_are_all_identical_is_refused_and_a_few_are_counted(tmp_path, bpe_tokenizer, caplog):
+    """Issue 23: chosen == rejected in every row trained silently (DPO's gradient is 0 for such a pair)."""
+    import json
+
+    import pytest
+
+    from dpo.data.sources import DataError
+
+    def source(rows: list[dict]) -> SourceSpec:
+        path = tmp_path / f"pairs{len(list(tmp_path.glob('*.jsonl')))}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return SourceSpec("fields", {"train": str(path), "val": str(path)}, None)
+
+    same = [{"prompt": f"Review {i}:", "chosen": " Fine film.", "rejected": " Fine film."} for i in range(8)]
+    with pytest.raises(DataError, match=r"pairs0.jsonl: every pair of the train split has the same chosen"):
+        make(bpe_tokenizer, None, source(same)).setup("fit")
+    one = [*same[:1], *({**r, "rejected": " Dull."} for r in same[1:])]
+    with caplog.at_level("WARNING"):
+        make(bpe_tokenizer, None, source(one)).setup("fit")
+    assert "1 of 8 train pairs have the same chosen and rejected tokens (e.g. pairs [0])" in caplog.text

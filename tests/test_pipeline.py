@@ -214,3 +214,94 @@ def test_read_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
 
     path = write_jsonl(tmp_path / "rows.jsonl", [{"completion": "one\u2028two\x85three"}, {"completion": "b"}])
     assert [r["completion"] for r in read_jsonl(path, {"completion": str})] == ["one\u2028two\x85three", "b"]
+
+
+def pair_config(tmp_path, rows: list, **extra):
+    scored = tmp_path / "scored.jsonl"
+    scored.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return OmegaConf.create({"input": str(scored), "output_dir": str(tmp_path / "p"), "min_margin": 0.0,
+                             "ties": "skip", "val_fraction": 0.0, "seed": 0} | extra)  # fmt: skip
+
+
+@pytest.mark.parametrize("rewards", ["[Infinity, 0.0]", "[NaN, 0.0]", "[true, 0.0]", '["1", 0.0]'])
+def test_pair_and_best_of_n_refuse_rewards_that_are_not_finite_numbers(tmp_path, rewards):
+    """Issue 23: dpo-pair wrote Infinity into train.jsonl; dpo-best-of-n accepted NaN rewards."""
+    from dpo.data.sources import DataError
+    from dpo.pipeline.best_of_n import run
+    from dpo.pipeline.pair import pair
+
+    cfg = pair_config(tmp_path, ['{"prompt": "a", "completions": ["x", "y"], "rewards": ' + rewards + "}"])
+    with pytest.raises(DataError, match=r"scored.jsonl:1: 'rewards' must be a list of finite numbers"):
+        pair(cfg)
+    with pytest.raises(DataError, match=r"scored.jsonl:1: 'rewards' must be a list of finite numbers"):
+        run(OmegaConf.create({"input": cfg.input, "ns": [1], "output": str(tmp_path / "bon.jsonl")}))
+    assert not (tmp_path / "p").exists() and not (tmp_path / "bon.jsonl").exists()
+
+
+@pytest.mark.parametrize(("completions", "rewards", "extra", "cause"), [
+    (["x", "x"], [1.0, 0.0], {}, r"1 were identical completions \(sample with temperature > 0"),
+    (["x", " "], [1.0, 0.0], {}, r"1 had an empty completion"),
+    (["x", "y"], [0.5, 0.4], {"min_margin": 0.5}, r"1 had a reward gap below min_margin=0.5 \(lower min_margin\)"),
+    (["x", "y"], [0.5, 0.5], {}, r"1 were exact reward ties, skipped under ties=skip"),
+])  # fmt: skip
+def test_no_surviving_pair_names_what_dropped_them(tmp_path, completions, rewards, extra, cause):
+    """Issue 23: "no pair survived" blamed min_margin whatever the cause."""
+    from dpo.data.sources import DataError
+    from dpo.pipeline.pair import pair
+
+    with pytest.raises(DataError, match=r"no training pair survived: " + cause):
+        pair(pair_config(tmp_path, [{"prompt": "a", "completions": completions, "rewards": rewards}], **extra))
+
+
+def test_jsonl_and_prompt_readers_name_a_binary_file(tmp_path):
+    from dpo.data.sources import DataError
+    from dpo.io import read_prompts
+
+    for path in (tmp_path / "weights.bin", tmp_path / "weights.jsonl"):
+        path.write_bytes(b"\x80\x04\x95\xff\x00binary")
+        with pytest.raises(DataError, match=rf"{path.name}: not UTF-8 text \(byte 0\)"):
+            read_prompts(path)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("prompts.max_prompts=0", r"prompts.max_prompts must be a whole number >= 1 \(null: every prompt\), got 0"),
+    ("prompts.max_prompts=-1", r"prompts.max_prompts must be a whole number >= 1 \(null: every prompt\), got -1"),
+    ("generation.temperature=-1", r"generation needs temperature >= 0 \(0: greedy\)"),
+    ("generation.top_p=0", r"0 < top_p <= 1, got temperature=1.0, top_k=0, top_p=0$"),
+])  # fmt: skip
+def test_sample_refuses_settings_it_used_to_misread_before_weights_load(tmp_path, monkeypatch, override, message):
+    """Issue 23: max_prompts=0 sampled every prompt, -1 dropped the last; a negative temperature sampled greedily."""
+    from hydra import compose, initialize_config_dir
+
+    import dpo.pipeline.sample
+    from dpo.cli import CONF_DIR
+
+    monkeypatch.setattr(dpo.pipeline.sample, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Review it:\nWhat a film\n")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"paths.output_dir={tmp_path}", "model.pretrained=unused",
+                                           f"prompts.file={prompts}", override])  # fmt: skip
+    with pytest.raises(ConfigError, match=message):
+        dpo.pipeline.sample.sample(cfg)
+
+
+def test_an_append_after_a_torn_line_keeps_every_whole_row(tmp_path):
+    """Issue 23: eval.jsonl was appended non-atomically; a kill mid-append left a torn line that crashed
+    the resumed run's first evaluation. The torn line (never a row) is cut off by the next append."""
+    from dpo.io import append_jsonl
+
+    log = tmp_path / "eval.jsonl"
+    append_jsonl(log, {"step": 0, "kl": 0.0})
+    with log.open("a") as f:
+        f.write('{"step": 4, "kl": 0.3')  # killed mid-write
+    append_jsonl(log, {"step": 4, "kl": 0.25})
+    assert read_jsonl(log, {"step": int, "kl": float}) == [{"step": 0, "kl": 0.0}, {"step": 4, "kl": 0.25}]
+
+
+def test_a_reward_model_export_is_refused_as_a_policy_before_its_weights_load(tmp_path, exported_tiny_rm):
+    """Issue 23: a reward model's export was accepted as a sampling policy (a random LM head on its trunk)."""
+    from dpo.models import ModelConfig, ModelLoadError, load_policy
+
+    with pytest.raises(ModelLoadError, match=r"holds a reward model \(GPT2ForSequenceClassification\), not a causal"):
+        load_policy(ModelConfig(exported_tiny_rm))

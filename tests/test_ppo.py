@@ -122,6 +122,28 @@ def test_ppo_config_checks_fail_before_any_weights_load(tmp_path):
         validate(compose_config([*FAST, "system=reward_model"], tmp_path))
 
 
+def test_ppo_and_reward_model_settings_out_of_range_are_refused_together_by_key(tmp_path):
+    """Issue 23: clip_range, vf_coef or clip_range_value with the wrong sign trained to the end, and
+    trainer.max_steps=1 silently trained a whole PPO iteration (4 optimizer steps here)."""
+
+    def cfg(*overrides):
+        return compose_config([*FAST, "system=ppo", "callbacks.samples=null", "system.minibatch_size=2", *overrides],
+                              tmp_path)  # fmt: skip
+
+    with pytest.raises(ConfigError) as error:
+        validate(cfg("system.clip_range=-1", "system.vf_coef=-0.1", "system.clip_range_value=0", "system.lam=2",
+                     "system.generation.temperature=-1"))  # fmt: skip
+    for part in ("system.clip_range=-1.0 must be > 0", "system.vf_coef=-0.1 must be >= 0",
+                 "system.clip_range_value=0.0 must be > 0", "system.lam=2.0 must be in [0, 1]", "temperature >= 0"):
+        assert part in str(error.value)
+    with pytest.raises(ConfigError, match=r"system=ppo makes 4 optimizer steps per batch; trainer.max_steps=1 would"):
+        validate(cfg("trainer.max_steps=1"))
+    validate(cfg("trainer.max_steps=8"))
+    with pytest.raises(ConfigError, match=r"system.center_weight=-1.0 must be >= 0"):
+        validate(compose_config([*FAST, "system=reward_model", "callbacks.samples=null", "system.center_weight=-1"],
+                                tmp_path))  # fmt: skip
+
+
 TINY_PPO = [
     "experiment=tiny", "system=ppo", "model.architecture.n_layer=1", "model.architecture.n_embd=32",
     "model.architecture.n_head=2", "model.tokenizer.bpe_vocab_size=300", "data.max_length=64",

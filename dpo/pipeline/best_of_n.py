@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from dpo.cli import entry
 from dpo.config import ConfigError, require_keys
-from dpo.io import read_jsonl, write_jsonl
+from dpo.io import finite_numbers, read_jsonl, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
 
@@ -53,9 +53,11 @@ def best_of_n(rewards: list[list[float]], n: int) -> tuple[float, list[int]]:
 
 def run(cfg: DictConfig) -> Path:
     require_keys(cfg, ["input", "ns", "output"])
+    if not cfg.ns or any(not isinstance(n, int) or n < 1 for n in cfg.ns):
+        raise ConfigError(f"ns must be a non-empty list of whole numbers >= 1, got {list(cfg.ns or [])}")
     rows = read_jsonl(cfg.input, {"rewards": list})
-    if any(n < 1 for n in cfg.ns):
-        raise ConfigError(f"ns must be positive, got {list(cfg.ns)}")
+    for i, row in enumerate(rows, 1):  # NaN rewards were accepted here (dpo-pair refused them)
+        row["rewards"] = finite_numbers(row["rewards"], f"{cfg.input}:{i}", "rewards")
     picks_out = cfg.get("completions")
     if picks_out and any("completions" not in r or "prompt" not in r for r in rows):
         raise ConfigError(f"completions={picks_out}: {cfg.input} rows need 'prompt' and 'completions' to pick from")

@@ -30,11 +30,20 @@ def parse(argv: list[str]) -> dict[str, str]:
     return args
 
 
+def read_spec(path: Path) -> DashboardSpec:
+    """The spec a ``dpo-dashboard`` run wrote (``{"spec": {...}}``), or an error naming the file."""
+    try:
+        return DashboardSpec(**json.loads(path.read_text(encoding="utf-8"))["spec"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        what = f"{type(e).__name__}: {e}"
+        raise ValueError(f"dpo-dashboard: spec={path} is not a spec dpo-dashboard wrote ({what})") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         args = parse(sys.argv[1:] if argv is None else argv)
         if "spec" in args:
-            spec = DashboardSpec(**json.loads(Path(args["spec"]).read_text())["spec"])
+            spec = read_spec(Path(args["spec"]))
         else:
             missing = [k for k in ("entity", "project", "group") if not args.get(k)]
             if missing:

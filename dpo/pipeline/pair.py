@@ -20,7 +20,8 @@ from omegaconf import DictConfig
 
 from dpo.cli import entry
 from dpo.config import ConfigError, require_keys
-from dpo.io import read_jsonl, write_json, write_jsonl
+from dpo.data.sources import DataError
+from dpo.io import finite_numbers, read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 
 log = get_logger(__name__)
@@ -66,6 +67,20 @@ def make_pairs(
     return out
 
 
+DROPS = {
+    "identical": "were identical completions (sample with temperature > 0, or more of them: n)",
+    "empty": "had an empty completion (raise generation.max_new_tokens, or check the stop strings)",
+    "below_margin": "had a reward gap below min_margin={margin:g} (lower min_margin)",
+    "tie": "were exact reward ties, skipped under ties=skip (ties=random keeps them in a random order)",
+}
+
+
+def why_no_pair(counts: Counter, min_margin: float) -> str:
+    """What dropped every candidate pair, the largest cause first, with the fix for each."""
+    causes = [f"{n} {DROPS[k].format(margin=min_margin)}" for k, n in counts.most_common() if k in DROPS and n]
+    return "; ".join(causes) or "no prompt has two completions to compare"
+
+
 def pair(cfg: DictConfig) -> Path:
     """Run the pairing step; returns the output folder holding ``train.jsonl`` and ``val.jsonl``."""
     require_keys(cfg, ["input", "output_dir", "min_margin", "ties", "val_fraction"])
@@ -74,11 +89,10 @@ def pair(cfg: DictConfig) -> Path:
     rows = read_jsonl(cfg.input, {"prompt": str, "completions": list, "rewards": list})
     for i, row in enumerate(rows, 1):
         if len(row["rewards"]) != len(row["completions"]):
-            raise ValueError(
+            raise DataError(
                 f"{cfg.input}:{i}: {len(row['completions'])} completions but {len(row['rewards'])} rewards"
             )
-        if not all(isinstance(r, int | float) and r == r for r in row["rewards"]):
-            raise ValueError(f"{cfg.input}:{i}: 'rewards' must be numbers (no NaN)")
+        row["rewards"] = finite_numbers(row["rewards"], f"{cfg.input}:{i}", "rewards")  # Infinity was written out
     rng = random.Random(cfg.seed)
     order = list(range(len(rows)))
     rng.shuffle(order)
@@ -93,7 +107,7 @@ def pair(cfg: DictConfig) -> Path:
                 "chosen_reward": row["rewards"][c], "rejected_reward": row["rewards"][r],
             })  # fmt: skip
     if not splits["train"]:
-        raise ValueError(f"{cfg.input}: no pair survived (counts: {dict(counts)}); lower min_margin?")
+        raise DataError(f"{cfg.input}: no training pair survived: {why_no_pair(counts, cfg.min_margin)}")
     out = Path(cfg.output_dir)
     for split, items in splits.items():
         write_jsonl(out / f"{split}.jsonl", items)

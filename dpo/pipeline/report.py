@@ -17,6 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from dpo.data.sources import DataError
 from dpo.report.figures import (
     CURVES,
     find_train_runs,
@@ -54,8 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         written = report(args.roots, args.out, args.title)
-    except FileNotFoundError as e:
-        sys.exit(str(e))
+    except (FileNotFoundError, DataError) as e:  # each names its file (and line)
+        sys.exit(f"dpo-report: {e}" if isinstance(e, DataError) else str(e))
     if not written:
         sys.exit(f"dpo-report: no run logs (csv/metrics.csv), eval.jsonl or results.jsonl under {args.roots}")
     for path in written:

@@ -42,7 +42,7 @@ def load_prompts(cfg: DictConfig) -> list[str]:
     for i, text in enumerate(prompts, 1):
         if not text.strip():
             raise ValueError(f"{p.file or 'data'}: prompt {i} is empty")
-    return prompts[: p.max_prompts] if p.max_prompts else prompts
+    return prompts[: p.max_prompts] if p.max_prompts is not None else prompts
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -50,8 +50,14 @@ def sample(cfg: DictConfig) -> Path:
     require_keys(cfg, ["model.pretrained", "n", "batch_size", "output", "generation.max_new_tokens"])
     if cfg.n < 1:
         raise ConfigError(f"n must be >= 1, got {cfg.n}")
-    gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
-    gen.kwargs()  # checks the settings before any weights load
+    max_prompts = cfg.prompts.max_prompts
+    if max_prompts is not None and (not isinstance(max_prompts, int) or max_prompts < 1):  # 0 took all, -1 all but one
+        raise ConfigError(f"prompts.max_prompts must be a whole number >= 1 (null: every prompt), got {max_prompts}")
+    try:
+        gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
+        gen.kwargs()  # checks the settings before any weights load
+    except (TypeError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     prompts = load_prompts(cfg)
     m = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
     tokenizer = load_tokenizer(m.tokenizer.pretrained or m.pretrained, revision=m.revision,

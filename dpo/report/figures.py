@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from dpo.io import atomic_write
+from dpo.data.sources import DataError
+from dpo.io import atomic_write, read_jsonl
 from dpo.report.naming import run_label
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
@@ -85,7 +86,15 @@ class TrainRun:
 def overrides_of(run_dir: Path) -> list[str] | None:
     """A run's command-line overrides (Hydra's ``.hydra/overrides.yaml``), if it kept them."""
     path = run_dir / ".hydra" / "overrides.yaml"
-    return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        overrides = yaml.safe_load(path.read_text(encoding="utf-8")) or []
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not Hydra's overrides list ({type(e).__name__})") from None
+    if not isinstance(overrides, list):
+        raise DataError(f"{path}: not Hydra's overrides list (a {type(overrides).__name__})")
+    return [str(o) for o in overrides]
 
 
 def distinct_labels(run_dirs: Sequence[Path]) -> list[str]:
@@ -103,14 +112,26 @@ def distinct_labels(run_dirs: Sequence[Path]) -> list[str]:
 
 
 def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """``metrics.csv`` as metric -> [(step, value)] (Lightning's CSV: one row per step, blanks elsewhere)."""
+    """``metrics.csv`` as metric -> [(step, value)] (Lightning's CSV: one row per step, blanks elsewhere).
+
+    Raises:
+        DataError: naming ``file:line`` and the column of a value that is not a number.
+    """
     out: dict[str, list[tuple[int, float]]] = {}
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    out.setdefault(key, []).append((step, float(value)))
+    try:
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            for row in reader:
+                for key, value in row.items():
+                    if key is None or value is None:  # a row longer or shorter than the header
+                        raise ValueError(f"a row of {len(row)} fields against a header of {len(reader.fieldnames)}")
+                    if value != "" and key != "epoch":
+                        number = float(value)
+                        if key != "step":
+                            out.setdefault(key, []).append((int(float(row.get("step") or 0)), number))
+    except (ValueError, UnicodeDecodeError, csv.Error) as e:
+        line = reader.line_num if "reader" in locals() else 0
+        raise DataError(f"{path}:{line}: not Lightning's metrics CSV ({e})") from None
     return out
 
 
@@ -214,10 +235,9 @@ def _best_of_n_rewards(eval_path: Path, n: int) -> list[float]:
     return [max(r["rewards"][:n]) for r in _jsonl(scored) if len(r["rewards"]) >= n]
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    """A JSONL file's rows, split at newlines only (``str.splitlines`` also splits at U+2028 and
-    friends, which a sampled completion may hold inside a JSON string)."""
-    return [json.loads(x) for x in path.read_text().split("\n") if x.strip()]
+def _jsonl(path: Path, required: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """A JSONL file's rows (:func:`dpo.io.read_jsonl`: a malformed one names ``file:line``); an empty file has none."""
+    return read_jsonl(path, required or {}, allow_empty=True)
 
 
 def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
@@ -228,7 +248,7 @@ def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
     points = []
     for root in roots:
         for path in sorted(Path(root).rglob("eval.jsonl")):
-            for row in _jsonl(path):
+            for row in _jsonl(path, {"kl": (int, float), "reward": (int, float)}):
                 if row.get("method") == "best_of_n":
                     family, label, step = "Best-of-N", "Best-of-N", row["n"]
                     samples = _best_of_n_rewards(path, row["n"])

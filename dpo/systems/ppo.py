@@ -69,6 +69,28 @@ class PPOConfig:
     clip_range_value: float = 0.2
     vf_coef: float = 0.1
 
+    def __post_init__(self) -> None:
+        """Every out-of-range setting at once, by key (a wrong sign used to train to the end)."""
+        problems = [f"system.{key}={getattr(self, key)} must be {rule}" for key, ok, rule in (
+            ("samples_per_prompt", self.samples_per_prompt >= 1, ">= 1"),
+            ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
+            ("minibatch_size", self.minibatch_size >= 1, ">= 1"),
+            ("kl_coef", self.kl_coef >= 0, ">= 0"),
+            ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 or null"),
+            ("kl_horizon", self.kl_horizon >= 1, ">= 1"),
+            ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
+            ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
+            ("clip_range", self.clip_range > 0, "> 0"),
+            ("clip_range_value", self.clip_range_value > 0, "> 0"),
+            ("vf_coef", self.vf_coef >= 0, ">= 0"),
+        ) if not ok]  # fmt: skip
+        try:
+            GenerationConfig(**self.generation).kwargs()  # its own checks, by key
+        except (TypeError, ValueError) as e:
+            problems.append(f"system.{e}" if str(e).startswith("generation") else f"system.generation: {e}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 @dataclass
 class Rollout:
@@ -90,6 +112,13 @@ class Rollout:
     values: Tensor
     advantages: Tensor
     returns: Tensor
+
+
+def ppo_steps_per_batch(cfg: Any) -> int:
+    """Optimizer steps of one PPO iteration from the composed config: ``ppo_epochs`` passes over each
+    rank's ``micro_batch_size x samples_per_prompt`` rollouts in minibatches of ``minibatch_size``."""
+    rollouts = cfg.data.micro_batch_size * cfg.system.samples_per_prompt
+    return cfg.system.ppo_epochs * math.ceil(rollouts / cfg.system.minibatch_size)
 
 
 def response_positions(prompt_lengths: list[int], response_lengths: list[int]) -> tuple[Tensor, Tensor]:

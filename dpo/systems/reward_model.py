@@ -27,6 +27,10 @@ class RewardModelConfig:
     kind: str = "reward_model"
     center_weight: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.center_weight < 0:
+            raise ValueError(f"system.center_weight={self.center_weight} must be >= 0")
+
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
     """(B,) scores to (B,) losses ``-log sigmoid(r(x, y_w) - r(x, y_l))`` (DPO paper, eq. 2;
