@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
 from dpo.cli import CONF_DIR
+from dpo.config import ConfigError
 from dpo.evaluation.judges import Comparison, JudgeError, Template
 from dpo.evaluation.judges.local import LocalLMJudge
 from dpo.evaluation.win_rate import win_rate
@@ -84,11 +86,15 @@ class ScriptedServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.requests: list[tuple[str | None, dict]] = []
         self.fail = 0
+        self.mode: str | None = None  # misbehave: schema, html, bytes, torn, slow, weird, u2028
         self.lock = threading.Lock()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that gave up on a slow answer closes the socket: the late write fails, as it should
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -104,11 +110,15 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Retry-After", "0")
             self.end_headers()
             return
+        if self.server.mode in MISBEHAVIOUR:
+            return MISBEHAVIOUR[self.server.mode](self)
         user = body["messages"][-1]["content"]
         a = user.split("Continuation A:\n", 1)[1].split("\n\nContinuation B:", 1)[0]
         b = user.split("Continuation B:\n", 1)[1].split("\n\nWhich", 1)[0]
-        if "weird" in a + b:
+        if "weird" in a + b or self.server.mode == "weird":
             content = "Both have their charm."
+        elif self.server.mode == "u2028":
+            content = "A is warmer\u2028about the film.\nPreferred: A"
         elif a.startswith("good") or b.startswith("bad"):
             content = "A is warmer about the film.\nPreferred: A"
         else:
@@ -122,6 +132,27 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, *args) -> None:
         pass
+
+    def reply(self, data: bytes, content_type: str = "application/json") -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _slow(handler: Handler) -> None:
+    time.sleep(2.0)  # longer than the test's judge.timeout_s
+    handler.reply(b'{"choices": [{"message": {"content": "Preferred: A"}}]}')
+
+
+MISBEHAVIOUR = {
+    "schema": lambda h: h.reply(b'{"result": {"text": "Preferred: A"}}'),  # another API's schema
+    "html": lambda h: h.reply(b"<html><body>502 Bad Gateway</body></html>", "text/html"),
+    "bytes": lambda h: h.reply(b"\xff\xfe\x00garbage"),
+    "torn": lambda h: h.wfile.write(b"HTTP/1.1 2"),  # a torn status line, then the connection closes
+    "slow": _slow,
+}
 
 
 @pytest.fixture
@@ -198,6 +229,80 @@ def test_api_judge_honours_max_requests_and_dry_run_and_needs_its_key(tmp_path, 
     with pytest.raises(JudgeError, match="max_requests=8 reached"):
         evaluate(compose_eval([*overrides, "judge.max_requests=8", "judge.max_retries=20"], tmp_path / "r"))
     assert len(server.requests) == 8
+
+
+def test_api_judge_settings_are_checked_before_anything_runs_and_a_key_typed_as_its_name_is_not_echoed(
+    tmp_path, server, caplog
+):
+    """Issue 23: max_retries=-1, timeout_s<=0 or a base_url without a scheme were retried like outages or
+    crashed; a key typed into judge.api_key_env was echoed into the log. All mistakes come at once."""
+    secret = "sk-live-0123456789abcdef"
+    bad = ["judge.base_url=localhost:8000/v1", "judge.timeout_s=0", "judge.max_retries=-1",
+           f"judge.api_key_env={secret}", "judge.max_run_s=-5", "judge.orders=sideways"]  # fmt: skip
+    with caplog.at_level("INFO"), pytest.raises(ConfigError) as error:
+        evaluate(compose_eval([*api_overrides(server, scripted_completions(tmp_path)), *bad], tmp_path / "bad"))
+    for key in ("base_url", "timeout_s=0.0 must be > 0", "max_retries=-1 must be >= 0", "api_key_env must name",
+                "max_run_s=-5.0 must be > 0", "orders='sideways'"):  # fmt: skip
+        assert key in str(error.value)
+    assert secret not in str(error.value) + caplog.text and server.requests == []
+
+
+@pytest.mark.parametrize(("mode", "reason"), [
+    ("schema", r"malformed answer, not a chat completion: b'\{\"result\": "),
+    ("html", r"malformed answer, not a chat completion: b'<html><body>502"),
+    ("bytes", r"malformed answer, not a chat completion: b'\\xff\\xfe"),
+    ("torn", r"(BadStatusLine|RemoteDisconnected)"),
+    ("slow", r"TimeoutError"),
+])  # fmt: skip
+def test_a_misbehaving_endpoint_is_a_named_failure_never_cached_and_a_fixed_one_is_asked_again(
+    tmp_path, server, monkeypatch, mode, reason
+):
+    """Issue 23: a 200 with another JSON schema was cached and gave a NaN win rate with exit 0 (and the
+    rerun after the fix sent nothing); an HTML body, non-UTF-8 bytes or a torn status line were raw
+    tracebacks; a trickling server was not bounded. Now each is a retried failure naming the URL and
+    its first bytes, nothing of it is cached, and once the endpoint answers the same command judges."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    completions, cache = scripted_completions(tmp_path), tmp_path / "cache"
+    overrides = [*api_overrides(server, completions), "judge.max_retries=1", "judge.timeout_s=0.5"]
+    server.mode = mode
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=rf"{server.url}/chat/completions still failing after 1 retries \({reason}"):
+        evaluate(compose_eval(overrides, tmp_path / "broken", cache))
+    assert time.monotonic() - started < 30
+    assert not (cache / "judgments" / "api.jsonl").exists() or not (cache / "judgments" / "api.jsonl").read_text()
+    server.mode = None
+    (row,) = read_jsonl(evaluate(compose_eval(overrides, tmp_path / "fixed", cache)), {"win_rate": float})
+    assert row["win_rate"] == pytest.approx(5 / 7)
+
+
+def test_a_run_past_max_run_s_stops_with_what_it_paid_for_cached(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    server.mode = "slow"
+    overrides = [*api_overrides(server, scripted_completions(tmp_path)), "judge.max_retries=0", "judge.timeout_s=5",
+                 "judge.max_run_s=1", "judge.max_concurrency=1"]  # fmt: skip
+    with pytest.raises(JudgeError, match=r"judge.max_run_s=1 reached; answers so far are cached"):
+        evaluate(compose_eval(overrides, tmp_path / "run"))
+    assert len(server.requests) == 1  # the first request (2 s) outlived the run's bound: no second was sent
+
+
+def test_no_usable_judgment_is_a_named_error_not_a_nan_win_rate(tmp_path, server, monkeypatch):
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    server.mode = "weird"  # well-formed answers that name no letter
+    with pytest.raises(JudgeError, match=r"no usable judgment for dpo at temperature 0: every answer was unreadable"):
+        evaluate(compose_eval(api_overrides(server, scripted_completions(tmp_path)), tmp_path / "run"))
+    assert len(read_jsonl(tmp_path / "run" / "judgments.jsonl", {"raw": str})) == 8  # what the judge said is kept
+
+
+def test_a_cached_answer_holding_u2028_is_not_paid_for_again(tmp_path, server, monkeypatch):
+    """The judgment cache was read with str.splitlines, which splits at U+2028 inside the JSON string:
+    that answer was lost from the cache and requested again on every rerun."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    server.mode = "u2028"
+    completions, cache = scripted_completions(tmp_path), tmp_path / "cache"
+    evaluate(compose_eval(api_overrides(server, completions), tmp_path / "one", cache))
+    sent = len(server.requests)
+    evaluate(compose_eval(api_overrides(server, completions), tmp_path / "two", cache))
+    assert sent == 8 and len(server.requests) == sent
 
 
 # --- sampling -------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from dpo.cli import entry
 from dpo.config import ConfigError, redact, require_keys, typed
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
+from dpo.evaluation.judges.base import JudgeError
 from dpo.evaluation.win_rate import WinRate, win_rate
 from dpo.io import read_jsonl, read_prompts, write_json, write_jsonl
 from dpo.log import get_logger
@@ -99,6 +100,7 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"n_prompts must be >= 1, got {cfg.n_prompts}")
     if cfg.judge.kind not in JUDGES:
         raise ConfigError(f"judge.kind={cfg.judge.kind!r}: choose one of {sorted(JUDGES)}")
+    typed(cfg.judge, JUDGES[cfg.judge.kind].Config)  # the judge's own checks (api: URL, bounds, key variable)
     if cfg.judge.orders not in ORDERS:
         raise ConfigError(f"judge.orders={cfg.judge.orders!r}: choose one of {ORDERS}")
     DType(cfg.dtype)  # a ValueError naming the value
@@ -291,7 +293,15 @@ def evaluate(cfg: DictConfig) -> Path:
             "stderr": w.stderr, "n": w.n, "judgments": w.judgments, "parse_failures": w.parse_failures,
             "skipped_prompts": n_skipped, "ties": w.ties, "position_bias": w.position_bias, "judge": judge.describe(),
         })  # fmt: skip
+    empty = [f"{r['policy']} at temperature {r['temperature']:g}" for r in rows if r["n"] == 0]
+    rows = [r for r in rows if r["n"] > 0]  # a win rate over no judgment is no number (not NaN)
     results = write_jsonl(out / "results.jsonl", rows)
+    if empty:
+        raise JudgeError(
+            f"no usable judgment for {', '.join(empty)}: every answer was unreadable or every prompt was "
+            f"skipped (each answer is in {out / 'judgments.jsonl'}, 'raw'); {len(rows)} other win rate(s) "
+            f"in {results}"
+        )
     (out / "results.md").write_text(results_table(rows), encoding="utf-8")
     figure = plot_win_rates(rows, out / "win_rate.png", f"{cfg.task_name}: judge {judge.describe().get('kind')}, "
                             f"{len(prompts)} prompts")  # fmt: skip

@@ -12,9 +12,13 @@ What it promises:
 - Every answer is cached on disk (:class:`JudgmentCache`), keyed by endpoint model, template and the
   exact messages (prompt and both texts, in order): a rerun pays nothing twice, and an interrupted
   run keeps what it paid for.
-- 429, 5xx and network errors/timeouts are retried with exponential backoff (``Retry-After`` is
-  honoured); any other 4xx stops the run with the server's message (a bad key or model name does
-  not get better by retrying).
+- 429, 5xx, network errors, timeouts and malformed answers (not UTF-8, not JSON, not a
+  chat-completions object with a text: an HTML error page from a proxy, another API's schema, a torn
+  status line) are retried with exponential backoff (``Retry-After`` is honoured); any other 4xx
+  stops the run with the server's message (a bad key or model name does not get better by
+  retrying). Only a well-formed answer is cached, so a fixed endpoint is asked again.
+- Wall-clock bounds: ``timeout_s`` for one request from sending to the last byte (a server that
+  trickles bytes is cut off too), ``max_run_s`` for the whole run (no request starts after it).
 - At most ``max_concurrency`` requests in flight; at most ``max_requests`` requests sent by one run,
   retries included: a run that would need more uncached comparisons than that refuses before the
   first request.
@@ -23,8 +27,10 @@ What it promises:
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import os
+import re
 import threading
 import time
 import urllib.error
@@ -33,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from dpo.evaluation.judges.base import Comparison, JudgeError, Template, Verdict
 from dpo.log import get_logger
@@ -41,6 +48,11 @@ from dpo.progress import track
 log = get_logger(__name__)
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class MalformedAnswer(ValueError):
+    """An answer that is not a chat-completions object with a text (retried, never cached)."""
 
 
 class JudgmentCache:
@@ -52,7 +64,9 @@ class JudgmentCache:
         self.answers: dict[str, str] = {}
         self.lock = threading.Lock()
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            # Newlines only: str.splitlines also splits at U+2028/U+0085 inside an answer's JSON string,
+            # which would lose that answer and pay for it again on every rerun.
+            for line in self.path.read_text(encoding="utf-8").split("\n"):
                 try:
                     row = json.loads(line)
                     self.answers[row["key"]] = row["output"]
@@ -92,9 +106,10 @@ class ApiJudge:
             max_tokens: most tokens of the judge's answer (a sentence and a letter).
             max_concurrency: requests in flight at once.
             max_requests: most requests one run sends, retries included.
-            timeout_s: seconds to wait for one answer.
-            max_retries: retries of one request after 429/5xx/timeouts.
+            timeout_s: seconds one request may take, from sending to the answer's last byte (> 0).
+            max_retries: retries of one request after 429/5xx/timeouts/malformed answers (>= 0).
             backoff_s: first retry's wait; doubled each retry (capped at 60 s).
+            max_run_s: seconds the whole run may spend judging; no request starts after that (> 0).
             cache_dir: where answers are cached (shared across runs).
         """
 
@@ -111,7 +126,28 @@ class ApiJudge:
         timeout_s: float = 60.0
         max_retries: int = 6
         backoff_s: float = 2.0
+        max_run_s: float = 3600.0
         cache_dir: str = "${paths.cache_dir}/judgments"
+
+        def __post_init__(self) -> None:
+            """Every mistake at once, by key; the value of ``api_key_env`` is never echoed (a key typed there)."""
+            problems = []
+            url = urlparse(str(self.base_url))
+            if url.scheme not in ("http", "https") or not url.netloc:
+                problems.append(f"judge.base_url={self.base_url!r} needs http:// or https:// and a host")
+            if (self.api_key_env or self.require_key) and not ENV_NAME.match(str(self.api_key_env or "")):
+                problems.append("judge.api_key_env must name an environment variable (letters, digits, _), not hold "
+                                "the key itself; its value is not shown")  # fmt: skip
+            if self.orders not in ("random", "both"):
+                problems.append(f"judge.orders={self.orders!r}: choose random or both")
+            for key, low, strict in (("temperature", 0, False), ("max_tokens", 1, False), ("max_concurrency", 1, False),
+                                     ("max_requests", 1, False), ("timeout_s", 0, True), ("max_retries", 0, False),
+                                     ("backoff_s", 0, False), ("max_run_s", 0, True)):  # fmt: skip
+                value = getattr(self, key)
+                if value < low or (strict and value == low):
+                    problems.append(f"judge.{key}={value} must be {'>' if strict else '>='} {low}")
+            if problems:
+                raise ValueError("; ".join(problems))
 
     def __init__(self, config: Config, template: Template, dry_run: bool = False) -> None:
         self.config, self.template = config, template
@@ -127,6 +163,7 @@ class ApiJudge:
         self.cache = JudgmentCache(Path(config.cache_dir) / "api.jsonl")
         self.sent = 0
         self._count = threading.Lock()
+        self._deadline = time.monotonic() + config.max_run_s  # set again when judging starts
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "api", "base_url": self.config.base_url, "model": self.config.model,
@@ -155,6 +192,7 @@ class ApiJudge:
                 f"raise judge.max_requests or judge fewer (n_prompts, temperatures, policies)"
             )
         log.info(f"judge {self.config.model}: {len(comparisons) - len(todo)} cached, {len(todo)} to request")
+        self._deadline = time.monotonic() + self.config.max_run_s
         with ThreadPoolExecutor(max_workers=max(1, self.config.max_concurrency)) as pool:
             futures = [pool.submit(self._request_and_cache, k, c) for k, c in todo.items()]
             for future in track(futures, f"judge {len(todo)} comparisons"):
@@ -170,6 +208,9 @@ class ApiJudge:
 
     def _take_request(self) -> None:
         with self._count:
+            if time.monotonic() > self._deadline:
+                raise JudgeError(f"judge=api: judge.max_run_s={self.config.max_run_s:g} reached; answers so far are "
+                                 "cached, so the same command goes on from there")  # fmt: skip
             if self.sent >= self.config.max_requests:
                 raise JudgeError(f"judge=api: judge.max_requests={self.config.max_requests} reached (retries count)")
             self.sent += 1
@@ -185,8 +226,7 @@ class ApiJudge:
             try:
                 request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
                 with urllib.request.urlopen(request, timeout=self.config.timeout_s) as response:
-                    answer = json.loads(response.read().decode("utf-8"))
-                return _content(answer)
+                    return _content(_read_within(response, time.monotonic() + self.config.timeout_s))
             except urllib.error.HTTPError as e:
                 detail = e.read().decode("utf-8", "replace")[:300]
                 if e.code not in RETRY_STATUS:
@@ -195,7 +235,9 @@ class ApiJudge:
                 if retry_after and retry_after.replace(".", "", 1).isdigit():
                     wait = min(60.0, float(retry_after))
                 reason = f"HTTP {e.code}"
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            except MalformedAnswer as e:
+                reason = str(e)
+            except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 reason = type(e).__name__
             if attempt < self.config.max_retries:
                 log.warning(
@@ -205,11 +247,27 @@ class ApiJudge:
         raise JudgeError(f"judge=api: {self.url} still failing after {self.config.max_retries} retries ({reason})")
 
 
-def _content(answer: Any) -> str:
-    """The text of a chat-completions answer; an answer of another shape is returned as JSON (it
-    will not parse as a verdict and is counted as a parse failure)."""
+def _read_within(response: Any, deadline: float) -> bytes:
+    """The whole body, or TimeoutError once ``deadline`` passes (each read also has the socket timeout)."""
+    chunks = []
+    while chunk := response.read(65536):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer took longer than judge.timeout_s")
+    return b"".join(chunks)
+
+
+def _content(body: bytes) -> str:
+    """The text of a chat-completions answer.
+
+    Raises:
+        MalformedAnswer: the body is not UTF-8 JSON with ``choices[0].message.content`` a string,
+            naming its first bytes.
+    """
     try:
-        content = answer["choices"][0]["message"]["content"]
-        return content if isinstance(content, str) else json.dumps(answer)
-    except (KeyError, IndexError, TypeError):
-        return json.dumps(answer)
+        content = json.loads(body.decode("utf-8"))["choices"][0]["message"]["content"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise MalformedAnswer(f"malformed answer, not a chat completion: {body[:80]!r}")
+    return content
