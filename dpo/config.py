@@ -291,8 +291,10 @@ def device_mesh(trainer: DictConfig, world: int) -> tuple[int, int] | None:
         return None
     tp, dp = strategy.get("tensor_parallel_size", "auto"), strategy.get("data_parallel_size", "auto")
     tp = 1 if tp == "auto" else tp
-    dp = world // tp if dp == "auto" else dp
-    if not isinstance(dp, int) or not isinstance(tp, int) or dp * tp != world:
+    if tp != 1:  # configure_model shards over the data-parallel mesh only; a TP plan would be silently unused
+        raise ConfigError(f"trainer.strategy.tensor_parallel_size={tp}: tensor parallelism is not implemented; use 1")
+    dp = world if dp == "auto" else dp
+    if not isinstance(dp, int) or dp * tp != world:
         raise ConfigError(
             f"trainer.strategy.data_parallel_size={dp} x tensor_parallel_size={tp} must equal the world size {world} "
             "(trainer.devices x trainer.num_nodes); data_parallel_size=auto shards over every process"

@@ -159,7 +159,7 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     datamodule.setup("fit")
     fingerprints = {split: datamodule.content_fingerprint(split) for split in sorted(datamodule.datasets)}
     check_same_data(start.state, fingerprints, resumed_step, accept=cfg.guard.data_changed == "accept")
-    check_extension(cfg, start, len(datamodule.datasets["train"]), resumed_step)
+    check_extension(cfg, len(datamodule.datasets["train"]), resumed_step)
     if rank_zero_only.rank == 0:
         start.state.save(Path(cfg.paths.output_dir))
     callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
@@ -248,7 +248,7 @@ def check_resume(start: Start, tokenizer: Any, kind: str) -> int | None:
         raise ConfigError(f"ckpt_path: {e}") from None
 
 
-def check_extension(cfg: DictConfig, start: Start, train_rows: int, resumed_step: int | None) -> None:
+def check_extension(cfg: DictConfig, train_rows: int, resumed_step: int | None) -> None:
     """Refuse a resumed run that ``trainer.max_steps`` extends but ``trainer.max_epochs`` has already ended.
 
     Optimizer steps per epoch: whole global batches of the training split (the sampler drops the

@@ -206,3 +206,22 @@ def test_bf16_mixed_logs_the_norm_before_clipping_and_steps_with_the_clipped_one
     assert logged == pytest.approx(seen, rel=1e-4) and min(logged) > 1e-2
     assert stepped == pytest.approx([1e-3] * 3, rel=1e-3)
     assert all(float(r["train/tokens_per_s"]) > 0 and float(r["train/peak_memory_mb"]) > 0 for r in rows)
+
+
+def test_fsdp2_auto_shards_over_every_process_and_wrong_sizes_are_refused(tmp_path):
+    """conf/trainer/fsdp.yaml's data_parallel_size=auto was Lightning's number of nodes (1), which with
+    tensor_parallel_size 1 failed at the first validation on any multi-GPU node, after the weights loaded."""
+    from dpo.config import device_mesh
+
+    cfg = compose_config(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.num_nodes=2"],
+                         tmp_path)  # fmt: skip
+    assert cfg.trainer.strategy.data_parallel_size == "auto" and device_mesh(cfg.trainer, 8) == (8, 1)
+    with open_dict(cfg):
+        cfg.trainer.strategy.data_parallel_size = 3
+    with pytest.raises(ConfigError, match=r"data_parallel_size=3 x tensor_parallel_size=1 must equal the world size 8"):
+        device_mesh(cfg.trainer, 8)
+    with open_dict(cfg):
+        cfg.trainer.strategy.data_parallel_size, cfg.trainer.strategy.tensor_parallel_size = "auto", 2
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2: tensor parallelism is not implemented"):
+        device_mesh(cfg.trainer, 8)
+    assert device_mesh(compose_config(["trainer=ddp_cpu"], tmp_path).trainer, 2) is None
