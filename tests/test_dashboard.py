@@ -80,8 +80,8 @@ def rlhf_metrics(tmp_path) -> set[str]:
     from dpo.train import train
 
     names: set[str] = set()
-    ppo = ["system.minibatch_size=2", "callbacks=reward_eval", "callbacks.reward_eval.n_prompts=2",
-           "callbacks.reward_eval.generation.max_new_tokens=4"]  # fmt: skip
+    ppo = ["system.minibatch_size=2", "trainer.max_steps=4", "callbacks=reward_eval",  # one PPO iteration: 4 steps
+           "callbacks.reward_eval.n_prompts=2", "callbacks.reward_eval.generation.max_new_tokens=4"]  # fmt: skip
     for kind, extra in (("reward_model", []), ("ppo", ppo)):
         out = tmp_path / kind
         train(compose_config([*FAST, f"system={kind}", "callbacks.samples=null", *extra], out))
