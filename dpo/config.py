@@ -31,6 +31,7 @@ from dpo.models import ModelLoadError, max_positions
 from dpo.precision import PrecisionError, PrecisionPlan, plan_precision
 from dpo.schema import OUR_GROUPS, SELECTORS
 from dpo.systems import SYSTEMS, SystemSpec
+from dpo.systems.base import OptimConfig
 
 T = TypeVar("T")
 
@@ -218,6 +219,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",))
     system = SYSTEMS[cfg.system.kind]
     typed(cfg.system, system.config)  # the system's own range checks (its __post_init__)
+    typed(cfg.optim, OptimConfig)  # learning rate > 0, warmup >= 0
     try:
         spec = get_loss(cfg.loss.name)
         check_loss_params(cfg.loss.name, loss_params(cfg))

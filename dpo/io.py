@@ -73,7 +73,7 @@ def read_jsonl(
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (an editor's) is not part of the first row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
     rows = []
@@ -128,7 +128,7 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (an editor's) is not part of the first row
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
     return [line for line in text.split("\n") if line.strip()]

@@ -323,3 +323,9 @@ def test_checkpoint_and_model_mistakes_fail_before_weights_load(tmp_path, no_wei
     for overrides, error, pattern in cases:
         with pytest.raises(error, match=pattern):
             train(compose_config([*FAST, *overrides], tmp_path / "run"))
+
+
+def test_a_learning_rate_and_warmup_out_of_range_are_refused_together(tmp_path):
+    """The fuzz round: optim.optimizer.lr=-1 was torch's traceback after the model loaded; warmup -5 was accepted."""
+    with pytest.raises(ConfigError, match=r"optim.optimizer.lr=-1 must be a number > 0; optim.warmup_steps=-5 must"):
+        validate(compose_config([*FAST, "optim.optimizer.lr=-1", "optim.warmup_steps=-5"], tmp_path))

@@ -305,3 +305,25 @@ def test_a_reward_model_export_is_refused_as_a_policy_before_its_weights_load(tm
 
     with pytest.raises(ModelLoadError, match=r"holds a reward model \(GPT2ForSequenceClassification\), not a causal"):
         load_policy(ModelConfig(exported_tiny_rm))
+
+
+def test_valid_inputs_with_a_bom_and_crlf_are_read(tmp_path):
+    """The fuzz round's one refused valid input: a JSONL file saved with a BOM (and CRLF line ends)."""
+    path = tmp_path / "scored.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"prompt": "a", "rewards": [1.0]}).encode() + b"\r\n")
+    assert read_jsonl(path, {"prompt": str}) == [{"prompt": "a", "rewards": [1.0]}]
+
+
+def test_best_of_n_beyond_the_samples_and_an_unknown_reward_are_one_line_errors(tmp_path):
+    """Two raw tracebacks of the fuzz round (experiments/fuzz/cases.md)."""
+    from dpo.data.sources import DataError
+    from dpo.pipeline.best_of_n import run
+    from dpo.pipeline.score import score
+
+    scored = tmp_path / "s.jsonl"
+    scored.write_text(json.dumps({"prompt": "a", "completions": ["x", "y"], "rewards": [1.0, 0.0]}) + "\n")
+    with pytest.raises(DataError, match=r"s.jsonl:1: 2 samples, fewer than the largest N in ns=\[8\]"):
+        run(OmegaConf.create({"input": str(scored), "ns": [8], "output": str(tmp_path / "b.jsonl")}))
+    with pytest.raises(ConfigError, match=r"reward: unknown reward 'nope'"):
+        score(OmegaConf.create({"input": str(scored), "output": str(tmp_path / "o.jsonl"), "reward": {"name": "nope"},
+                                "include_prompt": True, "batch_size": 4}))  # fmt: skip

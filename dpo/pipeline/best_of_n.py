@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 
 from dpo.cli import entry
 from dpo.config import ConfigError, require_keys
+from dpo.data.sources import DataError
 from dpo.io import finite_numbers, read_jsonl, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
@@ -58,6 +59,9 @@ def run(cfg: DictConfig) -> Path:
     rows = read_jsonl(cfg.input, {"rewards": list})
     for i, row in enumerate(rows, 1):  # NaN rewards were accepted here (dpo-pair refused them)
         row["rewards"] = finite_numbers(row["rewards"], f"{cfg.input}:{i}", "rewards")
+        if len(row["rewards"]) < max(cfg.ns):
+            raise DataError(f"{cfg.input}:{i}: {len(row['rewards'])} samples, fewer than the largest N in "
+                            f"ns={list(cfg.ns)}; sample more (dpo-sample n=...) or lower ns")  # fmt: skip
     picks_out = cfg.get("completions")
     if picks_out and any("completions" not in r or "prompt" not in r for r in rows):
         raise ConfigError(f"completions={picks_out}: {cfg.input} rows need 'prompt' and 'completions' to pick from")

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
 from dpo.config import ConfigError, require_keys, typed
+from dpo.data.sources import DataError
 from dpo.io import read_prompts, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
@@ -39,9 +40,11 @@ def load_prompts(cfg: DictConfig) -> list[str]:
         prompts = list(dict.fromkeys(r.prompt for r in rows))
     else:
         raise ConfigError("set prompts.file, or a data config (data=imdb) to take prompts from")
+    if not prompts:
+        raise DataError(f"{p.file or 'data'}: no prompts")
     for i, text in enumerate(prompts, 1):
         if not text.strip():
-            raise ValueError(f"{p.file or 'data'}: prompt {i} is empty")
+            raise DataError(f"{p.file or 'data'}: prompt {i} is empty")
     return prompts[: p.max_prompts] if p.max_prompts is not None else prompts
 
 

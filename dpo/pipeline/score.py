@@ -15,7 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import require_keys
+from dpo.config import ConfigError, require_keys
+from dpo.data.sources import DataError
 from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
@@ -30,8 +31,11 @@ def score(cfg: DictConfig) -> Path:
     rows = read_jsonl(cfg.input, {"prompt": str, "completions": list})
     for i, row in enumerate(rows, 1):
         if not row["completions"] or not all(isinstance(c, str) for c in row["completions"]):
-            raise ValueError(f"{cfg.input}:{i}: 'completions' must be a non-empty list of strings")
-    reward = reward_from_config(OmegaConf.to_container(cfg.reward, resolve=True))
+            raise DataError(f"{cfg.input}:{i}: 'completions' must be a non-empty list of strings")
+    try:
+        reward = reward_from_config(OmegaConf.to_container(cfg.reward, resolve=True))
+    except ValueError as e:  # an unknown reward name or a bad reward setting
+        raise ConfigError(f"reward: {e}") from None
     if hasattr(reward, "to"):  # a model: on this process's device
         reward.to(default_device())
     texts = [(r["prompt"] + c) if cfg.include_prompt else c for r in rows for c in r["completions"]]

@@ -45,6 +45,17 @@ class OptimConfig:
     warmup_steps: int = 0
     decay: Decay = Decay.constant
 
+    def __post_init__(self) -> None:
+        """Every out-of-range setting at once, by key (lr=-1 was torch's traceback after the weights loaded)."""
+        problems = []
+        lr = self.optimizer.get("lr")
+        if isinstance(lr, bool) or not isinstance(lr, int | float | None) or (lr is not None and not lr > 0):
+            problems.append(f"optim.optimizer.lr={lr} must be a number > 0")
+        if self.warmup_steps < 0:
+            problems.append(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 def warmup_schedule(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:
     """Learning-rate multiplier: linear warmup over ``warmup_steps``, then ``decay``.
