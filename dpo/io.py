@@ -59,6 +59,20 @@ def locked_cache(
     return value, False
 
 
+def read_text(path: Path) -> str:
+    """A text file's content, without a leading BOM (an editor's, not part of the first row).
+
+    Raises:
+        DataError: naming the file when it is missing or not UTF-8.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
+
+
 def read_jsonl(
     path: str | Path, required: dict[str, type | tuple[type, ...]], allow_empty: bool = False
 ) -> list[dict[str, Any]]:
@@ -70,12 +84,7 @@ def read_jsonl(
             bytes that are not UTF-8, malformed JSON, a missing key or a wrong type (a bool is not a number).
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (an editor's) is not part of the first row
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
+    text = read_text(path)
     rows = []
     # Split at newlines only: str.splitlines also splits at U+2028/U+2029/U+0085, which the JSON
     # strings we write (ensure_ascii=False) may hold, e.g. in a sampled completion.
@@ -125,13 +134,7 @@ def read_prompts(path: str | Path, field: str = "prompt") -> list[str]:
     path = Path(path)
     if path.suffix == ".jsonl":
         return [row[field] for row in read_jsonl(path, {field: str})]
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a BOM (an editor's) is not part of the first row
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
-    return [line for line in text.split("\n") if line.strip()]
+    return [line for line in read_text(path).split("\n") if line.strip()]
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> Path:

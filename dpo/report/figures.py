@@ -122,13 +122,12 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
         with path.open(newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             for row in reader:
+                if None in row or None in row.values():  # a row longer or shorter than the header
+                    raise ValueError(f"a row of {len(row)} fields against a header of {len(reader.fieldnames)}")
+                step = int(float(row.get("step") or 0))
                 for key, value in row.items():
-                    if key is None or value is None:  # a row longer or shorter than the header
-                        raise ValueError(f"a row of {len(row)} fields against a header of {len(reader.fieldnames)}")
-                    if value != "" and key != "epoch":
-                        number = float(value)
-                        if key != "step":
-                            out.setdefault(key, []).append((int(float(row.get("step") or 0)), number))
+                    if value != "" and key not in ("step", "epoch"):
+                        out.setdefault(key, []).append((step, float(value)))
     except (ValueError, UnicodeDecodeError, csv.Error) as e:
         line = reader.line_num if "reader" in locals() else 0
         raise DataError(f"{path}:{line}: not Lightning's metrics CSV ({e})") from None
