@@ -327,3 +327,39 @@ def test_best_of_n_beyond_the_samples_and_an_unknown_reward_are_one_line_errors(
     with pytest.raises(ConfigError, match=r"reward: unknown reward 'nope'"):
         score(OmegaConf.create({"input": str(scored), "output": str(tmp_path / "o.jsonl"), "reward": {"name": "nope"},
                                 "include_prompt": True, "batch_size": 4}))  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("run/csv/metrics.csv", "step,train/loss\n0,0.69\n1,oops\n", r"metrics.csv:3: not Lightning's metrics CSV"),
+    ("run/csv/metrics.csv", "step,train/loss\n0,0.69,7\n", r"metrics.csv:2: not Lightning's metrics CSV \(a row of"),
+    ("run/.hydra/overrides.yaml", "- a: [", r"overrides.yaml: not Hydra's overrides list"),
+    ("run/eval/eval.jsonl", '{"step": 0, "kl": 0.1, "reward": 0.5}\n{"step": 4, "kl"', r"eval.jsonl:2: not valid JSON"),
+    ("run/eval/eval.jsonl", '{"step": 0, "reward": 0.5}\n', r"eval.jsonl:1: missing key 'kl'"),
+    ("bon/eval.jsonl", b"\xff\xfe\x00", r"eval.jsonl: not UTF-8 text"),
+])  # fmt: skip
+def test_dpo_report_names_the_malformed_file_in_one_line(tmp_path, name, content, message):
+    """Issue 23: a malformed metrics.csv, eval.jsonl, results.jsonl or overrides file was a raw traceback."""
+    import re
+    import subprocess
+    import sys
+
+    path = tmp_path / name
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    if name.startswith("run/") and not name.endswith("metrics.csv"):
+        (tmp_path / "run" / "csv").mkdir(exist_ok=True)
+        (tmp_path / "run" / "csv" / "metrics.csv").write_text("step,train/loss\n0,0.69\n")
+        (tmp_path / "run" / "config.yaml").write_text("system: {kind: dpo}\nloss: {name: dpo, beta: 0.1}\n")
+    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", str(tmp_path), "--out", str(tmp_path / "f")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1 and re.search(message, proc.stderr), proc.stderr
+
+
+def test_dpo_dashboard_names_a_malformed_spec_file(tmp_path):
+    from dpo.pipeline.dashboard import main
+
+    spec = tmp_path / "dash.json"
+    spec.write_text('{"spec": {"entity": "me"')
+    with pytest.raises(SystemExit, match=r"spec=.*dash.json is not a spec dpo-dashboard wrote \(JSONDecodeError"):
+        main([f"spec={spec}", "publish=true"])
