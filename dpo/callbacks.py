@@ -14,7 +14,7 @@ import torch
 from dpo.data.collate import pad_id_of
 from dpo.distributed import gather_rows, rank_share
 from dpo.io import write_jsonl
-from dpo.sampling import GenerationConfig, generate
+from dpo.sampling import GenerationConfig, check_counts, generate
 from dpo.systems.base import optimizer_step_ended
 
 
@@ -46,10 +46,12 @@ class GenerationSamples(pl.Callback):
         top_p: float = 1.0,
         seed: int = 0,
     ) -> None:
+        check_counts(every_n_steps=(every_n_steps, 0), n_prompts=(n_prompts, 1))
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.n_prompts = n_prompts
         self.gen = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+        self.gen.kwargs()  # checks the settings now, not after training
         self.seed = seed
         self._last_step = -1
 

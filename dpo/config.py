@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dpo.data.batch import Layout
+from dpo.data.datamodule import DataConfig
 from dpo.data.formats import get_format
 from dpo.data.sources import DataError
 from dpo.forward import LayoutError, choose_layout
@@ -237,11 +238,8 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     if kind == "copy" and cfg.reference.sync_every and not 0 < cfg.reference.sync_alpha <= 1:
         raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
     _check_system(cfg, system)
+    typed(cfg.data, DataConfig)  # batch sizes >= 1, 0 < max_prompt_length < max_length
     data = cfg.data
-    if not 0 < data.max_prompt_length < data.max_length:
-        raise ConfigError(
-            f"need 0 < data.max_prompt_length ({data.max_prompt_length}) < data.max_length ({data.max_length})"
-        )
     positions = max_positions(model_config) if model_config is not None else None
     if positions is not None and data.max_length > positions:
         raise ConfigError(

@@ -65,6 +65,13 @@ class GenerationConfig:
         }  # fmt: skip
 
 
+def check_counts(**counts: tuple[int, int]) -> None:
+    """Raise one ``ValueError`` naming every ``key=value`` below its minimum (``key=(value, minimum)``)."""
+    problems = [f"{key}={value} must be >= {least}" for key, (value, least) in counts.items() if value < least]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to (not including) the earliest of the ``stop`` strings."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))

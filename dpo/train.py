@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.checkpoint import check_fits
@@ -269,14 +270,19 @@ def check_extension(cfg: DictConfig, train_rows: int, resumed_step: int | None) 
 def instantiate_all(group: DictConfig, extra: dict[str, dict[str, Any]] | None = None) -> list[Any]:
     """The objects of a group of ``_target_`` nodes (``extra``: more keyword arguments per target;
     a node set to null is left out); a user error raised inside one surfaces as itself."""
-    extra = extra or {}
-    try:
-        nodes = [node for node in group.values() if node is not None]
-        return [instantiate(node, **extra.get(str(node.get("_target_")), {})) for node in nodes]
-    except InstantiationException as e:
-        if isinstance(e.__cause__, USER_ERRORS):
-            raise e.__cause__ from None
-        raise
+    extra, out = extra or {}, []
+    for name, node in group.items():
+        if node is None:
+            continue
+        try:
+            out.append(instantiate(node, **extra.get(str(node.get("_target_")), {})))
+        except InstantiationException as e:
+            if isinstance(e.__cause__, USER_ERRORS):
+                raise e.__cause__ from None
+            if isinstance(e.__cause__, ValueError | MisconfigurationException):  # a constructor's own range check
+                raise ConfigError(f"{group._key()}.{name}: {e.__cause__}") from None
+            raise
+    return out
 
 
 def instantiate_loggers(group: DictConfig, run_id: str, resumed_step: int | None) -> list[Any]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from tests_helpers import wandb_logged
+from tests_helpers import run_entry, wandb_logged
 
 from dpo.pipeline.dashboard import main as dashboard_main
 from dpo.pipeline.report import report
@@ -90,7 +90,7 @@ def rlhf_metrics(tmp_path) -> set[str]:
     return names
 
 
-def test_the_report_holds_the_panels_and_offline_writes_its_spec_and_the_publish_command(tmp_path, capsys):
+def test_the_report_holds_the_panels_and_offline_writes_its_spec_and_the_publish_command(tmp_path):
     report_ = build_report(DashboardSpec("me", "dpo", "tiny/sweep", "loss.beta"))
     import wandb_workspaces.reports.v2 as wr
 
@@ -98,12 +98,13 @@ def test_the_report_holds_the_panels_and_offline_writes_its_spec_and_the_publish
     named = {m for p in panels if isinstance(p, wr.LinePlot) for m in p.y}
     assert named == {m for _, ms in LINE_PANELS for m in ms} and len(panels) == len(LINE_PANELS) + 3
     out = tmp_path / "dash.json"
-    dashboard_main(["entity=me", "project=dpo", "group=tiny/sweep", "group_by=loss.beta", f"out={out}"])
-    assert f"dpo-dashboard spec={out} publish=true" in capsys.readouterr().out
+    rc, printed = run_entry(dashboard_main, "entity=me", "project=dpo", "group=tiny/sweep", "group_by=loss.beta",
+                            f"out={out}", f"paths.log_dir={tmp_path}", cwd=tmp_path)  # fmt: skip
+    assert rc == 0 and f"dpo-dashboard spec={out} publish=true" in printed
     doc = json.loads(out.read_text())
     assert doc["spec"]["group_by"] == "loss.beta" and len(doc["panels"]["lines"]) == len(LINE_PANELS)
-    with pytest.raises(SystemExit, match="set entity=..."):
-        dashboard_main(["project=dpo", "group=g"])
+    rc, printed = run_entry(dashboard_main, "project=dpo", "group=g", f"paths.log_dir={tmp_path}", cwd=tmp_path)
+    assert rc == 1 and "set entity=..." in printed
 
 
 def test_dpo_report_draws_one_png_per_figure_family_from_the_run_folders(sweep, tmp_path):
@@ -111,6 +112,6 @@ def test_dpo_report_draws_one_png_per_figure_family_from_the_run_folders(sweep, 
     assert sorted(p.name for p in written) == ["frontier.png", "health.png", "kl.png", "loss.png", "rewards.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", str(tmp_path / "nothing")],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode != 0 and "no such folder" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", f"runs={tmp_path / 'nothing'}",
+                           f"paths.log_dir={tmp_path}"], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1 and "runs: no such folder" in proc.stdout

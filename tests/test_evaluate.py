@@ -152,6 +152,7 @@ MISBEHAVIOUR = {
     "bytes": lambda h: h.reply(b"\xff\xfe\x00garbage"),
     "torn": lambda h: h.wfile.write(b"HTTP/1.1 2"),  # a torn status line, then the connection closes
     "slow": _slow,
+    "silent": lambda h: time.sleep(5.0),  # accepts the connection and never answers
 }
 
 
@@ -252,7 +253,7 @@ def test_api_judge_settings_are_checked_before_anything_runs_and_a_key_typed_as_
     ("html", r"malformed answer, not a chat completion: b'<html><body>502"),
     ("bytes", r"malformed answer, not a chat completion: b'\\xff\\xfe"),
     ("torn", r"(BadStatusLine|RemoteDisconnected)"),
-    ("slow", r"TimeoutError"),
+    ("slow", r"gave no answer within judge.timeout_s=0.5 twice in a row"),
 ])  # fmt: skip
 def test_a_misbehaving_endpoint_is_a_named_failure_never_cached_and_a_fixed_one_is_asked_again(
     tmp_path, server, monkeypatch, mode, reason
@@ -266,13 +267,28 @@ def test_a_misbehaving_endpoint_is_a_named_failure_never_cached_and_a_fixed_one_
     overrides = [*api_overrides(server, completions), "judge.max_retries=1", "judge.timeout_s=0.5"]
     server.mode = mode
     started = time.monotonic()
-    with pytest.raises(JudgeError, match=rf"{server.url}/chat/completions still failing after 1 retries \({reason}"):
+    failed = rf"{server.url}/chat/completions (still failing after 1 retries \(|){reason}"
+    with pytest.raises(JudgeError, match=failed):
         evaluate(compose_eval(overrides, tmp_path / "broken", cache))
     assert time.monotonic() - started < 30
     assert not (cache / "judgments" / "api.jsonl").exists() or not (cache / "judgments" / "api.jsonl").read_text()
     server.mode = None
     (row,) = read_jsonl(evaluate(compose_eval(overrides, tmp_path / "fixed", cache)), {"win_rate": float})
     assert row["win_rate"] == pytest.approx(5 / 7)
+
+
+def test_a_server_that_accepts_and_never_answers_ends_the_run_in_two_timeouts(tmp_path, server, monkeypatch):
+    """Issue 23: with the default retries a silent server took about 9 minutes per request, and the
+    queued requests each waited their turn after the first failure. Now a request that times out twice
+    in a row ends the run with the cause, nothing in flight is retried and nothing queued starts."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    server.mode = "silent"
+    overrides = [*api_overrides(server, scripted_completions(tmp_path)), "judge.max_retries=6", "judge.timeout_s=0.3"]
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"gave no answer within judge.timeout_s=0.3 twice in a row; is the server up"):
+        evaluate(compose_eval(overrides, tmp_path / "run"))
+    assert time.monotonic() - started < 4  # 2 x 0.3 s and the backoff; the default retries would take 7 x 0.3 s each
+    assert len(server.requests) <= 2 * 3  # max_concurrency=3 in flight, each tried twice; the other 5 never sent
 
 
 def test_a_run_past_max_run_s_stops_with_what_it_paid_for_cached(tmp_path, server, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -350,16 +351,42 @@ def test_dpo_report_names_the_malformed_file_in_one_line(tmp_path, name, content
         (tmp_path / "run" / "csv").mkdir(exist_ok=True)
         (tmp_path / "run" / "csv" / "metrics.csv").write_text("step,train/loss\n0,0.69\n")
         (tmp_path / "run" / "config.yaml").write_text("system: {kind: dpo}\nloss: {name: dpo, beta: 0.1}\n")
-    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", str(tmp_path), "--out", str(tmp_path / "f")],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1 and re.search(message, proc.stderr), proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", f"runs=[{tmp_path}]", f"out={tmp_path / 'f'}",
+                           f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
+    assert len(out.strip().splitlines()) == 1 and re.search(message, out), out
 
 
 def test_dpo_dashboard_names_a_malformed_spec_file(tmp_path):
+    from tests_helpers import run_entry
+
     from dpo.pipeline.dashboard import main
 
     spec = tmp_path / "dash.json"
     spec.write_text('{"spec": {"entity": "me"')
-    with pytest.raises(SystemExit, match=r"spec=.*dash.json is not a spec dpo-dashboard wrote \(JSONDecodeError"):
-        main([f"spec={spec}", "publish=true"])
+    rc, out = run_entry(main, f"spec={spec}", "publish=true", cwd=tmp_path)
+    assert rc == 1 and re.search(r"spec=.*dash.json is not a spec dpo-dashboard wrote \(JSONDecodeError", out), out
+
+
+def test_dpo_report_and_dpo_dashboard_are_hydra_commands_whose_mistakes_are_one_line(tmp_path):
+    """Issue 23: every command on the same Hydra front (dpo.cli.entry): an unknown key, a missing
+    folder, a wrong type end in one line and exit status 1; nothing is written."""
+    from tests_helpers import run_entry
+
+    from dpo.pipeline import dashboard, report
+
+    logs = f"paths.log_dir={tmp_path / 'logs'}"
+    for main, args, message in [
+        (report.main, [logs], r"required config value\(s\) not set: \['runs'\]"),
+        (report.main, [logs, "runs=[]"], r"runs=\[\] must be a folder or a list of folders"),
+        (report.main, [logs, f"runs=[{tmp_path / 'none'}]"], r"runs: no such folder: .*none"),
+        (report.main, [logs, f"runs={tmp_path / 'logs'}"], r"no run logs \(csv/metrics.csv\)"),
+        (dashboard.main, [logs, "colour=red"], r"Could not override 'colour'"),
+        (dashboard.main, [logs, "project=dpo", "group=g"], r"set entity=\.\.\."),
+        (dashboard.main, [logs, "entity=a", "project=b", "group=g", "publish=yes"], r"publish='yes' must be true or"),
+    ]:  # fmt: skip
+        (tmp_path / "logs").mkdir(exist_ok=True)
+        rc, out = run_entry(main, *args, cwd=tmp_path)
+        assert rc == 1 and "Traceback" not in out and re.search(message, out), (args, out)
+    assert not (tmp_path / "figures").exists() and not (tmp_path / "dashboard.json").exists()

@@ -126,3 +126,27 @@ class RecordPPOMetrics(pl.Callback):
         record = {"batch": batch_idx, "rows": batch["rows"].tolist(), "local": pl_module.local_metrics}
         with (Path(self.out) / f"rank{trainer.global_rank}.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def run_entry(main, *args: str, cwd: Path) -> tuple[int, str]:
+    """Run a console command's Hydra entry (e.g. ``dpo.pipeline.pair.main``) in this process, as
+    ``<command> *args`` typed in ``cwd``; returns its exit status and what it printed. A raw exception
+    (a bug, not a user error) propagates and fails the test."""
+    import contextlib
+    import io
+    import os
+    import sys
+
+    old_argv, old_cwd, out = sys.argv, os.getcwd(), io.StringIO()
+    sys.argv = [getattr(main, "__module__", "command"), *args]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            main()
+        rc = 0
+    except SystemExit as e:
+        rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+    return rc, out.getvalue()

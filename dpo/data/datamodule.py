@@ -91,6 +91,26 @@ class DataConfig:
     num_workers: int = 0
     response: ResponseSpec = field(default_factory=ResponseSpec)
 
+    def __post_init__(self) -> None:
+        """Every out-of-range setting at once, by key (their cross-checks with the world size and the
+        model's positions are :func:`dpo.config.validate`'s)."""
+        problems = [f"data.{key}={getattr(self, key)} must be {rule}" for key, ok, rule in (
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+            ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
+            ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
+            ("max_length", self.max_length >= 2, ">= 2 (a prompt token and a response token)"),
+            ("num_workers", self.num_workers >= 0, ">= 0"),
+        ) if not ok]  # fmt: skip
+        max_rows = getattr(self.source, "max_rows", None)
+        if max_rows is not None and max_rows < 1:
+            problems.append(f"data.source.max_rows={max_rows} must be >= 1 or null (all rows)")
+        if not 0 < self.max_prompt_length < self.max_length:
+            problems.append(
+                f"need 0 < data.max_prompt_length ({self.max_prompt_length}) < data.max_length ({self.max_length})"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 class TokenizedDataset(Dataset[TokenizedPair]):
     """A list of tokenized rows with the prompt group of each (rows sharing a prompt share a group)."""

@@ -16,7 +16,7 @@ from dpo.log import get_logger
 from dpo.report.summary import change
 from dpo.report.wandb_logging import log_frontier, log_samples
 from dpo.rewards import reward_from_config
-from dpo.sampling import GenerationConfig, completion_batch, completion_kl, generate
+from dpo.sampling import GenerationConfig, check_counts, completion_batch, completion_kl, generate
 from dpo.systems.base import optimizer_step_ended
 
 log = get_logger(__name__)
@@ -75,6 +75,8 @@ class RewardKLEval(pl.Callback):
         seed: int = 0,
         log_samples: bool = False,
     ) -> None:
+        check_counts(every_n_steps=(every_n_steps, 0), n_prompts=(n_prompts, 1),
+                     samples_per_prompt=(samples_per_prompt, 1), batch_size=(batch_size, 1))  # fmt: skip
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.n_prompts = n_prompts

@@ -11,23 +11,13 @@ the runs synced (``wandb sync outputs/<task>/.../wandb/offline-run-*``).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
+from omegaconf import DictConfig
+
+from dpo.cli import entry
+from dpo.config import ConfigError
 from dpo.report.dashboard import DashboardSpec, build_report, spec_document
-
-KEYS = ("entity", "project", "group", "group_by", "title", "out", "spec", "publish")
-
-
-def parse(argv: list[str]) -> dict[str, str]:
-    """``key=value`` arguments; an unknown key or a bare word is an error naming it."""
-    args = {}
-    for a in argv:
-        key, sep, value = a.partition("=")
-        if not sep or key not in KEYS:
-            raise ValueError(f"dpo-dashboard: {a!r} is not key=value with key in {KEYS}")
-        args[key] = value
-    return args
 
 
 def read_spec(path: Path) -> DashboardSpec:
@@ -36,35 +26,38 @@ def read_spec(path: Path) -> DashboardSpec:
         return DashboardSpec(**json.loads(path.read_text(encoding="utf-8"))["spec"])
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         what = f"{type(e).__name__}: {e}"
-        raise ValueError(f"dpo-dashboard: spec={path} is not a spec dpo-dashboard wrote ({what})") from None
+        raise ConfigError(f"spec={path} is not a spec dpo-dashboard wrote ({what})") from None
 
 
-def main(argv: list[str] | None = None) -> None:
-    try:
-        args = parse(sys.argv[1:] if argv is None else argv)
-        if "spec" in args:
-            spec = read_spec(Path(args["spec"]))
-        else:
-            missing = [k for k in ("entity", "project", "group") if not args.get(k)]
-            if missing:
-                raise ValueError(f"dpo-dashboard: set {', '.join(f'{k}=...' for k in missing)}")
-            spec = DashboardSpec(
-                args["entity"], args["project"], args["group"], args.get("group_by"), args.get("title")
-            )
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        sys.exit(str(e))
-    if args.get("publish", "false").lower() == "true":
+def dashboard(cfg: DictConfig) -> str:
+    """Build the spec (from ``spec=`` or entity/project/group) and publish it or write it to ``out``;
+    returns what the command prints."""
+    if cfg.spec is not None:
+        spec = read_spec(Path(cfg.spec))
+    else:
+        missing = [k for k in ("entity", "project", "group") if not cfg.get(k)]
+        if missing:
+            raise ConfigError(f"set {', '.join(f'{k}=...' for k in missing)} (or spec=<a dashboard.json>)")
+        spec = DashboardSpec(str(cfg.entity), str(cfg.project), str(cfg.group),
+                             cfg.group_by and str(cfg.group_by), cfg.title and str(cfg.title))  # fmt: skip
+    if not isinstance(cfg.publish, bool):
+        raise ConfigError(f"publish={cfg.publish!r} must be true or false")
+    if cfg.publish:
         try:
             report = build_report(spec)
         except ImportError:
-            sys.exit("dpo-dashboard: publishing needs wandb-workspaces: pip install 'dpo-lightning[dashboard]'")
+            raise ConfigError("publish=true needs wandb-workspaces: pip install 'dpo-lightning[dashboard]'") from None
         report.save()
-        print(f"published {report.url}")  # noqa: T201 (the command's output)
-        return
-    out = Path(args.get("out", "dashboard.json"))
+        return f"published {report.url}"
+    out = Path(cfg.out)
     out.write_text(json.dumps(spec_document(spec), indent=1) + "\n")
-    print(f"wrote {out}; publish it (after `wandb login` and `wandb sync` of the runs) with:\n"  # noqa: T201
-          f"  dpo-dashboard spec={out} publish=true")  # fmt: skip
+    return (f"wrote {out}; publish it (after `wandb login` and `wandb sync` of the runs) with:\n"
+            f"  dpo-dashboard spec={out} publish=true")  # fmt: skip
+
+
+@entry("dashboard")
+def main(cfg: DictConfig) -> None:
+    print(dashboard(cfg))  # noqa: T201 (the command's output)
 
 
 if __name__ == "__main__":

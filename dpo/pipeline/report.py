@@ -1,6 +1,7 @@
 """`dpo-report`: the run and sweep figures as PNG files, from the run folders alone (no wandb).
 
-    dpo-report outputs/train/multiruns/<time> [more run, sweep, Best-of-N or dpo-eval folders] --out figures
+    dpo-report runs=[outputs/train/multiruns/<time>,<more run, sweep, Best-of-N or dpo-eval folders>] out=figures
+    dpo-report runs=outputs/train/runs/<name> title="IMDB miniature"        # one folder needs no brackets
 
 One PNG per figure family, each run a line (labelled by its overrides): ``rewards.png`` (reward
 accuracy, margin, chosen and rejected rewards, train and validation), ``loss.png``, ``kl.png`` (KL to
@@ -13,10 +14,12 @@ the same panels in wandb.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
+from omegaconf import DictConfig, ListConfig
+
+from dpo.cli import entry
+from dpo.config import ConfigError, require_keys
 from dpo.data.sources import DataError
 from dpo.report.figures import (
     CURVES,
@@ -33,7 +36,7 @@ def report(roots: list[Path], out: Path, title: str = "") -> list[Path]:
     """Draw every figure whose data is under ``roots`` into ``out``; returns the files written."""
     missing = [str(r) for r in roots if not r.is_dir()]
     if missing:
-        raise FileNotFoundError(f"dpo-report: no such folder: {', '.join(missing)}")
+        raise ConfigError(f"runs: no such folder: {', '.join(missing)}")
     written = []
     runs = find_train_runs(roots)
     for family in CURVES:
@@ -46,21 +49,25 @@ def report(roots: list[Path], out: Path, title: str = "") -> list[Path]:
     return written
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="dpo-report", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("roots", nargs="+", type=Path, help="run, sweep, Best-of-N or dpo-eval folders")
-    parser.add_argument("--out", type=Path, default=Path("figures"), help="folder for the PNG files")
-    parser.add_argument("--title", default="", help="title of the frontier and win-rate figures")
-    args = parser.parse_args(argv)
-    try:
-        written = report(args.roots, args.out, args.title)
-    except (FileNotFoundError, DataError) as e:  # each names its file (and line)
-        sys.exit(f"dpo-report: {e}" if isinstance(e, DataError) else str(e))
+def run_folders(runs: object) -> list[Path]:
+    """``runs=`` as folders: one path, or a list of them; anything else is an error naming the key."""
+    items = list(runs) if isinstance(runs, (list, ListConfig)) else [runs]
+    if not items or not all(isinstance(r, str) and r.strip() for r in items):
+        raise ConfigError(f"runs={runs!r} must be a folder or a list of folders, e.g. runs=[outputs/train/runs/a,...]")
+    return [Path(r) for r in items]
+
+
+@entry("report")
+def main(cfg: DictConfig) -> list[Path]:
+    require_keys(cfg, ["runs", "out", "title"])
+    roots = run_folders(cfg.runs)
+    written = report(roots, Path(cfg.out), str(cfg.title or ""))
     if not written:
-        sys.exit(f"dpo-report: no run logs (csv/metrics.csv), eval.jsonl or results.jsonl under {args.roots}")
+        shown = ", ".join(map(str, roots))
+        raise DataError(f"no run logs (csv/metrics.csv), eval.jsonl or results.jsonl under {shown}")
     for path in written:
         print(path)  # noqa: T201 (the command's output: the files it wrote)
+    return written
 
 
 if __name__ == "__main__":

@@ -23,4 +23,4 @@ dpo-train -m "${common[@]}" loss=unlikelihood loss.alpha=0.1,1 hydra.sweep.dir="
 python experiments/imdb/frontier.py "$out" --out experiments/imdb/frontier.png \
   --title "IMDB miniature: SmolLM2-135M, VADER reward, 31 held-out openings x 2"
 # 4. Every run's curves and the frontier from the run folders (dpo-report; README "Dashboards").
-dpo-report "$out" --out experiments/imdb/figures --title "IMDB miniature: SmolLM2-135M, VADER reward"
+dpo-report runs="[$out]" out=experiments/imdb/figures title="'IMDB miniature: SmolLM2-135M, VADER reward'"

@@ -107,7 +107,8 @@ class ApiJudge:
             max_concurrency: requests in flight at once.
             max_requests: most requests one run sends, retries included.
             timeout_s: seconds one request may take, from sending to the answer's last byte (> 0).
-            max_retries: retries of one request after 429/5xx/timeouts/malformed answers (>= 0).
+            max_retries: retries of one request after 429/5xx/timeouts/malformed answers (>= 0); a
+                request that times out twice in a row ends the run (a silent server is not a busy one).
             backoff_s: first retry's wait; doubled each retry (capped at 60 s).
             max_run_s: seconds the whole run may spend judging; no request starts after that (> 0).
             cache_dir: where answers are cached (shared across runs).
@@ -164,6 +165,8 @@ class ApiJudge:
         self.sent = 0
         self._count = threading.Lock()
         self._deadline = time.monotonic() + config.max_run_s  # set again when judging starts
+        self._stop = threading.Event()
+        self._failure: BaseException | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "api", "base_url": self.config.base_url, "model": self.config.model,
@@ -193,10 +196,18 @@ class ApiJudge:
             )
         log.info(f"judge {self.config.model}: {len(comparisons) - len(todo)} cached, {len(todo)} to request")
         self._deadline = time.monotonic() + self.config.max_run_s
-        with ThreadPoolExecutor(max_workers=max(1, self.config.max_concurrency)) as pool:
+        self._stop.clear()
+        self._failure: BaseException | None = None
+        pool = ThreadPoolExecutor(max_workers=max(1, self.config.max_concurrency))
+        try:
             futures = [pool.submit(self._request_and_cache, k, c) for k, c in todo.items()]
             for future in track(futures, f"judge {len(todo)} comparisons"):
                 future.result()  # the first hard error stops the run; answers so far stay cached
+        except BaseException as e:
+            self._stop.set()  # requests in flight send no retry; queued ones never start
+            raise (self._failure or e) from None  # the cause, not a request it stopped
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         out = []
         for k in keys:
             raw = self.cache.get(k) or ""
@@ -204,10 +215,19 @@ class ApiJudge:
         return out
 
     def _request_and_cache(self, key: str, c: Comparison) -> None:
-        self.cache.put(key, self._request(self._body(c)))
+        try:
+            self.cache.put(key, self._request(self._body(c)))
+        except BaseException as e:
+            with self._count:
+                if not self._stop.is_set():  # the first hard failure: no other request starts or retries
+                    self._failure = e
+                    self._stop.set()
+            raise
 
     def _take_request(self) -> None:
         with self._count:
+            if self._stop.is_set():
+                raise JudgeError("judge=api: stopped by an earlier failure")
             if time.monotonic() > self._deadline:
                 raise JudgeError(f"judge=api: judge.max_run_s={self.config.max_run_s:g} reached; answers so far are "
                                  "cached, so the same command goes on from there")  # fmt: skip
@@ -220,6 +240,7 @@ class ApiJudge:
         headers = {"Content-Type": "application/json"}
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        timeouts = 0
         for attempt in range(self.config.max_retries + 1):
             self._take_request()
             wait = min(60.0, self.config.backoff_s * 2**attempt)
@@ -239,6 +260,13 @@ class ApiJudge:
                 reason = str(e)
             except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as e:
                 reason = type(e).__name__
+                if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):
+                    timeouts += 1  # accepted and silent: a dead server or too short a timeout, not a busy one
+                    if timeouts >= 2:
+                        raise JudgeError(
+                            f"judge=api: {self.url} gave no answer within judge.timeout_s={self.config.timeout_s:g} "
+                            f"twice in a row; is the server up? (raise judge.timeout_s for a slow one)"
+                        ) from None
             if attempt < self.config.max_retries:
                 log.warning(
                     f"judge request failed ({reason}); retry {attempt + 1}/{self.config.max_retries} in {wait:.1f}s"
