@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import typing
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from dpo.data.batch import Layout
@@ -184,6 +185,36 @@ def typed(node: Any, schema: type[T]) -> T:
         raise ConfigError(str(e)) from None
 
 
+def check_ranges(cfg: DictConfig, schema: type) -> None:
+    """Run ``schema``'s own range checks (its ``__post_init__``) on ``cfg``'s values, every mistake at once.
+
+    Hydra has type-checked ``cfg`` against ``schema`` when it composed it; this resolves only the keys
+    the checks read (not ``task_name``/``run_name``, nor ``Any`` nodes such as other config groups).
+
+    Raises:
+        ConfigError: the schema's message, naming each key.
+    """
+    hints = typing.get_type_hints(schema)
+    if unknown := sorted(set(cfg.keys()) - set(hints)):  # `+key=...` adds keys Hydra does not type
+        raise ConfigError(f"unknown key(s) {unknown}; valid keys: {sorted(hints)}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        kind = hints[f.name]
+        if kind is Any or f.name in ("task_name", "run_name") or f.name not in cfg:
+            continue
+        value = cfg[f.name]
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        try:
+            values[f.name] = kind(**value) if dataclasses.is_dataclass(kind) else value
+        except TypeError as e:  # an added key in a typed node
+            raise ConfigError(f"{f.name}: {e}") from None
+    try:
+        schema(**values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def loss_params(cfg: DictConfig) -> dict[str, Any]:
     """The loss's hyperparameters: every key of ``cfg.loss`` except ``name`` and ``nll_weight``."""
     return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}
@@ -223,7 +254,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     typed(cfg.optim, OptimConfig)  # learning rate > 0, warmup >= 0
     try:
         spec = get_loss(cfg.loss.name)
-        check_loss_params(cfg.loss.name, loss_params(cfg))
+        check_loss_params(cfg.loss.name, loss_params(cfg), cfg.loss.nll_weight)
     except (KeyError, ValueError) as e:
         raise ConfigError(str(e.args[0])) from None
     kind = cfg.reference.kind

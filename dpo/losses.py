@@ -211,8 +211,11 @@ def get_loss(name: str) -> LossSpec:
         raise KeyError(f"loss.name={name!r} is not a registered loss; choose from {sorted(LOSSES)}") from None
 
 
-def check_loss_params(name: str, params: dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the key when ``params`` don't match the loss's hyperparameters."""
+def check_loss_params(name: str, params: dict[str, Any], nll_weight: float = 0.0) -> None:
+    """Raise ``ValueError`` naming the key when ``params`` don't match the loss's hyperparameters, or
+    the weight of the NLL term (RPO) is negative."""
+    if not nll_weight >= 0:  # a negative weight rewards a worse likelihood of the chosen response
+        raise ValueError(f"loss.nll_weight must be >= 0, got {nll_weight}")
     spec = get_loss(name)
     expected = set(spec.param_names)
     unknown = sorted(set(params) - expected)

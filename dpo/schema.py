@@ -19,7 +19,8 @@ reward          the reward factory's parameters (:data:`dpo.rewards.REWARDS`) pl
 judge           each kind's ``Config`` in :data:`dpo.evaluation.judges.JUDGES`
 template        :class:`dpo.evaluation.judges.Template`
 paths           :class:`PathsConfig`
-(root)          :class:`TrainConfig` (``conf/train.yaml``), :class:`EvalConfig` (``conf/eval.yaml``)
+(root)          :class:`TrainConfig` (``conf/train.yaml``), :class:`EvalConfig` (``conf/eval.yaml``),
+                the pipeline commands' (:data:`PIPELINE`: ``conf/sample.yaml``, ...)
 ==============  =====================================================================
 
 So an unknown key, a wrong type or an invalid choice fails by name when Hydra composes the config;
@@ -158,6 +159,158 @@ class EvalConfig:
     template: Any = MISSING
     paths: Any = MISSING
 
+    def __post_init__(self) -> None:
+        from dpo.models import DType
+
+        _problems((
+            ("temperatures", self.temperatures, bool(self.temperatures) and min(self.temperatures) >= 0,
+             "a non-empty list of values >= 0"),
+            ("n_prompts", self.n_prompts, self.n_prompts >= 1, ">= 1"),
+            ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+            ("dtype", self.dtype, self.dtype in {d.value for d in DType}, f"one of {[d.value for d in DType]}"),
+        ))  # fmt: skip
+
+
+def _problems(rules: tuple[tuple[str, Any, bool, str], ...], *more: str | None) -> None:
+    """Raise one ``ValueError`` naming every ``key=value`` whose rule fails (``(key, value, ok, rule)``)
+    and every other problem in ``more`` (None: no problem)."""
+    problems = [f"{key}={value!r} must be {rule}" for key, value, ok, rule in rules if not ok]
+    problems += [p for p in more if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _generation_problem(generation: Any) -> str | None:
+    """What is wrong with the sampling settings (:meth:`dpo.sampling.GenerationConfig.kwargs`), if anything."""
+    from dpo.sampling import GenerationConfig
+
+    try:
+        GenerationConfig(**dict(generation)).kwargs()
+    except (TypeError, ValueError) as e:
+        return str(e) if str(e).startswith("generation") else f"generation: {e}"
+    return None
+
+
+@dataclass
+class SamplePrompts:
+    """``dpo-sample``'s ``prompts``: a file (JSONL ``field`` per row, or text) or ``data``'s ``split``."""
+
+    file: str | None = None
+    field: str = "prompt"
+    split: str = "train"
+    max_prompts: int | None = None
+
+
+@dataclass
+class SampleConfig:
+    """The root of ``dpo-sample``'s config (``conf/sample.yaml``); see :mod:`dpo.pipeline.sample`."""
+
+    task_name: str = "sample"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    seed: int = 0
+    prompts: SamplePrompts = field(default_factory=SamplePrompts)
+    n: int = 4
+    batch_size: int = 16
+    generation: dict[str, Any] = field(default_factory=dict)
+    output: str = MISSING
+    model: Any = MISSING
+    data: Any = None
+    paths: Any = MISSING
+
+    def __post_init__(self) -> None:
+        max_prompts = self.prompts.max_prompts  # 0 took every prompt, -1 all but the last
+        _problems((("n", self.n, self.n >= 1, ">= 1"), ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+                   ("prompts.max_prompts", max_prompts, max_prompts is None or max_prompts >= 1,
+                    "a whole number >= 1 (null: every prompt)")), _generation_problem(self.generation))  # fmt: skip
+
+
+@dataclass
+class ScoreConfig:
+    """The root of ``dpo-score``'s config (``conf/score.yaml``); see :mod:`dpo.pipeline.score`."""
+
+    task_name: str = "score"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    input: str = MISSING
+    output: str = MISSING
+    include_prompt: bool = True
+    batch_size: int = 64
+    reward: Any = MISSING
+    paths: Any = MISSING
+
+    def __post_init__(self) -> None:
+        _problems((("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),))
+
+
+@dataclass
+class PairConfig:
+    """The root of ``dpo-pair``'s config (``conf/pair.yaml``); see :mod:`dpo.pipeline.pair`."""
+
+    task_name: str = "pair"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    input: str = MISSING
+    output_dir: str = MISSING
+    min_margin: float = 0.0
+    ties: str = "skip"
+    val_fraction: float = 0.1
+    seed: int = 0
+    paths: Any = MISSING
+
+    def __post_init__(self) -> None:
+        _problems((("min_margin", self.min_margin, self.min_margin >= 0, ">= 0"),
+                   ("ties", self.ties, self.ties in ("skip", "random"), "skip or random"),
+                   ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")))  # fmt: skip
+
+
+@dataclass
+class BestOfNConfig:
+    """The root of ``dpo-best-of-n``'s config (``conf/best_of_n.yaml``); see :mod:`dpo.pipeline.best_of_n`."""
+
+    task_name: str = "best_of_n"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    input: str = MISSING
+    ns: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])
+    output: str = MISSING
+    completions: str | None = None
+    paths: Any = MISSING
+
+    def __post_init__(self) -> None:
+        _problems((("ns", self.ns, bool(self.ns) and all(n >= 1 for n in self.ns),
+                    "a non-empty list of whole numbers >= 1"),))  # fmt: skip
+
+
+@dataclass
+class ReportConfig:
+    """The root of ``dpo-report``'s config (``conf/report.yaml``); see :mod:`dpo.pipeline.report`."""
+
+    task_name: str = "report"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    runs: Any = MISSING  # one folder or a list of them
+    out: str = "figures"
+    title: str = ""
+    paths: Any = MISSING
+
+
+@dataclass
+class DashboardConfig:
+    """The root of ``dpo-dashboard``'s config (``conf/dashboard.yaml``); see :mod:`dpo.pipeline.dashboard`."""
+
+    task_name: str = "dashboard"
+    run_name: str = "${now:%Y-%m-%d_%H-%M-%S}"
+    entity: str | None = None
+    project: str | None = None
+    group: str | None = None
+    group_by: str | None = None
+    title: str | None = None
+    out: str = "dashboard.json"
+    spec: str | None = None
+    publish: bool = False
+    paths: Any = MISSING
+
+
+PIPELINE = {"sample": SampleConfig, "score": ScoreConfig, "pair": PairConfig, "best_of_n": BestOfNConfig,
+            "report": ReportConfig, "dashboard": DashboardConfig}  # fmt: skip
+"""The pipeline commands' root schemas (``conf/<name>.yaml``), by config name."""
+
 
 OUR_GROUPS = ("model", "data", "system", "loss", "optim", "reward", "reference", "paths")
 """Config groups whose schema is ours (the rest configure third-party classes through ``_target_``)."""
@@ -227,6 +380,8 @@ def register() -> None:
     cs.store(group="schema", name="optim", node=OptimConfig)
     cs.store(group="schema", name="paths", node=PathsConfig)
     cs.store(group="schema", name="eval", node=EvalConfig)
+    for name, node in PIPELINE.items():
+        cs.store(group="schema", name=name, node=node)
     cs.store(group="schema", name="template", node=Template)
     for kind, cls in JUDGES.items():
         cs.store(group="schema/judge", name=kind, node=cls.Config)

@@ -134,10 +134,13 @@ def run_entry(main, *args: str, cwd: Path) -> tuple[int, str]:
     (a bug, not a user error) propagates and fails the test."""
     import contextlib
     import io
+    import logging
     import os
     import sys
 
     old_argv, old_cwd, out = sys.argv, os.getcwd(), io.StringIO()
+    root, handlers = logging.getLogger(), logging.getLogger().handlers[:]
+    level = root.level
     sys.argv = [getattr(main, "__module__", "command"), *args]
     os.chdir(cwd)
     try:
@@ -149,4 +152,9 @@ def run_entry(main, *args: str, cwd: Path) -> tuple[int, str]:
     finally:
         sys.argv = old_argv
         os.chdir(old_cwd)
+        for handler in root.handlers[:]:  # Hydra's console and file handlers for this command
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        root.handlers[:], root.level = handlers, level
     return rc, out.getvalue()

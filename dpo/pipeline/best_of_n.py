@@ -28,11 +28,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, require_keys
+from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.io import finite_numbers, read_jsonl, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
+from dpo.schema import BestOfNConfig
 
 log = get_logger(__name__)
 
@@ -54,11 +55,12 @@ def best_of_n(rewards: list[list[float]], n: int) -> tuple[float, list[int]]:
 
 def run(cfg: DictConfig) -> Path:
     require_keys(cfg, ["input", "ns", "output"])
-    if not cfg.ns or any(not isinstance(n, int) or n < 1 for n in cfg.ns):
-        raise ConfigError(f"ns must be a non-empty list of whole numbers >= 1, got {list(cfg.ns or [])}")
+    check_ranges(cfg, BestOfNConfig)  # ns: a non-empty list of whole numbers >= 1
     rows = read_jsonl(cfg.input, {"rewards": list})
     for i, row in enumerate(rows, 1):  # NaN rewards were accepted here (dpo-pair refused them)
         row["rewards"] = finite_numbers(row["rewards"], f"{cfg.input}:{i}", "rewards")
+        if "completions" in row and len(row["completions"]) != len(row["rewards"]):  # picks would point elsewhere
+            raise DataError(f"{cfg.input}:{i}: {len(row['completions'])} completions but {len(row['rewards'])} rewards")
         if len(row["rewards"]) < max(cfg.ns):
             raise DataError(f"{cfg.input}:{i}: {len(row['rewards'])} samples, fewer than the largest N in "
                             f"ns={list(cfg.ns)}; sample more (dpo-sample n=...) or lower ns")  # fmt: skip

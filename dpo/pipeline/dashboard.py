@@ -16,8 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError
+from dpo.config import ConfigError, check_ranges
 from dpo.report.dashboard import DashboardSpec, build_report, spec_document
+from dpo.schema import DashboardConfig
 
 
 def read_spec(path: Path) -> DashboardSpec:
@@ -40,8 +41,7 @@ def dashboard(cfg: DictConfig) -> str:
             raise ConfigError(f"set {', '.join(f'{k}=...' for k in missing)} (or spec=<a dashboard.json>)")
         spec = DashboardSpec(str(cfg.entity), str(cfg.project), str(cfg.group),
                              cfg.group_by and str(cfg.group_by), cfg.title and str(cfg.title))  # fmt: skip
-    if not isinstance(cfg.publish, bool):
-        raise ConfigError(f"publish={cfg.publish!r} must be true or false")
+    check_ranges(cfg, DashboardConfig)  # publish a bool, the rest strings
     if cfg.publish:
         try:
             report = build_report(spec)

@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import ConfigError, redact, require_keys, typed
+from dpo.config import ConfigError, check_ranges, redact, require_keys, typed
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
 from dpo.evaluation.judges.base import JudgeError
@@ -44,6 +44,7 @@ from dpo.models import DType, ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.report.figures import plot_win_rates
 from dpo.report.wandb_logging import WIN_RATES_TABLE
 from dpo.sampling import GenerationConfig, sample_texts
+from dpo.schema import EvalConfig
 
 log = get_logger(__name__)
 
@@ -82,6 +83,7 @@ class Planned:
 def check(cfg: DictConfig) -> None:
     """The config's mistakes, before any model loads."""
     require_keys(cfg, ["judge.kind", "template.user", "paths.output_dir"])
+    check_ranges(cfg, EvalConfig)  # temperatures, n_prompts, batch_size, dtype: every range at once
     if (cfg.data is None) == (cfg.prompts_file is None):
         raise ConfigError("dpo-eval: give prompts through a data config (data=hh) or prompts_file, not both")
     if cfg.baseline == CHOSEN and cfg.data is None:
@@ -94,16 +96,11 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"policies must map names to model folders or hub ids, got {cfg.policies}")
     if cfg.baseline != CHOSEN and cfg.policies and cfg.baseline not in cfg.policies:
         raise ConfigError(f"baseline={cfg.baseline!r} is neither 'chosen' nor a name in policies {list(cfg.policies)}")
-    if not cfg.temperatures or any(t < 0 for t in cfg.temperatures):
-        raise ConfigError(f"temperatures must be a non-empty list of values >= 0, got {list(cfg.temperatures)}")
-    if cfg.n_prompts < 1:
-        raise ConfigError(f"n_prompts must be >= 1, got {cfg.n_prompts}")
     if cfg.judge.kind not in JUDGES:
         raise ConfigError(f"judge.kind={cfg.judge.kind!r}: choose one of {sorted(JUDGES)}")
     typed(cfg.judge, JUDGES[cfg.judge.kind].Config)  # the judge's own checks (api: URL, bounds, key variable)
     if cfg.judge.orders not in ORDERS:
         raise ConfigError(f"judge.orders={cfg.judge.orders!r}: choose one of {ORDERS}")
-    DType(cfg.dtype)  # a ValueError naming the value
     try:
         typed(cfg.template, Template)
         GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True)).kwargs()

@@ -19,10 +19,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, require_keys
+from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.io import finite_numbers, read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
+from dpo.schema import PairConfig
 
 log = get_logger(__name__)
 TIES = ("skip", "random")
@@ -84,8 +85,7 @@ def why_no_pair(counts: Counter, min_margin: float) -> str:
 def pair(cfg: DictConfig) -> Path:
     """Run the pairing step; returns the output folder holding ``train.jsonl`` and ``val.jsonl``."""
     require_keys(cfg, ["input", "output_dir", "min_margin", "ties", "val_fraction"])
-    if not 0 <= cfg.val_fraction < 1:
-        raise ConfigError(f"val_fraction must be in [0, 1), got {cfg.val_fraction}")
+    check_ranges(cfg, PairConfig)  # min_margin >= 0, ties, val_fraction in [0, 1), all at once
     rows = read_jsonl(cfg.input, {"prompt": str, "completions": list, "rewards": list})
     for i, row in enumerate(rows, 1):
         if len(row["rewards"]) != len(row["completions"]):

@@ -19,7 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, require_keys
+from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.report.figures import (
     CURVES,
@@ -30,6 +30,7 @@ from dpo.report.figures import (
     plot_frontier,
     plot_win_rates,
 )
+from dpo.schema import ReportConfig
 
 
 def report(roots: list[Path], out: Path, title: str = "") -> list[Path]:
@@ -60,6 +61,7 @@ def run_folders(runs: object) -> list[Path]:
 @entry("report")
 def main(cfg: DictConfig) -> list[Path]:
     require_keys(cfg, ["runs", "out", "title"])
+    check_ranges(cfg, ReportConfig)
     roots = run_folders(cfg.runs)
     written = report(roots, Path(cfg.out), str(cfg.title or ""))
     if not written:

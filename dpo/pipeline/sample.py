@@ -16,12 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import ConfigError, require_keys, typed
+from dpo.config import ConfigError, check_ranges, require_keys, typed
 from dpo.data.sources import DataError
 from dpo.io import read_prompts, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.sampling import GenerationConfig, sample_texts
+from dpo.schema import SampleConfig
 
 log = get_logger(__name__)
 
@@ -51,16 +52,8 @@ def load_prompts(cfg: DictConfig) -> list[str]:
 def sample(cfg: DictConfig) -> Path:
     """Run the sampling step; returns the samples file."""
     require_keys(cfg, ["model.pretrained", "n", "batch_size", "output", "generation.max_new_tokens"])
-    if cfg.n < 1:
-        raise ConfigError(f"n must be >= 1, got {cfg.n}")
-    max_prompts = cfg.prompts.max_prompts
-    if max_prompts is not None and (not isinstance(max_prompts, int) or max_prompts < 1):  # 0 took all, -1 all but one
-        raise ConfigError(f"prompts.max_prompts must be a whole number >= 1 (null: every prompt), got {max_prompts}")
-    try:
-        gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
-        gen.kwargs()  # checks the settings before any weights load
-    except (TypeError, ValueError) as e:
-        raise ConfigError(str(e)) from None
+    check_ranges(cfg, SampleConfig)  # every range at once (n, batch_size, max_prompts, generation), before any load
+    gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
     prompts = load_prompts(cfg)
     m = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
     tokenizer = load_tokenizer(m.tokenizer.pretrained or m.pretrained, revision=m.revision,

@@ -15,12 +15,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import ConfigError, require_keys
+from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
 from dpo.rewards import default_device, reward_from_config
+from dpo.schema import ScoreConfig
 
 log = get_logger(__name__)
 
@@ -28,6 +29,7 @@ log = get_logger(__name__)
 def score(cfg: DictConfig) -> Path:
     """Run the scoring step; returns the scored file."""
     require_keys(cfg, ["input", "output", "reward.name"])
+    check_ranges(cfg, ScoreConfig)  # batch_size >= 1
     rows = read_jsonl(cfg.input, {"prompt": str, "completions": list})
     for i, row in enumerate(rows, 1):
         if not row["completions"] or not all(isinstance(c, str) for c in row["completions"]):
