@@ -179,3 +179,43 @@ def test_ten_step_tiny_run_reproduces_its_pinned_losses(tmp_path, variant):
     rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     assert [float(r["train/loss"]) for r in rows if r.get("train/loss")] == pytest.approx(losses, abs=2e-5, rel=1e-6)
     assert metrics["val/loss"] == pytest.approx(val_loss, abs=2e-5, rel=1e-6)
+
+
+# The other systems' few-step trajectories (issue 24), recorded on 2026-12-07 at 3ccfa27 before the
+# system-object refactor: PPO's per-iteration loss, reward, exact KL and value loss over 3 iterations
+# (24 optimizer steps), and the reward model's per-step loss and held-out metrics over 10 steps.
+PINNED_SYSTEMS = {
+    "ppo": (["system=ppo", "trainer.max_steps=24", "data.batch_size=8", "data.micro_batch_size=8",
+             "system.minibatch_size=4"], {
+        "train/loss": [-0.0999297, -0.1099738, -0.1041144],
+        "train/ppo/reward": [0.1839125, 0.1129375, 0.185375],
+        "train/ppo/kl": [0.0, 0.422582, 0.6824477],
+        "train/ppo/value_loss": [0.0151435, 0.0449649, 0.0135811],
+    }, {}),
+    "reward_model": (["system=reward_model", "callbacks.samples=null", "trainer.max_steps=10", "data.batch_size=16",
+                      "data.micro_batch_size=16"], {
+        "train/loss": [0.7499143, 0.6855345, 0.6576134, 0.587763, 0.5721368, 0.6361064, 0.7131144, 0.4545264,
+                       0.5538549, 0.6225194],
+        "train/rm/accuracy": [0.1875, 0.5, 0.6875, 0.75, 0.6875, 0.5625, 0.5625, 0.8125, 0.6875, 0.5625],
+    }, {"val/loss": 0.4490093, "val/rm/accuracy": 0.796875, "val/rm/margin": 1.2394675}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "system", [s if s == "reward_model" else pytest.param(s, marks=pytest.mark.slow) for s in PINNED_SYSTEMS]
+)
+def test_ppo_and_reward_model_tiny_runs_reproduce_their_pinned_trajectories(tmp_path, system):
+    """PPO samples its own rollouts (seeded): a change to the decode loop, the rollout, GAE, the clipped
+    losses or the KL controller moves these numbers; the reward model's pin its head, pooling and loss.
+    The tolerance is the DPO pins' (fp32 kernels differ across the project's CPUs in the last bits)."""
+    import csv
+
+    overrides, curves, final = PINNED_SYSTEMS[system]
+    run = ["experiment=tiny", "logger=csv", "trainer.log_every_n_steps=1", "data.source.max_rows=160",
+           "callbacks.model_checkpoint.every_n_train_steps=null", "+trainer.limit_val_batches=2"]  # fmt: skip
+    metrics = train(compose_config([*run, *overrides], tmp_path))
+    rows = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
+    for key, values in curves.items():
+        assert [float(r[key]) for r in rows if r.get(key)] == pytest.approx(values, abs=2e-5, rel=1e-6), key
+    for key, value in final.items():
+        assert metrics[key] == pytest.approx(value, abs=2e-5, rel=1e-6), key
