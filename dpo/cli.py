@@ -3,7 +3,7 @@
     @entry("train")          # conf/train.yaml
     def main(cfg: DictConfig) -> float | None: ...
 
-A mistake the user can fix (a :class:`~dpo.config.ConfigError`, :class:`~dpo.data.sources.DataError`
+A mistake the user can fix (a :class:`~dpo.settings.ConfigError`, :class:`~dpo.data.sources.DataError`
 or :class:`~dpo.models.ModelLoadError`), and a run the non-finite guard stopped
 (:class:`~dpo.systems.base.NonFiniteError`), and a judge that cannot work as configured
 (:class:`~dpo.evaluation.judges.base.JudgeError`: no API key, max_requests), is logged as one line
@@ -25,10 +25,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 import dpo.schema  # noqa: F401  (registers the config schemas before Hydra composes)
-from dpo.config import USER_ERRORS, literal_secrets
+from dpo.config import USER_ERRORS
 from dpo.evaluation.judges.base import JudgeError
 from dpo.io import atomic_write
 from dpo.log import get_logger
+from dpo.secrets import literal_secrets
 from dpo.systems.base import NonFiniteError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import re
-import typing
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_object
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf import DictConfig, OmegaConf
 
 from dpo.data.batch import Layout
 from dpo.data.datamodule import DataConfig
@@ -31,16 +29,13 @@ from dpo.forward import LayoutError, choose_layout
 from dpo.losses import check_loss_params, get_loss
 from dpo.models import ModelLoadError, max_positions
 from dpo.precision import PrecisionError, PrecisionPlan, plan_precision
+from dpo.reference import REFERENCES
 from dpo.schema import OUR_GROUPS, SELECTORS
-from dpo.systems import SYSTEMS, SystemSpec
-from dpo.systems.base import OptimConfig
-
-T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A composed config that cannot run; the message names the key."""
-
+from dpo.secrets import check_secrets
+from dpo.settings import ConfigError, typed
+from dpo.systems import SYSTEMS
+from dpo.systems.base import OptimConfig, SystemSpec
+from dpo.systems.dpo import loss_params
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError)
 """Mistakes a user can fix (config, data, model location): one clear line, no traceback (:mod:`dpo.cli`)."""
@@ -169,57 +164,6 @@ def _parameters(target: Any) -> set[str | None]:
     return out
 
 
-def typed(node: Any, schema: type[T]) -> T:
-    """``node`` (a config node, or a plain mapping) as an instance of its ``schema`` dataclass.
-
-    Raises:
-        ConfigError: a key or value the schema does not allow, naming it.
-    """
-    if isinstance(node, DictConfig):  # interpolations resolve against the whole config first
-        node = OmegaConf.to_container(node, resolve=True)
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
-    except (ConfigKeyError, ValidationError) as e:
-        raise ConfigError(f"{schema.__name__}: {e.msg} (key {e.full_key!r})") from None
-    except ValueError as e:  # a schema's own range checks (__post_init__), which name their keys
-        raise ConfigError(str(e)) from None
-
-
-def check_ranges(cfg: DictConfig, schema: type) -> None:
-    """Run ``schema``'s own range checks (its ``__post_init__``) on ``cfg``'s values, every mistake at once.
-
-    Hydra has type-checked ``cfg`` against ``schema`` when it composed it; this resolves only the keys
-    the checks read (not ``task_name``/``run_name``, nor ``Any`` nodes such as other config groups).
-
-    Raises:
-        ConfigError: the schema's message, naming each key.
-    """
-    hints = typing.get_type_hints(schema)
-    if unknown := sorted(set(cfg.keys()) - set(hints)):  # `+key=...` adds keys Hydra does not type
-        raise ConfigError(f"unknown key(s) {unknown}; valid keys: {sorted(hints)}")
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(schema):
-        kind = hints[f.name]
-        if kind is Any or f.name in ("task_name", "run_name") or f.name not in cfg:
-            continue
-        value = cfg[f.name]
-        if isinstance(value, DictConfig | ListConfig):
-            value = OmegaConf.to_container(value, resolve=True)
-        try:
-            values[f.name] = kind(**value) if dataclasses.is_dataclass(kind) else value
-        except TypeError as e:  # an added key in a typed node
-            raise ConfigError(f"{f.name}: {e}") from None
-    try:
-        schema(**values)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def loss_params(cfg: DictConfig) -> dict[str, Any]:
-    """The loss's hyperparameters: every key of ``cfg.loss`` except ``name`` and ``nll_weight``."""
-    return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}
-
-
 def is_sharded(trainer: DictConfig) -> bool:
     """Whether the trainer's strategy shards parameters (FSDP), from the strategy's class."""
     from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, StrategyRegistry
@@ -231,6 +175,19 @@ def is_sharded(trainer: DictConfig) -> bool:
         # StrategyRegistry.get would build the strategy; its entry names the class.
         cls = StrategyRegistry[strategy]["strategy"] if strategy in StrategyRegistry else None
     return isinstance(cls, type) and issubclass(cls, FSDPStrategy | ModelParallelStrategy)
+
+
+def all_at_once(*checks: Callable[[], Any]) -> None:
+    """Run every check; raise one :class:`ConfigError` holding each one's message (a ``ValueError``'s
+    too: the checks name their keys)."""
+    problems = []
+    for check in checks:
+        try:
+            check()
+        except ValueError as e:
+            problems.append(str(e))
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None = None) -> Plan:
@@ -249,15 +206,18 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     for group in ("trainer", "callbacks", "logger"):
         check_targets(cfg.get(group), group)
     check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",))
-    system = SYSTEMS[cfg.system.kind]
-    typed(cfg.system, system.config)  # the system's own range checks (its __post_init__)
-    typed(cfg.optim, OptimConfig)  # learning rate > 0, warmup >= 0
+    system, kind = SYSTEMS[cfg.system.kind], cfg.reference.kind
     try:
         spec = get_loss(cfg.loss.name)
-        check_loss_params(cfg.loss.name, loss_params(cfg), cfg.loss.nll_weight)
-    except (KeyError, ValueError) as e:
+    except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
-    kind = cfg.reference.kind
+    all_at_once(  # each group's own range checks (its schema's __post_init__), every mistake in one message
+        lambda: typed(cfg.system, system.config),  # KL coefficients, clip ranges, GAE, generation
+        lambda: typed(cfg.optim, OptimConfig),  # learning rate > 0, warmup >= 0
+        lambda: check_loss_params(cfg.loss.name, loss_params(cfg), cfg.loss.nll_weight),  # beta > 0, ...
+        lambda: typed(cfg.reference, REFERENCES[kind].Config),  # TR-DPO's sync settings
+        lambda: typed(cfg.data, DataConfig),  # batch sizes >= 1, 0 < max_prompt_length < max_length
+    )
     if system.uses_loss and spec.needs_reference and kind == "none":
         raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
     if system.references is not None and system.references and kind not in system.references:
@@ -266,10 +226,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
             f"(reference={' or '.join(system.references)}); reference={kind} can't"
             + (": its log-probs are precomputed for the data's pairs only" if kind == "precomputed" else "")
         )
-    if kind == "copy" and cfg.reference.sync_every and not 0 < cfg.reference.sync_alpha <= 1:
-        raise ConfigError(f"reference.sync_alpha must be in (0, 1], got {cfg.reference.sync_alpha}")
     _check_system(cfg, system)
-    typed(cfg.data, DataConfig)  # batch sizes >= 1, 0 < max_prompt_length < max_length
     data = cfg.data
     positions = max_positions(model_config) if model_config is not None else None
     if positions is not None and data.max_length > positions:
@@ -283,10 +240,10 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     plan = plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
-    if cfg.system.kind == "ppo" and plan.accumulate_grad_batches != 1:
+    if system.manual_steps and plan.accumulate_grad_batches != 1:
         raise ConfigError(
-            f"system=ppo takes one batch of prompts per PPO iteration: data.batch_size={data.batch_size} must "
-            f"equal data.micro_batch_size={data.micro_batch_size} x world size {plan.world_size}"
+            f"system={cfg.system.kind} steps its optimizer itself, one batch at a time: data.batch_size="
+            f"{data.batch_size} must equal data.micro_batch_size={data.micro_batch_size} x world size {plan.world_size}"
         )
     layout = Layout(data.layout)
     if model_class is not None:
@@ -364,7 +321,7 @@ def needs_pairs(cfg: DictConfig) -> bool:
 
 
 def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
-    """The reward-model and PPO systems' own checks (the DPO system's are the loss's)."""
+    """What any system needs of the rest of the config, then the system's own checks (its spec's ``check``)."""
     kind = cfg.system.kind
     if not system.samples:
         for name, node in (cfg.get("callbacks") or {}).items():
@@ -374,23 +331,9 @@ def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
                     f"callbacks.{name} ({target}) samples from a language model; system={kind} trains a "
                     f"classifier: drop it (callbacks.{name}=null)"
                 )
-    if kind == "reward_model" and cfg.data.layout not in ("auto", "separate"):
-        raise ConfigError(f"system=reward_model scores whole rows: use data.layout=separate, not {cfg.data.layout}")
     if not system.shardable and is_sharded(cfg.trainer):
         raise ConfigError(f"system={kind} runs under DDP (trainer=ddp), not a sharded (FSDP) strategy yet")
-    if kind == "ppo":
-        ppo = cfg.system
-        if ppo.reward is not None and "name" not in ppo.reward:
-            raise ConfigError(
-                "system.reward must be null (the ground truth, `reward`) or a reward config with a `name`"
-            )
-        rollouts = cfg.data.micro_batch_size * ppo.samples_per_prompt
-        if ppo.minibatch_size < 1 or rollouts % ppo.minibatch_size:
-            raise ConfigError(
-                f"system.minibatch_size={ppo.minibatch_size} must divide each rank's rollouts per batch: "
-                f"data.micro_batch_size={cfg.data.micro_batch_size} x "
-                f"system.samples_per_prompt={ppo.samples_per_prompt}"
-            )
+    system.check(cfg)
 
 
 SAMPLING_CALLBACKS = ("RewardKLEval", "GenerationSamples")
@@ -454,59 +397,3 @@ def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
             f"{who} needs preference pairs but data format {source.format!r} gives none "
             "(its rows have no rejected response); use loss=sft or a pairs data set"
         )
-
-
-_SECRET = re.compile(r"api_?key|secret|password|credential|^(hf_|auth_|access_)?token$", re.IGNORECASE)
-_FROM_ENV = re.compile(r"^\$\{oc\.env:[^}]+\}$")
-
-
-def is_secret(key: Any) -> bool:
-    """Whether a config key names a secret (api keys, tokens, passwords)."""
-    return bool(_SECRET.search(str(key)))
-
-
-def check_secrets(node: Any, where: str = "") -> None:
-    """Secrets come from the environment: a secret-looking key must hold ``${oc.env:VAR}`` (or null).
-
-    A literal value would be written by Hydra (``.hydra/``), recorded by wandb (the command line)
-    and pickled by a launcher; an environment interpolation is all any of them ever sees.
-    """
-    if not isinstance(node, DictConfig):
-        return
-    for key in node.keys():
-        child = node._get_node(key)
-        if isinstance(child, DictConfig):
-            check_secrets(child, f"{where}{key}.")
-        elif is_secret(key) and child._value() is not None and not _FROM_ENV.match(str(child._value())):
-            raise ConfigError(
-                f"{where}{key} holds a literal secret; give it from the environment instead: "
-                f"{where}{key}='${{oc.env:YOUR_VARIABLE}}'"
-            )
-
-
-def literal_secrets(overrides: list[str]) -> list[str]:
-    """The values of command-line overrides (``key=value``) that set a secret-looking key literally."""
-    found = []
-    for item in overrides:
-        key, sep, value = str(item).partition("=")
-        if sep and value and is_secret(key.split(".")[-1].lstrip("+~")) and not value.startswith("${"):
-            found.append(value.strip("'\""))
-    return found
-
-
-def redact(container: Any) -> Any:
-    """A copy of a plain config container with values of secret-looking keys replaced."""
-    if isinstance(container, dict):
-        return {k: "<redacted>" if is_secret(k) and v is not None else redact(v) for k, v in container.items()}
-    if isinstance(container, list):
-        return [redact(v) for v in container]
-    return container
-
-
-def require_keys(cfg: DictConfig, keys: list[str]) -> None:
-    """Raise :class:`ConfigError` naming the first of ``keys`` that is absent, ``???`` or null."""
-    if missing := OmegaConf.missing_keys(cfg):
-        raise ConfigError(f"required config value(s) not set: {sorted(missing)}")
-    for key in keys:
-        if OmegaConf.select(cfg, key, default=None) is None:
-            raise ConfigError(f"config key {key!r} must be set")

@@ -110,6 +110,14 @@ class CopyConfig:
     sync_every: int = 0
     sync_alpha: float = 1.0
 
+    def __post_init__(self) -> None:
+        problems = [f"reference.{key}={value} must be {rule}" for key, value, ok, rule in (
+            ("sync_every", self.sync_every, self.sync_every >= 0, ">= 0 (0: never)"),
+            ("sync_alpha", self.sync_alpha, not self.sync_every or 0 < self.sync_alpha <= 1, "in (0, 1]"),
+        ) if not ok]  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+
 
 class FrozenCopy(Reference):
     """A frozen copy of the policy's initial weights (kept frozen, or moved by TR-DPO syncs)."""

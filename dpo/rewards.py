@@ -18,7 +18,6 @@ Every reward is built by :func:`build_reward` from its config and called as ``re
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Any
 
 import torch
 
+from dpo.data.sources import DataError
+from dpo.io import read_jsonl
 from dpo.log import get_logger
 
 log = get_logger(__name__)
@@ -67,23 +68,15 @@ def vader() -> Reward:
 
 
 def read_labelled(path: str | Path) -> tuple[list[str], list[int]]:
-    """``{"text", "label"}`` JSONL (label 1 positive, 0 negative), checked row by row."""
-    texts, labels = [], []
-    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            text, label = rec["text"], rec["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path}:{i}: expected a JSON object with 'text' and 'label' ({e})") from None
-        if not isinstance(text, str) or not text.strip() or label not in (0, 1):
-            raise ValueError(f"{path}:{i}: 'text' must be a non-empty string and 'label' 0 or 1")
-        texts.append(text)
-        labels.append(label)
+    """``{"text", "label"}`` JSONL (label 1 positive, 0 negative), checked row by row (:func:`dpo.io.read_jsonl`)."""
+    rows = read_jsonl(path, {"text": str, "label": int})
+    for i, row in enumerate(rows, 1):
+        if not row["text"].strip() or row["label"] not in (0, 1):
+            raise DataError(f"{path}: row {i}: 'text' must be a non-empty string and 'label' 0 or 1")
+    labels = [row["label"] for row in rows]
     if len(set(labels)) < 2:
-        raise ValueError(f"{path}: needs both positive (1) and negative (0) rows")
-    return texts, labels
+        raise DataError(f"{path}: needs both positive (1) and negative (0) rows")
+    return [row["text"] for row in rows], labels
 
 
 @register("tfidf")

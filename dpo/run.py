@@ -19,8 +19,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from dpo.checkpoint import find_last
-from dpo.config import ConfigError
 from dpo.io import write_json
+from dpo.settings import ConfigError
 
 STATE = "run.json"
 MAY_CHANGE = (

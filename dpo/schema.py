@@ -47,10 +47,11 @@ from dpo.data.datamodule import DataConfig
 from dpo.data.sources import bundled_path
 from dpo.evaluation.judges import JUDGES, Template
 from dpo.losses import LOSSES
-from dpo.models import ModelConfig
+from dpo.models import DType, ModelConfig
 from dpo.reference import REFERENCES
 from dpo.report.naming import resolve_run_group, resolve_run_label
 from dpo.rewards import REWARDS
+from dpo.sampling import GenerationConfig
 from dpo.systems import SYSTEMS
 from dpo.systems.base import GuardConfig, OptimConfig
 
@@ -160,8 +161,6 @@ class EvalConfig:
     paths: Any = MISSING
 
     def __post_init__(self) -> None:
-        from dpo.models import DType
-
         _problems((
             ("temperatures", self.temperatures, bool(self.temperatures) and min(self.temperatures) >= 0,
              "a non-empty list of values >= 0"),
@@ -182,8 +181,6 @@ def _problems(rules: tuple[tuple[str, Any, bool, str], ...], *more: str | None) 
 
 def _generation_problem(generation: Any) -> str | None:
     """What is wrong with the sampling settings (:meth:`dpo.sampling.GenerationConfig.kwargs`), if anything."""
-    from dpo.sampling import GenerationConfig
-
     try:
         GenerationConfig(**dict(generation)).kwargs()
     except (TypeError, ValueError) as e:

@@ -26,38 +26,29 @@ from omegaconf import DictConfig, OmegaConf
 
 from dpo.checkpoint import check_fits
 from dpo.cli import entry
-from dpo.config import USER_ERRORS, ConfigError, Plan, loss_params, needs_pairs, redact, typed, validate
-from dpo.data.collate import pad_id_of
+from dpo.config import USER_ERRORS, Plan, needs_pairs, validate
 from dpo.data.datamodule import DataConfig, PreferenceDataModule
 from dpo.data.formats import get_format, load_rows
 from dpo.data.sources import SourceSpec
-from dpo.forward import attention_for
 from dpo.log import get_logger
-from dpo.losses import get_loss
 from dpo.models import (
     ModelConfig,
     causal_lm_class,
     export_pretrained,
     load_config,
-    load_policy,
     load_tokenizer,
-    model_identity,
     parameter_shapes,
     resolve,
 )
-from dpo.reference import REFERENCES, build_reference
 from dpo.report.csv_logger import ResumableCSVLogger
 from dpo.report.naming import flatten
 from dpo.report.summary import RunSummary, reports
 from dpo.report.wandb_logging import log_export
-from dpo.reward_models import load_reward_model
-from dpo.rewards import reward_from_config
 from dpo.run import Resume, RunState, check_run_name, check_same_data, plan_resume
+from dpo.secrets import redact
+from dpo.settings import ConfigError, typed
 from dpo.systems import SYSTEMS
-from dpo.systems.base import GuardConfig, OptimConfig, System
-from dpo.systems.dpo import DPOModule
-from dpo.systems.ppo import PPOConfig, PPOModule
-from dpo.systems.reward_model import RewardModelConfig, RewardModelModule
+from dpo.systems.base import System
 
 log = get_logger(__name__)
 WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
@@ -99,7 +90,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
     with closing_wandb():
         for logger in trainer.loggers:  # flat: dotted keys sort and filter in wandb's run table
             logger.log_hyperparams(flatten(start.config))
-        if (reference := getattr(module, "reference", None)) is not None:
+        if (reference := module.reference) is not None:
             reference.prepare(trainer, module, datamodule)
         if not (start.resume.ckpt_path and state.before):  # a resumed run measured its start already
             state.before = held_out_metrics(trainer, module, datamodule)
@@ -111,7 +102,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             log_export(trainer, export_dir, f"{cfg.task_name}-{state.id}-hf")
         state.status = "finished"
         state.seconds = round(state.seconds + time.time() - started, 1)
-        state.generated_tokens = int(getattr(module, "generated_tokens", 0))
+        state.generated_tokens = int(module.generated_tokens)
         record(trainer, state, out)
     log.info(summarize(cfg, run, export_dir, time.time() - started).render())
     return state.after
@@ -164,8 +155,8 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     if rank_zero_only.rank == 0:
         start.state.save(Path(cfg.paths.output_dir))
     callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
-    module = BUILDERS[kind](cfg, start, tokenizer)
-    clip = None if kind == "ppo" else cfg.trainer.get("gradient_clip_val")  # PPO clips in its own (manual) steps
+    module = SYSTEMS[kind].build(cfg, start, tokenizer)
+    clip = None if SYSTEMS[kind].manual_steps else cfg.trainer.get("gradient_clip_val")  # PPO clips in its own steps
     loggers = instantiate_loggers(cfg.logger, start.state.id, resumed_step)
     mesh = start.plan.mesh  # FSDP2's sizes, "auto" resolved (dpo.config.device_mesh)
     sizes = {} if mesh is None else {"strategy": OmegaConf.merge(
@@ -174,66 +165,6 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
                           accumulate_grad_batches=start.plan.accumulate_grad_batches,
                           gradient_clip_val=clip, **sizes)  # fmt: skip
     return Run(start, tokenizer, datamodule, module, trainer)
-
-
-def build_dpo(cfg: DictConfig, start: Start, tokenizer: Any) -> DPOModule:
-    """The DPO system: the policy, its reference and the ``conf/loss`` choice."""
-    spec = get_loss(cfg.loss.name)
-    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=spec.needs_reference)
-    return DPOModule(
-        policy, reference, cfg.loss.name, loss_params(cfg), optim_config(cfg, start),
-        nll_weight=cfg.loss.nll_weight, fsdp_block=start.model.fsdp_block, guard=typed(cfg.guard, GuardConfig),
-    )  # fmt: skip
-
-
-def build_reward_model(cfg: DictConfig, start: Start, tokenizer: Any) -> RewardModelModule:
-    """The reward-model system: the model with a one-label classification head."""
-    model = load_reward_model(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
-    system = typed(cfg.system, RewardModelConfig)
-    return RewardModelModule(model, optim_config(cfg, start), system.center_weight,
-                             guard=typed(cfg.guard, GuardConfig), fsdp_block=start.model.fsdp_block)  # fmt: skip
-
-
-def build_ppo(cfg: DictConfig, start: Start, tokenizer: Any) -> PPOModule:
-    """The PPO system: the policy, its frozen reference and the reward it maximises."""
-    system = typed(cfg.system, PPOConfig)
-    reward = reward_from_config(OmegaConf.to_container(ppo_reward(cfg), resolve=True))
-    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=True)
-
-    def decode(prompt: list[int], completion: list[int]) -> str:
-        return tokenizer.decode(prompt + completion, skip_special_tokens=True)
-
-    return PPOModule(
-        policy, reference, reward, decode, pad_id_of(tokenizer), tokenizer.eos_token_id, system,
-        optim_config(cfg, start), guard=typed(cfg.guard, GuardConfig),
-        max_grad_norm=cfg.trainer.get("gradient_clip_val"),
-    )  # fmt: skip
-
-
-def optim_config(cfg: DictConfig, start: Start) -> OptimConfig:
-    """``conf/optim`` with the optimizer options the run's precision decides (:mod:`dpo.precision`)."""
-    optim = typed(cfg.optim, OptimConfig)
-    optim.optimizer = start.plan.precision.optimizer_options(optim.optimizer)
-    return optim
-
-
-def ppo_reward(cfg: DictConfig) -> DictConfig:
-    """The reward PPO maximises: ``system.reward``, or the ground truth (``reward``) when that is null."""
-    return cfg.system.reward if cfg.system.reward is not None else cfg.reward
-
-
-def build_policy_and_reference(cfg: DictConfig, start: Start, tokenizer: Any, *, needs_reference: bool) -> tuple:
-    """The policy and its :class:`~dpo.reference.Reference` (``conf/reference``)."""
-    policy = load_policy(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
-    return build_reference(
-        typed(cfg.reference, REFERENCES[cfg.reference.kind].Config), policy, needs_reference=needs_reference,
-        cache_dir=cfg.data.cache_dir,
-        identity={"model": model_identity(start.model, cfg.seed), "precision": str(cfg.trainer.precision)},
-    )  # fmt: skip
-
-
-BUILDERS = {"dpo": build_dpo, "reward_model": build_reward_model, "ppo": build_ppo}
-"""``system.kind`` -> the function that builds its LightningModule (:data:`dpo.systems.SYSTEMS`)."""
 
 
 def check_resume(start: Start, tokenizer: Any, kind: str) -> int | None:
@@ -336,12 +267,8 @@ def summarize(cfg: DictConfig, run: Run, export_dir: Path | None, seconds: float
     source = cfg.data.source
     target = source.splits["val"]
     described = target if source.path is None else f"{source.path} [{target}] ({source.format})"
-    params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
-    title = f"loss={cfg.loss.name}({params})" if SYSTEMS[cfg.system.kind].uses_loss else f"system={cfg.system.kind}"
-    if cfg.system.kind == "ppo":
-        title += f"(reward={ppo_reward(cfg).name}, kl_coef={cfg.system.kl_coef}, kl_target={cfg.system.kl_target})"
     return RunSummary(
-        title=title, steps=trainer.global_step, seconds=seconds,
+        title=SYSTEMS[cfg.system.kind].describe(cfg), steps=trainer.global_step, seconds=seconds,
         held_out=(len(datamodule.datasets["val"]), described), before=state.before, after=state.after,
         sections=reports([*trainer.callbacks, run.module]), data_stats=datamodule.stats,
         checkpoint=trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,

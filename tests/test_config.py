@@ -11,13 +11,15 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import dpo.systems.assemble
 import dpo.train
 from conftest import FAST, FIXTURES, compose_config, shrink
 from dpo.cli import CONF_DIR
-from dpo.config import ConfigError, plan_batch, validate
+from dpo.config import plan_batch, validate
 from dpo.data.formats import get_format
 from dpo.data.sources import DataError, bundled_path
 from dpo.reference import NoReference
+from dpo.settings import ConfigError
 from dpo.systems import SYSTEMS
 from dpo.train import begin, build, train
 
@@ -88,7 +90,7 @@ def no_weights(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("weights were loaded before the error was found")
 
-    monkeypatch.setattr(dpo.train, "load_policy", fail)
+    monkeypatch.setattr(dpo.systems.assemble, "load_policy", fail)
 
 
 # A wrong key and a wrong type in each of our groups, a wrong key in each third-party group, and the
@@ -149,7 +151,7 @@ VALIDATE_ERRORS = [
     (["data.max_prompt_length=128"], r"max_prompt_length \(128\) < data.max_length \(128\)"),
     (["data.max_length=300", "data.max_prompt_length=64"], r"data.max_length=300 exceeds the model's 256 positions"),
     (["reference=none"], r"needs a reference model but reference=none"),
-    (["reference.sync_every=10", "reference.sync_alpha=1.5"], r"sync_alpha must be in \(0, 1\]"),
+    (["reference.sync_every=10", "reference.sync_alpha=1.5"], r"reference.sync_alpha=1.5 must be in \(0, 1\]"),
     (["loss.beta=-1"], r"loss.beta must be > 0"),
     (["data=local"], r"not set: \['data.source.splits.train', 'data.source.splits.val'\]"),
     (["+data.source.options.prefix=3"], r"options \['prefix'\] unknown for format 'fields'"),
@@ -329,3 +331,15 @@ def test_a_learning_rate_and_warmup_out_of_range_are_refused_together(tmp_path):
     """The fuzz round: optim.optimizer.lr=-1 was torch's traceback after the model loaded; warmup -5 was accepted."""
     with pytest.raises(ConfigError, match=r"optim.optimizer.lr=-1 must be a number > 0; optim.warmup_steps=-5 must"):
         validate(compose_config([*FAST, "optim.optimizer.lr=-1", "optim.warmup_steps=-5"], tmp_path))
+
+
+def test_mistakes_in_several_groups_are_reported_together_by_key(tmp_path, no_weights):
+    """Issue 24: mistakes came one per run (after lr=-1 was fixed, the next run found beta=-1). Each
+    group's own range checks now run before the first is raised, and the message names every key."""
+    cfg = compose_config(["optim.optimizer.lr=-1", "loss.beta=-0.5", "data.micro_batch_size=0",
+                          "data.max_prompt_length=0"], tmp_path)  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    for key in ("optim.optimizer.lr=-1", "loss.beta must be > 0", "data.micro_batch_size=0",
+                "data.max_prompt_length (0)"):  # fmt: skip
+        assert key in str(error.value), str(error.value)

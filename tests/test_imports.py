@@ -73,3 +73,37 @@ def test_imports_follow_the_layers(name):
             assert not {m for m in imported if m.startswith(forbidden)}, (name, forbidden)
     if name != "dpo.forward":
         assert "dpo.attention" not in imported, f"{name}: only dpo.forward runs segment attention"
+
+
+def edges_of(module: str) -> set[str]:
+    """The ``dpo`` modules ``module`` imports by name, lazy imports included; ``from package import
+    name`` counts the submodule ``package.name`` when there is one."""
+    edges = set()
+    for target in imports_of(module):
+        edges.add(target)
+    import ast
+
+    tree = ast.parse(open(importlib.util.find_spec(module).origin).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("dpo"):
+            edges |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES}
+    return edges & set(MODULES) - {module}
+
+
+def test_no_import_circle():
+    """Issue 24: dpo.config -> dpo.schema -> dpo.report.naming -> dpo.config ran only because the last
+    import was lazy. No module reaches itself through the imports it names, lazy ones included."""
+    graph = {m: edges_of(m) for m in MODULES}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, " -> ".join([*path[path.index(n):], n]) if n in path else (m, n)
+            if n not in state:
+                visit(n, [*path, n])
+        state[m] = 2
+
+    for m in MODULES:
+        if m not in state:
+            visit(m, [m])

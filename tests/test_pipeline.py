@@ -12,12 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpo.config import ConfigError
 from dpo.io import read_jsonl
 from dpo.logprobs import sequence_kl
 from dpo.pipeline.best_of_n import best_of_n, best_of_n_kl
 from dpo.pipeline.pair import make_pairs
 from dpo.sampling import completion_batch, completion_kl, cut_at_eos
+from dpo.settings import ConfigError
 
 
 def test_pairs_respect_margin_and_ties():
@@ -111,7 +111,7 @@ def test_sample_score_pair_on_a_tiny_model(tmp_path, exported_tiny):
     # A deterministic reward: the completion's length in characters.
     REWARDS["length"] = lambda: lambda texts: [float(len(t)) for t in texts]
     try:
-        scored = score(OmegaConf.create(base | {
+        scored = score(OmegaConf.create({"paths": base["paths"]} | {
             "input": str(samples), "output": str(tmp_path / "scored.jsonl"), "include_prompt": False,
             "batch_size": 4, "reward": {"name": "length"},
         }))  # fmt: skip

@@ -17,11 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import FAST, compose_config
-from dpo.config import ConfigError, validate
+from dpo.config import validate
 from dpo.data.collate import collate_prompts
 from dpo.data.tokenize import TokenizedPair
 from dpo.models import ModelConfig, load_policy
 from dpo.reference import FrozenCopy
+from dpo.settings import ConfigError
 from dpo.systems.base import OptimConfig
 from dpo.systems.ppo import PPOConfig, PPOModule, response_positions
 
@@ -114,7 +115,7 @@ def test_ppo_config_checks_fail_before_any_weights_load(tmp_path):
         validate(cfg("reference=precomputed"))
     with pytest.raises(ConfigError, match="minibatch_size=5 must divide"):
         validate(cfg("system.minibatch_size=5"))
-    with pytest.raises(ConfigError, match="one batch of prompts per PPO iteration"):
+    with pytest.raises(ConfigError, match="system=ppo steps its optimizer itself, one batch at a time"):
         validate(cfg("data.batch_size=16", "data.micro_batch_size=8", "system.minibatch_size=4"))
     with pytest.raises(ConfigError, match="not a sharded"):
         validate(cfg("trainer=fsdp_cpu"))

@@ -17,8 +17,9 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import FAST, compose_config, shrink
 from dpo.cli import CONF_DIR
-from dpo.config import ConfigError, check_update_precision, precision_plan, validate
+from dpo.config import check_update_precision, precision_plan, validate
 from dpo.precision import plan_precision
+from dpo.settings import ConfigError
 from dpo.train import begin, build, train
 
 
@@ -74,9 +75,9 @@ def test_low_precision_weights_with_a_tiny_lr_are_refused_with_the_reason(tmp_pa
 
 
 def test_the_old_tldr_config_is_refused_before_any_weights_load(tmp_path, exported_tiny, monkeypatch):
-    import dpo.train
+    import dpo.systems.assemble
 
-    monkeypatch.setattr(dpo.train, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(dpo.systems.assemble, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
     cfg = shrink(compose_config([*FAST, "experiment=tldr_dpo"], tmp_path), exported_tiny)
     with open_dict(cfg):
         cfg.model.dtype = "bfloat16"  # what experiment=tldr_dpo said before
@@ -169,9 +170,9 @@ def test_fp16_mixed_scales_the_loss_and_keeps_a_fused_optimizer_only_without_cli
 def test_precisions_lightning_would_change_or_refuse_later_are_refused_before_weights_load(
     tmp_path, monkeypatch, overrides, message
 ):
-    import dpo.train
+    import dpo.systems.assemble
 
-    monkeypatch.setattr(dpo.train, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(dpo.systems.assemble, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
     cfg = compose_config([*FAST, *overrides], tmp_path)
     if message is None:  # FSDP2 with fp16 AMP on a GPU machine: Lightning refuses it when the trainer is built
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

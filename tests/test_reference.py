@@ -117,7 +117,7 @@ def test_tr_dpo_hard_sync_makes_the_reference_follow_and_is_checkpointed(tmp_pat
     cfg = shrink(
         compose_config([*FAST, "trainer.max_steps=2", "reference.sync_every=1", "reference.sync_alpha=1.0"], tmp_path)
     )
-    import dpo.train as entry
+    import dpo.systems.dpo as entry
 
     seen = {}
     original = entry.DPOModule

@@ -95,7 +95,7 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_continues(tmp_path, ca
     A run that stopped at max_steps saved its last checkpoint at the epoch's end (Lightning counts
     that epoch as done), so a longer run continues with the next epoch."""
     from conftest import compose_config
-    from dpo.config import ConfigError
+    from dpo.settings import ConfigError
     from dpo.train import train
 
     def config(*extra):
@@ -259,12 +259,12 @@ def test_a_killed_extension_of_a_finished_run_resumes_instead_of_reading_finishe
 @pytest.mark.slow
 def test_an_extension_that_max_epochs_already_ended_is_refused_before_weights_load(tmp_path, monkeypatch):
     """An extension by trainer.max_steps alone used to train 0 steps and say nothing (it meets max_epochs)."""
-    import dpo.train
-    from dpo.config import ConfigError
+    import dpo.systems.assemble
+    from dpo.settings import ConfigError
     from dpo.train import train
 
     train(small_run_config(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1"))  # 4 steps: the epoch
-    monkeypatch.setattr(dpo.train, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(dpo.systems.assemble, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
     message = r"max_steps=6 extends this run past step 4, but trainer.max_epochs=1 \(4 steps each\) already ended it"
     with pytest.raises(ConfigError, match=message):
         train(small_run_config(tmp_path, "trainer.max_steps=6", "trainer.max_epochs=1"))
@@ -275,9 +275,9 @@ def test_resuming_on_changed_data_is_refused_by_split_and_accepted_with_the_swit
     """Resuming after the training file changed used to continue silently on the new data."""
     import json
 
-    import dpo.train
-    from dpo.config import ConfigError
+    import dpo.systems.assemble
     from dpo.data.sources import bundled_path
+    from dpo.settings import ConfigError
     from dpo.train import train
 
     data = tmp_path / "train.jsonl"
@@ -289,11 +289,11 @@ def test_resuming_on_changed_data_is_refused_by_split_and_accepted_with_the_swit
     before = json.loads((out / "run.json").read_text())["data"]
     assert set(before) == {"train", "val"} and before["train"].startswith("64 rows, sha256 ")
     data.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same rows in another order
-    load_policy = dpo.train.load_policy
-    monkeypatch.setattr(dpo.train, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    load_policy = dpo.systems.assemble.load_policy
+    monkeypatch.setattr(dpo.systems.assemble, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ConfigError, match=r"the data of this run changed since it began: train \(64 rows, sha256 "):
         train(small_run_config(out, "trainer.max_steps=3", *over))
-    monkeypatch.setattr(dpo.train, "load_policy", load_policy)
+    monkeypatch.setattr(dpo.systems.assemble, "load_policy", load_policy)
     train(small_run_config(out, "trainer.max_steps=3", *over, "guard.data_changed=accept"))
     state = json.loads((out / "run.json").read_text())
     assert state["data_history"] == [{"step": 2, "data": before}] and state["data"]["train"] != before["train"]
@@ -305,7 +305,7 @@ def test_a_run_name_outside_the_runs_folder_is_refused(tmp_path, name):
     from omegaconf import open_dict
 
     from conftest import FAST, compose_config
-    from dpo.config import ConfigError
+    from dpo.settings import ConfigError
     from dpo.train import begin
 
     cfg = compose_config(FAST, tmp_path)

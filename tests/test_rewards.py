@@ -41,11 +41,13 @@ def test_tfidf_trains_on_a_local_file_and_ranks_held_out_text(tmp_path):
 def test_labelled_file_errors_name_the_row(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "fine", "label": 1}\n{"text": "", "label": 0}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'text' must be a non-empty string"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: 'text' must be a non-empty string"):
         read_labelled(path)
     path.write_text('{"text": "fine", "label": 1}\n')
     with pytest.raises(ValueError, match="needs both positive"):
         read_labelled(path)
+    path.write_text('{"text": "a fine\u2028film", "label": 1}\n{"text": "dull", "label": 0}\n', encoding="utf-8")
+    assert read_labelled(path) == (["a fine\u2028film", "dull"], [1, 0])  # one reader: U+2028 splits no row
 
 
 def test_tfidf_default_corpus_is_the_projects_own_and_ranks_sentiment():

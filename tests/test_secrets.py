@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_config
-from dpo.config import ConfigError, check_secrets, literal_secrets
+from dpo.secrets import check_secrets, literal_secrets
+from dpo.settings import ConfigError
 
 TINY = [
     "experiment=tiny", "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",

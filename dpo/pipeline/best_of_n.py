@@ -28,12 +28,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.io import finite_numbers, read_jsonl, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
 from dpo.schema import BestOfNConfig
+from dpo.settings import ConfigError, check_ranges, require_keys
 
 log = get_logger(__name__)
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges
 from dpo.report.dashboard import DashboardSpec, build_report, spec_document
 from dpo.schema import DashboardConfig
+from dpo.settings import ConfigError, check_ranges
 
 
 def read_spec(path: Path) -> DashboardSpec:

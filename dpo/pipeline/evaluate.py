@@ -33,7 +33,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges, redact, require_keys, typed
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
 from dpo.evaluation.judges.base import JudgeError
@@ -45,6 +44,8 @@ from dpo.report.figures import plot_win_rates
 from dpo.report.wandb_logging import WIN_RATES_TABLE
 from dpo.sampling import GenerationConfig, sample_texts
 from dpo.schema import EvalConfig
+from dpo.secrets import redact
+from dpo.settings import ConfigError, check_ranges, require_keys, typed
 
 log = get_logger(__name__)
 

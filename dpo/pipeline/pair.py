@@ -19,11 +19,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.io import finite_numbers, read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.schema import PairConfig
+from dpo.settings import ConfigError, check_ranges, require_keys
 
 log = get_logger(__name__)
 TIES = ("skip", "random")

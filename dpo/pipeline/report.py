@@ -19,7 +19,6 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.report.figures import (
     CURVES,
@@ -31,6 +30,7 @@ from dpo.report.figures import (
     plot_win_rates,
 )
 from dpo.schema import ReportConfig
+from dpo.settings import ConfigError, check_ranges, require_keys
 
 
 def report(roots: list[Path], out: Path, title: str = "") -> list[Path]:

@@ -16,13 +16,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges, require_keys, typed
 from dpo.data.sources import DataError
 from dpo.io import read_prompts, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.sampling import GenerationConfig, sample_texts
 from dpo.schema import SampleConfig
+from dpo.settings import ConfigError, check_ranges, require_keys, typed
 
 log = get_logger(__name__)
 

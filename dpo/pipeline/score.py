@@ -15,13 +15,13 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.cli import entry
-from dpo.config import ConfigError, check_ranges, require_keys
 from dpo.data.sources import DataError
 from dpo.io import read_jsonl, write_json, write_jsonl
 from dpo.log import get_logger
 from dpo.progress import track
 from dpo.rewards import default_device, reward_from_config
 from dpo.schema import ScoreConfig
+from dpo.settings import ConfigError, check_ranges, require_keys
 
 log = get_logger(__name__)
 

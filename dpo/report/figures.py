@@ -19,6 +19,7 @@ import yaml
 from dpo.data.sources import DataError
 from dpo.io import atomic_write, read_jsonl
 from dpo.report.naming import run_label
+from dpo.systems import SYSTEMS
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
                   "Best-of-N": "tab:red", "PPO": "tab:purple", "PPO-GT": "tab:brown"}  # fmt: skip
@@ -184,28 +185,13 @@ def plot_curves(runs: Sequence[TrainRun], family: str, path: Path) -> Path | Non
 
 
 def method_of(run_dir: Path) -> tuple[str, str]:
-    """(family, label) of a training run from its ``config.yaml``: the loss of a DPO-system run
-    (DPO, Preferred-FT, Unlikelihood); for PPO, ``PPO-GT`` when it maximised the evaluation's own
-    reward (the ground truth), else ``PPO`` (a learned reward model)."""
+    """(family, label) of a training run from its ``config.yaml``, as its system names it
+    (:attr:`dpo.systems.base.SystemSpec.family`): the loss of a DPO-system run (DPO, Preferred-FT,
+    Unlikelihood), ``PPO-GT`` or ``PPO`` for PPO."""
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    system = cfg.get("system") or {"kind": "dpo"}
-    if system["kind"] == "ppo":
-        trained_on = system.get("reward") or cfg["reward"]
-        family = "PPO-GT" if trained_on == cfg["reward"] else "PPO"
-        return family, f"{family} kl={system['kl_coef']:g}" + (
-            f"->{system['kl_target']:g}" if system.get("kl_target") else ""
-        )
-    if system["kind"] != "dpo":
-        return system["kind"], system["kind"]
-    loss = cfg["loss"]
-    name = loss["name"]
-    if name == "sft":
-        return "Preferred-FT", "Preferred-FT"
-    if name == "unlikelihood":
-        return "Unlikelihood", f"Unlikelihood a={loss['alpha']:g}"
-    if name == "dpo":
-        return "DPO", f"DPO b={loss['beta']:g}"
-    return name, f"{name} " + " ".join(f"{k}={v}" for k, v in loss.items() if k not in ("name", "nll_weight"))
+    cfg.setdefault("system", {"kind": "dpo"})
+    spec = SYSTEMS.get(cfg["system"]["kind"])
+    return spec.family(cfg) if spec is not None else (cfg["system"]["kind"],) * 2
 
 
 def standard_error(values: Sequence[float]) -> float | None:

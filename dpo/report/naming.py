@@ -11,14 +11,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo.secrets import is_secret, literal_secrets
+
 LEFT_OUT = ("hydra.", "paths.", "run_name", "ckpt_path", "run_group", "tags", "logger.")
 """Override keys that say where or how a run is recorded, not what it is."""
 
 
 def run_label(task_name: str, overrides: list[str]) -> str:
     """``task_name`` followed by the run's ``key=value`` overrides, keys shortened where unambiguous."""
-    from dpo.config import is_secret, literal_secrets  # dpo.config imports the schema, which imports this
-
     secrets = set(literal_secrets(overrides))
     pairs = []
     for o in overrides:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -87,7 +87,7 @@ def optimizer_step_ended(trainer: pl.Trainer, batch_idx: int, every: int = 1) ->
     if not (every and stepped):
         return False
     module = trainer.lightning_module
-    k = module.optimizer_steps_per_batch() if hasattr(module, "optimizer_steps_per_batch") else 1
+    k = module.optimizer_steps_per_batch()
     step = trainer.global_step
     return step // every > (step - k) // every
 
@@ -168,6 +168,12 @@ class System(LightningModule):
         self._step_started = 0.0  # perf_counter at the first micro-batch of this optimizer step
         self._step_tokens = 0  # this rank's pair tokens (ScoredBatch.n_tokens) in this optimizer step
         self._grad_norm: Tensor | None = None  # this step's gradient norm before clipping
+        self.reference: Any = None  # its dpo.reference.Reference, if it has one (DPO, PPO)
+        self.generated_tokens = 0  # tokens it sampled to train (PPO's rollouts), over all ranks
+
+    def optimizer_steps_per_batch(self) -> int:
+        """Optimizer steps one global batch makes (PPO: epochs x minibatches)."""
+        return 1
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
         """What the optimizer updates; systems narrow it (DPO: the policy alone)."""
@@ -186,7 +192,7 @@ class System(LightningModule):
             return
         from torch.distributed.fsdp import fully_shard
 
-        reference = getattr(self, "reference", None)
+        reference = self.reference
         for model in (self.policy, *(reference.own_models() if reference is not None else ())):
             blocks = {self.fsdp_block} if self.fsdp_block else set(model._no_split_modules or ())
             if not blocks:
@@ -329,16 +335,57 @@ class System(LightningModule):
         """A system's reference (DPO, PPO) prunes what need not be saved; a distributed (FSDP)
         checkpoint keeps all."""
         checkpoint["dpo_skipped_steps"] = self.skipped_steps
-        reference = getattr(self, "reference", None)
+        reference = self.reference
         if reference is not None and not self.sharded:
             reference.prune_checkpoint(checkpoint["state_dict"], REFERENCE_PREFIX)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_steps = int(checkpoint.get("dpo_skipped_steps", 0))
-        reference = getattr(self, "reference", None)
+        reference = self.reference
         state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
         if reference is not None and state is not None:
             reference.restore_checkpoint(state, REFERENCE_PREFIX)
+
+
+@dataclass(frozen=True)
+class SystemSpec:
+    """Everything the rest of the code knows about one training system; each system's file exports
+    its own (``SPEC``) and :data:`dpo.systems.SYSTEMS` lists them by ``system.kind``.
+
+    Attributes:
+        config: its ``conf/system`` schema (range checks in its ``__post_init__``).
+        build: ``(cfg, start, tokenizer) -> System``: its LightningModule, weights loaded.
+        uses_loss: it trains with the ``conf/loss`` choice (else that group is ignored).
+        data: what its batches hold: ``pairs`` (chosen and rejected), ``chosen`` (SFT rows) or
+            ``prompts`` (prompts only: it samples its own responses); None: the loss decides.
+        samples: it has a causal LM that the sampling callbacks can sample from.
+        references: the ``reference.kind`` choices it runs with (None: the loss decides).
+        check: its own cross-field checks of the composed config, before anything loads (ConfigError).
+        describe: ``cfg -> str``: what the run summary's first line calls the run.
+        family: ``config.yaml as a dict -> (family, label)``: where a finished run's points go in the
+            figures (e.g. ``("DPO", "DPO b=0.1")``).
+        shardable: it trains under FSDP2 (``trainer=fsdp``); else the config check refuses it.
+        steps_per_batch: optimizer steps it makes per global batch, from the composed config.
+        manual_steps: it steps and clips its optimizer itself (PPO): Lightning neither accumulates nor
+            clips (``trainer.gradient_clip_val`` reaches the system instead).
+        classifier: its model (``policy``) is a one-label sequence classifier, not a causal LM.
+        checkpoint_extras: name prefixes of its own modules beside the policy in a checkpoint.
+    """
+
+    config: type
+    build: Callable[[Any, Any, Any], System]
+    uses_loss: bool
+    data: str | None
+    samples: bool
+    references: tuple[str, ...] | None
+    check: Callable[[Any], None] = lambda cfg: None
+    describe: Callable[[Any], str] = lambda cfg: f"system={cfg.system.kind}"
+    family: Callable[[dict[str, Any]], tuple[str, str]] = lambda cfg: (cfg["system"]["kind"],) * 2
+    shardable: bool = True
+    steps_per_batch: Callable[[Any], int] = lambda cfg: 1
+    manual_steps: bool = False
+    classifier: bool = False
+    checkpoint_extras: tuple[str, ...] = ()
 
 
 def _local(t: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dpo.data.batch import ScoredBatch
@@ -15,7 +16,8 @@ from dpo.forward import score_pairs
 from dpo.logprobs import scored_kl
 from dpo.losses import check_loss_params, compute_loss, get_loss
 from dpo.reference import NoReference, Reference
-from dpo.systems.base import GuardConfig, OptimConfig, System, optimizer_step_ended
+from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
+from dpo.systems.base import GuardConfig, OptimConfig, System, SystemSpec, optimizer_step_ended
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -146,3 +148,40 @@ class DPOModule(System):
         super().on_train_batch_end(outputs, batch, batch_idx)
         if optimizer_step_ended(self.trainer, batch_idx):
             self.reference.after_optimizer_step(self.policy, self.trainer.global_step)
+
+
+def loss_params(cfg: DictConfig) -> dict[str, Any]:
+    """The loss's hyperparameters: every key of ``cfg.loss`` except ``name`` and ``nll_weight``."""
+    return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}
+
+
+def build(cfg: DictConfig, start: Any, tokenizer: Any) -> DPOModule:
+    """The DPO system: the policy, its reference and the ``conf/loss`` choice."""
+    spec = get_loss(cfg.loss.name)
+    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=spec.needs_reference)
+    return DPOModule(
+        policy, reference, cfg.loss.name, loss_params(cfg), optim_config(cfg, start),
+        nll_weight=cfg.loss.nll_weight, fsdp_block=start.model.fsdp_block, guard=guard_config(cfg),
+    )  # fmt: skip
+
+
+def describe(cfg: DictConfig) -> str:
+    params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
+    return f"loss={cfg.loss.name}({params})"
+
+
+def family(cfg: dict[str, Any]) -> tuple[str, str]:
+    """(family, label) of a run: its loss, in the paper's names where it has one."""
+    loss = cfg["loss"]
+    name = loss["name"]
+    if name == "sft":
+        return "Preferred-FT", "Preferred-FT"
+    if name == "unlikelihood":
+        return "Unlikelihood", f"Unlikelihood a={loss['alpha']:g}"
+    if name == "dpo":
+        return "DPO", f"DPO b={loss['beta']:g}"
+    return name, f"{name} " + " ".join(f"{k}={v}" for k, v in loss.items() if k not in ("name", "nll_weight"))
+
+
+SPEC = SystemSpec(DPOSystemConfig, build, uses_loss=True, data=None, samples=True, references=None,
+                  describe=describe, family=family)  # fmt: skip

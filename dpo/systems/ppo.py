@@ -11,9 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dpo.data.collate import pad_id_of
 from dpo.reference import Reference
+from dpo.rewards import reward_from_config
 from dpo.rl import (
     KLController,
     clipped_policy_loss,
@@ -26,7 +29,9 @@ from dpo.rl import (
     whiten,
 )
 from dpo.sampling import GenerationConfig, completion_batch, generate
-from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.settings import ConfigError, typed
+from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
+from dpo.systems.base import GuardConfig, OptimConfig, System, SystemSpec
 
 
 @dataclass
@@ -56,11 +61,13 @@ class PPOConfig:
     kind: str = "ppo"
     reward: Any = None
     include_prompt: bool = True
-    generation: dict[str, Any] = field(default_factory=lambda: {"max_new_tokens": 32, "temperature": 1.0})
+    generation: dict[str, Any] = field(
+        default_factory=lambda: {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+    )
     samples_per_prompt: int = 1
     ppo_epochs: int = 4
     minibatch_size: int = 8
-    kl_coef: float = 0.1
+    kl_coef: float = 0.2
     kl_target: float | None = None
     kl_horizon: int = 10000
     gamma: float = 1.0
@@ -389,3 +396,59 @@ class PPOModule(System):
         self.kl.coef = float(saved.get("kl_coef", self.kl.coef))
         self.generated_tokens = int(saved.get("generated_tokens", 0))
         self.rollouts = int(saved.get("rollouts", 0))
+
+
+def ppo_reward(cfg: DictConfig) -> DictConfig:
+    """The reward PPO maximises: ``system.reward``, or the ground truth (``reward``) when that is null."""
+    return cfg.system.reward if cfg.system.reward is not None else cfg.reward
+
+
+def build(cfg: DictConfig, start: Any, tokenizer: Any) -> PPOModule:
+    """The PPO system: the policy, its frozen reference and the reward it maximises."""
+    system = typed(cfg.system, PPOConfig)
+    reward = reward_from_config(OmegaConf.to_container(ppo_reward(cfg), resolve=True))
+    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=True)
+
+    def decode(prompt: list[int], completion: list[int]) -> str:
+        return tokenizer.decode(prompt + completion, skip_special_tokens=True)
+
+    return PPOModule(
+        policy, reference, reward, decode, pad_id_of(tokenizer), tokenizer.eos_token_id, system,
+        optim_config(cfg, start), guard=guard_config(cfg), max_grad_norm=cfg.trainer.get("gradient_clip_val"),
+    )  # fmt: skip
+
+
+def check(cfg: DictConfig) -> None:
+    """The reward is null or names one; minibatches divide each rank's rollouts."""
+    ppo = cfg.system
+    if ppo.reward is not None and "name" not in ppo.reward:
+        raise ConfigError("system.reward must be null (the ground truth, `reward`) or a reward config with a `name`")
+    rollouts = cfg.data.micro_batch_size * ppo.samples_per_prompt
+    if ppo.minibatch_size < 1 or rollouts % ppo.minibatch_size:
+        raise ConfigError(
+            f"system.minibatch_size={ppo.minibatch_size} must divide each rank's rollouts per batch: "
+            f"data.micro_batch_size={cfg.data.micro_batch_size} x system.samples_per_prompt={ppo.samples_per_prompt}"
+        )
+
+
+def describe(cfg: DictConfig) -> str:
+    return (f"system=ppo(reward={ppo_reward(cfg).name}, kl_coef={cfg.system.kl_coef}, "
+            f"kl_target={cfg.system.kl_target})")  # fmt: skip
+
+
+def family(cfg: dict[str, Any]) -> tuple[str, str]:
+    """``PPO-GT`` when the run maximised the evaluation's own reward (the ground truth), else ``PPO``
+    (a learned reward model); labelled by its KL coefficient (and target)."""
+    system = cfg["system"]
+    trained_on = system.get("reward") or cfg["reward"]
+    name = "PPO-GT" if trained_on == cfg["reward"] else "PPO"
+    target = f"->{system['kl_target']:g}" if system.get("kl_target") else ""
+    return name, f"{name} kl={system['kl_coef']:g}{target}"
+
+
+SPEC = SystemSpec(
+    PPOConfig, build, uses_loss=False, data="prompts", samples=True, references=("copy", "lora"), check=check,
+    describe=describe, family=family,
+    shardable=False,  # its value head and rollouts are not sharded yet
+    steps_per_batch=ppo_steps_per_batch, manual_steps=True, checkpoint_extras=("value_head.",),
+)  # fmt: skip

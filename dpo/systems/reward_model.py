@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from dpo.data.batch import PreferenceBatch
-from dpo.reward_models import head_of, last_token_scores
-from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.forward import attention_for
+from dpo.reward_models import head_of, last_token_scores, load_reward_model
+from dpo.settings import ConfigError, typed
+from dpo.systems.assemble import guard_config, optim_config
+from dpo.systems.base import GuardConfig, OptimConfig, System, SystemSpec
 
 
 @dataclass
@@ -106,3 +111,20 @@ class RewardModelModule(System):
         counted = 0 if bool((batch["rows"] < 0).all()) else batch["n_pairs"]
         self.log_metrics(metrics, "val", counted, bar=("loss", "rm/accuracy"))
         return loss
+
+
+def build(cfg: DictConfig, start: Any, tokenizer: Any) -> RewardModelModule:
+    """The reward-model system: the model with a one-label classification head."""
+    model = load_reward_model(start.model, tokenizer=tokenizer, attn_implementation=attention_for(start.plan.layout))
+    system = typed(cfg.system, RewardModelConfig)
+    return RewardModelModule(model, optim_config(cfg, start), system.center_weight, guard=guard_config(cfg),
+                             fsdp_block=start.model.fsdp_block)  # fmt: skip
+
+
+def check(cfg: DictConfig) -> None:
+    if cfg.data.layout not in ("auto", "separate"):
+        raise ConfigError(f"system=reward_model scores whole rows: use data.layout=separate, not {cfg.data.layout}")
+
+
+SPEC = SystemSpec(RewardModelConfig, build, uses_loss=False, data="pairs", samples=False, references=(), check=check,
+                  classifier=True)  # fmt: skip
