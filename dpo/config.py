@@ -28,14 +28,15 @@ from dpo.data.sources import DataError
 from dpo.forward import LayoutError, choose_layout
 from dpo.losses import check_loss_params, get_loss
 from dpo.models import ModelLoadError, max_positions
-from dpo.precision import PrecisionError, PrecisionPlan, plan_precision
+from dpo.precision import PrecisionError, PrecisionPlan, check_update_precision, plan_precision
 from dpo.reference import REFERENCES
 from dpo.schema import OUR_GROUPS, SELECTORS
 from dpo.secrets import check_secrets
 from dpo.settings import ConfigError, typed
 from dpo.systems import SYSTEMS
-from dpo.systems.base import OptimConfig, SystemSpec
+from dpo.systems.base import OptimConfig
 from dpo.systems.dpo import loss_params
+from dpo.systems.spec import SystemSpec
 
 USER_ERRORS = (ConfigError, DataError, ModelLoadError)
 """Mistakes a user can fix (config, data, model location): one clear line, no traceback (:mod:`dpo.cli`)."""
@@ -218,14 +219,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         lambda: typed(cfg.reference, REFERENCES[kind].Config),  # TR-DPO's sync settings
         lambda: typed(cfg.data, DataConfig),  # batch sizes >= 1, 0 < max_prompt_length < max_length
     )
-    if system.uses_loss and spec.needs_reference and kind == "none":
-        raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
-    if system.references is not None and system.references and kind not in system.references:
-        raise ConfigError(
-            f"system={cfg.system.kind} needs a reference that scores the sequences it samples "
-            f"(reference={' or '.join(system.references)}); reference={kind} can't"
-            + (": its log-probs are precomputed for the data's pairs only" if kind == "precomputed" else "")
-        )
+    _check_reference(cfg, system, spec.needs_reference)
     _check_system(cfg, system)
     data = cfg.data
     positions = max_positions(model_config) if model_config is not None else None
@@ -237,6 +231,21 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
     _check_source(cfg, pairs)
     precision = precision_plan(cfg)
     check_update_precision(cfg, precision)
+    plan = _batch_plan(cfg, system)
+    layout = Layout(data.layout)
+    if model_class is not None:
+        try:
+            layout = choose_layout(layout, model_class, model_config, sharded=is_sharded(cfg.trainer),
+                                   pairs=pairs and system.uses_loss)  # fmt: skip
+        except LayoutError as e:
+            raise ConfigError(str(e)) from None
+    return dataclasses.replace(plan, layout=layout, precision=precision,
+                               mesh=device_mesh(cfg.trainer, plan.world_size))  # fmt: skip
+
+
+def _batch_plan(cfg: DictConfig, system: SystemSpec) -> Plan:
+    """The global batch over devices and accumulation, and the steps it makes, as the system allows."""
+    data = cfg.data
     if "accumulate_grad_batches" in cfg.trainer:
         raise ConfigError("trainer.accumulate_grad_batches is derived from data.batch_size; don't set it")
     plan = plan_batch(data.batch_size, data.micro_batch_size, cfg.trainer.devices, cfg.trainer.get("num_nodes", 1))
@@ -245,21 +254,26 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
             f"system={cfg.system.kind} steps its optimizer itself, one batch at a time: data.batch_size="
             f"{data.batch_size} must equal data.micro_batch_size={data.micro_batch_size} x world size {plan.world_size}"
         )
-    layout = Layout(data.layout)
-    if model_class is not None:
-        try:
-            layout = choose_layout(layout, model_class, model_config, sharded=is_sharded(cfg.trainer),
-                                   pairs=pairs and system.uses_loss)  # fmt: skip
-        except LayoutError as e:
-            raise ConfigError(str(e)) from None
     steps = system.steps_per_batch(cfg)
     if steps > 1 and (cfg.trainer.get("max_steps") or -1) > 0 and cfg.trainer.max_steps % steps:
         raise ConfigError(
             f"system={cfg.system.kind} makes {steps} optimizer steps per batch; trainer.max_steps="
             f"{cfg.trainer.max_steps} would stop inside one: use a multiple of {steps}"
         )
-    return dataclasses.replace(plan, layout=layout, precision=precision,
-                               mesh=device_mesh(cfg.trainer, plan.world_size))  # fmt: skip
+    return plan
+
+
+def _check_reference(cfg: DictConfig, system: SystemSpec, loss_needs_one: bool) -> None:
+    """The reference kind suits the system (and, for a system trained with a loss, the loss)."""
+    kind = cfg.reference.kind
+    if system.uses_loss and loss_needs_one and kind == "none":
+        raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
+    if system.references is not None and system.references and kind not in system.references:
+        raise ConfigError(
+            f"system={cfg.system.kind} needs a reference that scores the sequences it samples "
+            f"(reference={' or '.join(system.references)}); reference={kind} can't"
+            + (": its log-probs are precomputed for the data's pairs only" if kind == "precomputed" else "")
+        )
 
 
 def device_mesh(trainer: DictConfig, world: int) -> tuple[int, int] | None:
@@ -338,44 +352,6 @@ def _check_system(cfg: DictConfig, system: SystemSpec) -> None:
 
 SAMPLING_CALLBACKS = ("RewardKLEval", "GenerationSamples")
 """Callbacks that sample from the trained model (a reward model can't be sampled)."""
-
-
-# Relative spacing of representable numbers (machine epsilon) of the low-precision weight dtypes.
-WEIGHT_EPS = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
-TYPICAL_WEIGHT = 0.02
-"""Magnitude of a typical transformer weight (GPT-2/GPT-J/Pythia initialise at std 0.02 and trained
-weights stay near it): the scale at which the rounding check asks whether an update registers."""
-
-
-def check_update_precision(cfg: DictConfig, precision: PrecisionPlan | None = None) -> None:
-    """Refuse pure bf16/fp16 weights when the learning rate is too small for updates to register.
-
-    Adaptive optimizers (Adam, RMSprop) move a weight by about ``lr`` per step. A weight ``w`` stored
-    in a dtype with machine epsilon ``eps`` changes only if the update exceeds half its spacing,
-    ``|w| * eps / 2``; at ``|w| = 0.02`` that is 7.8e-5 in bf16 and 9.8e-6 in fp16. Below it most
-    weights never move (measured: 87% of bf16 weights of scale 0.02 unchanged after 3 RMSprop steps
-    at lr 1e-6, the paper's TL;DR setting). Float32 master weights with ``trainer.precision=bf16-mixed``
-    compute in bf16 and keep every update.
-
-    The weights are low-precision when ``model.dtype`` says so, or when ``trainer.precision`` is
-    ``bf16-true``/``16-true`` (Lightning casts the model, whatever ``model.dtype`` is).
-    """
-    precision = precision or precision_plan(cfg)
-    dtype = getattr(cfg.model.get("dtype"), "value", cfg.model.get("dtype"))
-    where = f"model.dtype={dtype}"
-    if precision.weights in WEIGHT_EPS:
-        dtype, where = precision.weights, f"trainer.precision={precision.precision}"
-    lr = cfg.optim.optimizer.get("lr")
-    if dtype not in WEIGHT_EPS or not isinstance(lr, int | float) or cfg.guard.get("low_precision") == "allow":
-        return
-    smallest = TYPICAL_WEIGHT * WEIGHT_EPS[dtype] / 2
-    if lr < smallest:
-        raise ConfigError(
-            f"{where} with optim.optimizer.lr={lr:g}: {dtype} weights; an update of about lr moves a weight of size "
-            f"{TYPICAL_WEIGHT} only if lr > {smallest:.1e}, so most updates round away and the weights barely train. "
-            f"Keep float32 master weights and compute in {dtype}: model.dtype=float32 "
-            f"trainer.precision={'bf16' if dtype == 'bfloat16' else '16'}-mixed (or guard.low_precision=allow)"
-        )
 
 
 def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:

@@ -77,10 +77,10 @@ def token_logps(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (N, T)")
     labels = labels[:, 1:]  # (N, T-1)
     mask = labels != IGNORE_INDEX
-    return _target_logps(logits[:, :-1], labels.masked_fill(~mask, 0)) * mask, mask
+    return target_logps(logits[:, :-1], labels.masked_fill(~mask, 0)) * mask, mask
 
 
-def _target_logps(logits: Tensor, targets: Tensor) -> Tensor:
+def target_logps(logits: Tensor, targets: Tensor) -> Tensor:
     """log p(target) per position, fp32: (..., V) logits and (...) targets -> (...).
 
     ``cross_entropy`` fuses log-softmax and the gather (less memory and time than
@@ -152,7 +152,7 @@ def scored_logps(logits: Tensor, batch: ScoredBatch, *, pairs: bool = True, unli
             f"score_pair {tuple(pair.shape)} disagree on (R, S)"
         )
     n_pairs = batch["n_pairs"]
-    logps = _target_logps(logits, tgt)  # (R, S)
+    logps = target_logps(logits, tgt)  # (R, S)
     chosen, rejected = seg == CHOSEN, seg == REJECTED
     c_sum = per_pair(logps * chosen, pair, n_pairs)
     c_tok = per_pair(chosen.to(c_sum.dtype), pair, n_pairs)

@@ -390,35 +390,3 @@ def load_policy(
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
-
-
-def export_pretrained(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, write: bool = True
-) -> Path | None:
-    """Save model (safetensors) and tokenizer so ``AutoModelForCausalLM.from_pretrained(path)`` works.
-
-    A LoRA policy is merged into its base first, so the export is an ordinary model. A model
-    sharded by FSDP2 is gathered into a full state dict; every rank must call this (the gather
-    is collective) and only the one with ``write=True`` writes.
-
-    Returns:
-        The export folder, or None on ranks that don't write.
-    """
-    from torch.distributed.tensor import DTensor
-
-    if hasattr(model, "merge_and_unload"):  # a PEFT LoRA policy: export base + merged adapter
-        model = model.merge_and_unload()
-    state_dict = None
-    if any(isinstance(p, DTensor) for p in model.parameters()):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not write:
-        return None
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path, state_dict=state_dict)
-    tokenizer.save_pretrained(path)
-    if not any(path.glob("*.safetensors")):
-        raise RuntimeError(f"export to {path} wrote no safetensors file")
-    return path

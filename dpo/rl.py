@@ -8,10 +8,45 @@ tokens. :class:`dpo.systems.ppo.PPOModule` calls these in the order they are def
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """One batch of rollouts as per-token tensors, each (N, L) over response tokens unless noted.
+
+    ``ids``/``mask`` are the (N, T) right-padded prompt + response rows; ``pos`` the position whose
+    hidden state predicts each response token (and estimates the value of the state before it);
+    ``tgt`` the token; ``tok_mask`` 1 on real response tokens.
+    """
+
+    ids: Tensor
+    mask: Tensor
+    pos: Tensor
+    tgt: Tensor
+    tok_mask: Tensor
+    scores: Tensor  # (N,)
+    logps: Tensor
+    ref_logps: Tensor
+    values: Tensor
+    advantages: Tensor
+    returns: Tensor
+
+
+def response_positions(prompt_lengths: list[int], response_lengths: list[int]) -> tuple[Tensor, Tensor]:
+    """(N, L) predictor positions of the response tokens of right-padded prompt + response rows, and
+    the (N, L) mask of real ones (padding positions point at 0)."""
+    width = max(response_lengths)
+    pos = torch.zeros((len(prompt_lengths), width), dtype=torch.long)
+    mask = torch.zeros((len(prompt_lengths), width))
+    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
+        pos[i, :r] = torch.arange(p - 1, p - 1 + r)
+        mask[i, :r] = 1
+    return pos, mask
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

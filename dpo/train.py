@@ -10,6 +10,7 @@ dpo-train run_name=my_run                   # a named run: the same command agai
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 import time
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
@@ -30,11 +32,11 @@ from dpo.config import USER_ERRORS, Plan, needs_pairs, validate
 from dpo.data.datamodule import DataConfig, PreferenceDataModule
 from dpo.data.formats import get_format, load_rows
 from dpo.data.sources import SourceSpec
+from dpo.export import export_pretrained, write_model_card
 from dpo.log import get_logger
 from dpo.models import (
     ModelConfig,
     causal_lm_class,
-    export_pretrained,
     load_config,
     load_tokenizer,
     parameter_shapes,
@@ -104,8 +106,18 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         state.seconds = round(state.seconds + time.time() - started, 1)
         state.generated_tokens = int(module.generated_tokens)
         record(trainer, state, out)
-    log.info(summarize(cfg, run, export_dir, time.time() - started).render())
+    summary = summarize(cfg, run, export_dir, time.time() - started).render()
+    if export_dir is not None:
+        write_model_card(export_dir, start.config, summary, command_line())
+    log.info(summary)
     return state.after
+
+
+def command_line() -> str:
+    """The command that ran this job: ``dpo-train`` and its overrides (Hydra's), or how it was called."""
+    if HydraConfig.initialized():
+        return " ".join(["dpo-train", *(shlex.quote(o) for o in HydraConfig.get().overrides.task)])
+    return "dpo.train.train(cfg) from Python (no command line)"
 
 
 def begin(cfg: DictConfig) -> Start:

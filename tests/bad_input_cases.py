@@ -74,9 +74,10 @@ def verdict(case: Case, rc: int | None, out: str) -> str:
 
 
 def last_error(out: str) -> str:
-    """The line a user reads: the last one that is not a wandb or warnings line."""
+    """The line a user reads: the last error line, else the last that is not a wandb or warnings line."""
     lines = [x for x in out.strip().splitlines() if x.strip() and not x.startswith(("wandb:", "  warnings.warn"))]
-    line = lines[-1] if lines else ""
+    errors = [x for x in lines if "Error" in x or "error" in x]  # the refusal, when later lines followed it
+    line = (errors or lines or [""])[-1]
     return line.split("] - ", 1)[-1][:150].replace("|", "/")
 
 

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 from dpo.cli import CONF_DIR  # noqa: E402
 from dpo.data.formats import load_rows  # noqa: E402
 from dpo.data.sources import SourceSpec, bundled_path  # noqa: E402
-from dpo.models import ModelConfig, export_pretrained, load_policy, train_bpe_tokenizer  # noqa: E402
+from dpo.export import export_pretrained  # noqa: E402
+from dpo.models import ModelConfig, load_policy, train_bpe_tokenizer  # noqa: E402
 from dpo.schema import reward_schema  # noqa: E402
 
 torch.set_num_threads(1)

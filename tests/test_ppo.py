@@ -22,9 +22,10 @@ from dpo.data.collate import collate_prompts
 from dpo.data.tokenize import TokenizedPair
 from dpo.models import ModelConfig, load_policy
 from dpo.reference import FrozenCopy
+from dpo.rl import response_positions
 from dpo.settings import ConfigError
 from dpo.systems.base import OptimConfig
-from dpo.systems.ppo import PPOConfig, PPOModule, response_positions
+from dpo.systems.ppo import PPOConfig, PPOModule
 
 TARGET = 3  # the token whose frequency the test reward pays for
 

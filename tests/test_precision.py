@@ -17,8 +17,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import FAST, compose_config, shrink
 from dpo.cli import CONF_DIR
-from dpo.config import check_update_precision, precision_plan, validate
-from dpo.precision import plan_precision
+from dpo.config import precision_plan, validate
+from dpo.precision import check_update_precision, plan_precision
 from dpo.settings import ConfigError
 from dpo.train import begin, build, train
 
@@ -71,7 +71,7 @@ def test_low_precision_weights_with_a_tiny_lr_are_refused_with_the_reason(tmp_pa
             validate(cfg)
         with open_dict(cfg):
             cfg.guard.low_precision = "allow"
-    check_update_precision(cfg)
+    check_update_precision(cfg, precision_plan(cfg))
 
 
 def test_the_old_tldr_config_is_refused_before_any_weights_load(tmp_path, exported_tiny, monkeypatch):

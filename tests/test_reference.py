@@ -87,7 +87,7 @@ def test_lora_reference_is_the_base_model_and_export_merges(tmp_path, tiny_model
         torch.testing.assert_close(module.reference.score(batch, policy)[1], torch.gather(base_logits, 1, pos))
         adapted = policy(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(adapted, base(input_ids=ids, attention_mask=mask).logits)
-    from dpo.models import export_pretrained
+    from dpo.export import export_pretrained
 
     export_pretrained(policy, bpe_tokenizer, tmp_path / "hf")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

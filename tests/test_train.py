@@ -46,6 +46,9 @@ def test_tiny_run_end_to_end(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert model.config.vocab_size == len(tokenizer)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+    card = (tmp_path / "hf" / "README.md").read_text()  # issue 24: the export's model card
+    assert card.startswith("---\nlibrary_name: transformers\n") and "loss `dpo` (nll_weight=0.0, beta=" in card
+    assert re.search(r"reward accuracy\s+0\.0000 ->", card) and "```bash\ndpo-train experiment=tiny\n```" in card
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
     header = (tmp_path / "csv" / "metrics.csv").read_text().splitlines()[0]
@@ -99,7 +102,7 @@ def test_bpe_training_is_deterministic(bundled_rows):
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path, tiny_model, bpe_tokenizer):
-    from dpo.models import export_pretrained
+    from dpo.export import export_pretrained
 
     export_pretrained(tiny_model, bpe_tokenizer, tmp_path / "hf")
     loaded = load_policy(ModelConfig(str(tmp_path / "hf")))
@@ -219,3 +222,19 @@ def test_ppo_and_reward_model_tiny_runs_reproduce_their_pinned_trajectories(tmp_
         assert [float(r[key]) for r in rows if r.get(key)] == pytest.approx(values, abs=2e-5, rel=1e-6), key
     for key, value in final.items():
         assert metrics[key] == pytest.approx(value, abs=2e-5, rel=1e-6), key
+
+
+def test_the_model_card_names_the_base_model_data_loss_metrics_and_command():
+    from dpo.export import model_card
+
+    config = {"task_name": "train", "seed": 3, "model": {"pretrained": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+              "data": {"source": {"path": "Anthropic/hh-rlhf", "format": "hh"}, "batch_size": 64, "max_length": 512,
+                       "max_prompt_length": 256},
+              "loss": {"name": "dpo", "beta": 0.1, "nll_weight": 0.0}, "system": {"kind": "dpo"},
+              "optim": {"optimizer": {"_target_": "torch.optim.RMSprop", "lr": 1e-6}}}  # fmt: skip
+    card = model_card(config, "dpo-train finished: loss=dpo(beta=0.1) steps=40", "dpo-train experiment=hh_dpo")
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "`Anthropic/hh-rlhf` (format `hh`)" in card
+    assert "loss `dpo` (beta=0.1, nll_weight=0.0)" in card and "lr 1e-06" in card and "seed 3" in card
+    assert "steps=40" in card and "dpo-train experiment=hh_dpo" in card
+    local = model_card({**config, "model": {"pretrained": "/data/sft/hf"}}, "", "dpo-train")
+    assert "base_model:" not in local and "- base model: `/data/sft/hf`" in local  # a folder is no Hub link

@@ -158,7 +158,20 @@ class RewardKLEval(pl.Callback):
             completions = generate(
                 policy, [p for _, p in mine], self.gen, pad_id, tokenizer.eos_token_id, self.batch_size, world > 1
             )
-        rows = []
+        rows = self.measure(policy, reference, tokenizer, mine, completions, device)
+        rows = gather_rows(rows, world, rank, len(prompts))
+        if rows is None:
+            return None
+        result = self.record(trainer, step, rows)
+        log.info(f"eval step {step}: reward {result['reward']:.4f}, KL {result['kl']:.3f} (MC {result['kl_mc']:.3f})")
+        return result
+
+    @torch.no_grad()
+    def measure(self, policy: Any, reference: Any, tokenizer: Any, mine: list[tuple[int, list[int]]],
+                completions: list[list[int]], device: torch.device) -> list[dict[str, Any]]:  # fmt: skip
+        """One row per (index, prompt) of this rank with its completion: text, reward, exact and
+        Monte-Carlo KL (NaN without a reference) and token count."""
+        rows, pad_id = [], pad_id_of(tokenizer)
         was_training = policy.training
         policy.eval()
         for start in range(0, len(mine), self.batch_size):
@@ -181,9 +194,10 @@ class RewardKLEval(pl.Callback):
                 for (i, _), pt, t, r, k, m, n in zip(part, prompt_texts, texts, scores, kl, kl_mc, n_tok, strict=True)
             ]
         policy.train(was_training)
-        rows = gather_rows(rows, world, rank, len(prompts))
-        if rows is None:
-            return None
+        return rows
+
+    def record(self, trainer: pl.Trainer, step: int, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """Rank 0: the means of every rank's rows, into ``eval.jsonl``, the loggers and the frontier."""
         n = len(rows)
         result = {"step": step, **{k: sum(r[k] for r in rows) / n for k in ("reward", "kl", "kl_mc", "tokens")}, "n": n}
         self.history.append(result)
@@ -196,5 +210,4 @@ class RewardKLEval(pl.Callback):
         log_frontier(trainer, read_jsonl(self.dirpath / "eval.jsonl", {"step": int, "kl": (int, float)}))
         if self.log_samples:
             log_samples(trainer, step, rows)
-        log.info(f"eval step {step}: reward {result['reward']:.4f}, KL {result['kl']:.3f} (MC {result['kl_mc']:.3f})")
         return result

@@ -244,34 +244,16 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.judge.kind == "api":  # the key's presence is checked before any sampling
         typed_judge = typed(cfg.judge, JUDGES["api"].Config)
         api = ApiJudge(typed_judge, typed(cfg.template, Template), dry_run=cfg.dry_run)
-    first_model = next(iter((cfg.policies or {}).values()), None)
-    tokenizer = (
-        load_tokenizer(resolve(ModelConfig(first_model), cfg.paths.cache_dir).pretrained) if first_model else None
-    )
-    prompts = choose_prompts(cfg, tokenizer)
-    if cfg.completions:
-        texts = read_completions(cfg.completions, prompts)
-    else:
-        names = [n for n in cfg.policies if n != cfg.baseline] + [n for n in cfg.policies if n == cfg.baseline]
-        texts = sample_policies(cfg, names, prompts)
-        write_jsonl(out / "completions.jsonl", [
-            {"policy": p, "temperature": t, "prompt_index": prompts[i].index, "prompt": prompts[i].text,
-             "completion": c}
-            for (p, t), cs in texts.items() for i, c in enumerate(cs) if c is not None
-        ])  # fmt: skip
+    prompts, texts = prompts_and_completions(cfg, out)
     planned, skipped = plan(cfg, prompts, texts, cfg.judge.orders)
     comparisons = [x.comparison() for x in planned]
     if cfg.dry_run:
         needed = api.uncached(comparisons) if cfg.judge.kind == "api" else len(comparisons)
         log.info(f"dry run: {len(comparisons)} comparisons, {needed} judge requests to send; nothing judged")
         return out / "completions.jsonl"
-    judge: Judge = (
-        api
-        if cfg.judge.kind == "api"
-        else build_judge(
-            typed(cfg.judge, JUDGES[cfg.judge.kind].Config), typed(cfg.template, Template), cfg.paths.cache_dir
-        )
-    )
+    judge: Judge = api if cfg.judge.kind == "api" else build_judge(
+        typed(cfg.judge, JUDGES[cfg.judge.kind].Config), typed(cfg.template, Template), cfg.paths.cache_dir
+    )  # fmt: skip
     verdicts = judge.judge(comparisons)
     write_jsonl(out / "judgments.jsonl", [
         {"policy": x.policy, "baseline": cfg.baseline, "temperature": x.temperature, "prompt_index": x.prompt.index,
@@ -280,17 +262,7 @@ def evaluate(cfg: DictConfig) -> Path:
          "verdict": v.winner}
         for x, c, v in zip(planned, comparisons, verdicts, strict=True)
     ])  # fmt: skip
-    grouped: dict[tuple[str, float], list] = defaultdict(list)
-    for x, v in zip(planned, verdicts, strict=True):
-        grouped[(x.policy, x.temperature)].append((x.prompt.index, v.winner, x.policy_first))
-    rows = []
-    for key, n_skipped in skipped.items():
-        w: WinRate = win_rate(grouped.get(key, []))
-        rows.append({
-            "policy": key[0], "baseline": cfg.baseline, "temperature": key[1], "win_rate": w.win_rate,
-            "stderr": w.stderr, "n": w.n, "judgments": w.judgments, "parse_failures": w.parse_failures,
-            "skipped_prompts": n_skipped, "ties": w.ties, "position_bias": w.position_bias, "judge": judge.describe(),
-        })  # fmt: skip
+    rows = win_rate_rows(cfg.baseline, planned, verdicts, skipped, judge.describe())
     empty = [f"{r['policy']} at temperature {r['temperature']:g}" for r in rows if r["n"] == 0]
     rows = [r for r in rows if r["n"] > 0]  # a win rate over no judgment is no number (not NaN)
     results = write_jsonl(out / "results.jsonl", rows)
@@ -312,6 +284,42 @@ def evaluate(cfg: DictConfig) -> Path:
     if bias and cfg.judge.orders == "both":
         log.info(f"position bias: the response shown first won {sum(bias) / len(bias):.2f} of decided judgments")
     return results
+
+
+def prompts_and_completions(cfg: DictConfig, out: Path) -> tuple[list[Prompt], Texts]:
+    """The chosen prompts and every policy's completions of them: read from ``completions``, or
+    sampled (then written to ``completions.jsonl``)."""
+    first_model = next(iter((cfg.policies or {}).values()), None)
+    tokenizer = (
+        load_tokenizer(resolve(ModelConfig(first_model), cfg.paths.cache_dir).pretrained) if first_model else None
+    )
+    prompts = choose_prompts(cfg, tokenizer)
+    if cfg.completions:
+        return prompts, read_completions(cfg.completions, prompts)
+    names = [n for n in cfg.policies if n != cfg.baseline] + [n for n in cfg.policies if n == cfg.baseline]
+    texts = sample_policies(cfg, names, prompts)
+    write_jsonl(out / "completions.jsonl", [
+        {"policy": p, "temperature": t, "prompt_index": prompts[i].index, "prompt": prompts[i].text, "completion": c}
+        for (p, t), cs in texts.items() for i, c in enumerate(cs) if c is not None
+    ])  # fmt: skip
+    return prompts, texts
+
+
+def win_rate_rows(baseline: str, planned: list[Planned], verdicts: list[Any], skipped: dict,
+                  judge: dict[str, Any]) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per (policy, temperature): its win rate against ``baseline`` and how it was measured."""
+    grouped: dict[tuple[str, float], list] = defaultdict(list)
+    for x, v in zip(planned, verdicts, strict=True):
+        grouped[(x.policy, x.temperature)].append((x.prompt.index, v.winner, x.policy_first))
+    rows = []
+    for key, n_skipped in skipped.items():
+        w: WinRate = win_rate(grouped.get(key, []))
+        rows.append({
+            "policy": key[0], "baseline": baseline, "temperature": key[1], "win_rate": w.win_rate,
+            "stderr": w.stderr, "n": w.n, "judgments": w.judgments, "parse_failures": w.parse_failures,
+            "skipped_prompts": n_skipped, "ties": w.ties, "position_bias": w.position_bias, "judge": judge,
+        })  # fmt: skip
+    return rows
 
 
 @entry("eval")

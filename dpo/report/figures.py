@@ -186,7 +186,7 @@ def plot_curves(runs: Sequence[TrainRun], family: str, path: Path) -> Path | Non
 
 def method_of(run_dir: Path) -> tuple[str, str]:
     """(family, label) of a training run from its ``config.yaml``, as its system names it
-    (:attr:`dpo.systems.base.SystemSpec.family`): the loss of a DPO-system run (DPO, Preferred-FT,
+    (:attr:`dpo.systems.spec.SystemSpec.family`): the loss of a DPO-system run (DPO, Preferred-FT,
     Unlikelihood), ``PPO-GT`` or ``PPO`` for PPO."""
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg.setdefault("system", {"kind": "dpo"})

@@ -9,7 +9,7 @@
 ``ppo``         :class:`dpo.systems.ppo.PPOModule`              a policy by PPO against a reward (RLHF)
 ==============  ==============================================  ======================================
 
-:data:`SYSTEMS` holds each system's :class:`~dpo.systems.base.SystemSpec`: its schema, how it is
+:data:`SYSTEMS` holds each system's :class:`~dpo.systems.spec.SystemSpec`: its schema, how it is
 built, what its batches hold, which references it accepts, its own config checks, its name in the
 run summary and its family in the figures. A new system is one file here exporting ``SPEC``, one
 line below and one ``conf/system/<kind>.yaml``.
@@ -18,7 +18,7 @@ line below and one ``conf/system/<kind>.yaml``.
 from __future__ import annotations
 
 from dpo.systems import dpo, ppo, reward_model
-from dpo.systems.base import SystemSpec
+from dpo.systems.spec import SystemSpec
 
 SYSTEMS: dict[str, SystemSpec] = {"dpo": dpo.SPEC, "reward_model": reward_model.SPEC, "ppo": ppo.SPEC}
 """``system.kind`` -> its spec."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -102,7 +102,7 @@ class NonFinite(str, Enum):
 class LowPrecision(str, Enum):
     """What pure low-precision weights with updates too small to register do (``guard.low_precision``)."""
 
-    refuse = "refuse"  # a config error before any weights load (dpo.config.check_update_precision)
+    refuse = "refuse"  # a config error before any weights load (dpo.precision.check_update_precision)
     allow = "allow"  # you know better (e.g. an optimizer with stochastic rounding or Kahan sums)
 
 
@@ -310,6 +310,39 @@ class System(LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if k in shown}, prog_bar=True, **kwargs)
         self.log_dict({k: v for k, v in metrics.items() if k not in shown}, **kwargs)
 
+    def sum_over_ranks(self, t: Tensor) -> Tensor:
+        """``t`` summed over every rank (itself on one)."""
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+
+    def global_moments(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance of the masked ``values`` over every rank's rows (e.g. advantages to whiten)."""
+        stats = torch.stack([(values * mask).sum(), (values**2 * mask).sum(), mask.sum()])
+        trainer = self._trainer  # None outside a Trainer (a rollout on its own)
+        if trainer is not None and trainer.world_size > 1:
+            stats = trainer.strategy.reduce(stats, reduce_op="sum")
+        mean = stats[0] / stats[2].clamp(min=1)
+        return mean, (stats[1] / stats[2].clamp(min=1) - mean**2).clamp(min=0)
+
+    def log_at_step(self, metrics: dict[str, Tensor], bar: tuple[str, ...]) -> None:
+        """Log the metrics of a batch that made several optimizer steps (PPO's iteration), averaged
+        over ranks (equal rows each), at the optimizer step.
+
+        Lightning's ``self.log`` stamps metrics with the number of batches that stepped, which for
+        such a system counts batches, not optimizer steps; the loggers get them at ``global_step``
+        instead, the clock of DPO's metrics and of the evaluation callback, so curves of every system
+        and the frontier share one x axis.
+        """
+        keys = sorted(metrics)
+        means = self.sum_over_ranks(torch.stack([metrics[k].detach().float() for k in keys])) / self.trainer.world_size
+        values = dict(zip(keys, means, strict=True))
+        self.log_dict({k: v for k, v in values.items() if k in bar}, prog_bar=True, logger=False)
+        self.log_dict({k: v for k, v in values.items() if k not in bar}, logger=False)
+        every = self.trainer.log_every_n_steps
+        due = self.global_step // every > (self.global_step - self.optimizer_steps_per_batch()) // every
+        if self.trainer.is_global_zero and due:  # this batch stepped past a multiple of log_every_n_steps
+            for logger in self.trainer.loggers:
+                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
+
     def on_validation_epoch_start(self) -> None:
         self._val_sums, self._val_count = {}, 0
 
@@ -345,47 +378,6 @@ class System(LightningModule):
         state = checkpoint.get("state_dict")  # absent for a distributed (FSDP) checkpoint: loaded in place
         if reference is not None and state is not None:
             reference.restore_checkpoint(state, REFERENCE_PREFIX)
-
-
-@dataclass(frozen=True)
-class SystemSpec:
-    """Everything the rest of the code knows about one training system; each system's file exports
-    its own (``SPEC``) and :data:`dpo.systems.SYSTEMS` lists them by ``system.kind``.
-
-    Attributes:
-        config: its ``conf/system`` schema (range checks in its ``__post_init__``).
-        build: ``(cfg, start, tokenizer) -> System``: its LightningModule, weights loaded.
-        uses_loss: it trains with the ``conf/loss`` choice (else that group is ignored).
-        data: what its batches hold: ``pairs`` (chosen and rejected), ``chosen`` (SFT rows) or
-            ``prompts`` (prompts only: it samples its own responses); None: the loss decides.
-        samples: it has a causal LM that the sampling callbacks can sample from.
-        references: the ``reference.kind`` choices it runs with (None: the loss decides).
-        check: its own cross-field checks of the composed config, before anything loads (ConfigError).
-        describe: ``cfg -> str``: what the run summary's first line calls the run.
-        family: ``config.yaml as a dict -> (family, label)``: where a finished run's points go in the
-            figures (e.g. ``("DPO", "DPO b=0.1")``).
-        shardable: it trains under FSDP2 (``trainer=fsdp``); else the config check refuses it.
-        steps_per_batch: optimizer steps it makes per global batch, from the composed config.
-        manual_steps: it steps and clips its optimizer itself (PPO): Lightning neither accumulates nor
-            clips (``trainer.gradient_clip_val`` reaches the system instead).
-        classifier: its model (``policy``) is a one-label sequence classifier, not a causal LM.
-        checkpoint_extras: name prefixes of its own modules beside the policy in a checkpoint.
-    """
-
-    config: type
-    build: Callable[[Any, Any, Any], System]
-    uses_loss: bool
-    data: str | None
-    samples: bool
-    references: tuple[str, ...] | None
-    check: Callable[[Any], None] = lambda cfg: None
-    describe: Callable[[Any], str] = lambda cfg: f"system={cfg.system.kind}"
-    family: Callable[[dict[str, Any]], tuple[str, str]] = lambda cfg: (cfg["system"]["kind"],) * 2
-    shardable: bool = True
-    steps_per_batch: Callable[[Any], int] = lambda cfg: 1
-    manual_steps: bool = False
-    classifier: bool = False
-    checkpoint_extras: tuple[str, ...] = ()
 
 
 def _local(t: Tensor) -> Tensor:

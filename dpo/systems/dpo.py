@@ -17,7 +17,8 @@ from dpo.logprobs import scored_kl
 from dpo.losses import check_loss_params, compute_loss, get_loss
 from dpo.reference import NoReference, Reference
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
-from dpo.systems.base import GuardConfig, OptimConfig, System, SystemSpec, optimizer_step_ended
+from dpo.systems.base import GuardConfig, OptimConfig, System, optimizer_step_ended
+from dpo.systems.spec import SystemSpec
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")

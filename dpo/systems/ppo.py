@@ -15,23 +15,27 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dpo.data.collate import pad_id_of
+from dpo.logprobs import target_logps
 from dpo.reference import Reference
 from dpo.rewards import reward_from_config
 from dpo.rl import (
     KLController,
+    Rollout,
     clipped_policy_loss,
     clipped_value_loss,
     entropy,
     explained_variance,
     gae,
     masked_mean,
+    response_positions,
     shaped_rewards,
     whiten,
 )
 from dpo.sampling import GenerationConfig, completion_batch, generate
 from dpo.settings import ConfigError, typed
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
-from dpo.systems.base import GuardConfig, OptimConfig, System, SystemSpec
+from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.systems.spec import SystemSpec
 
 
 @dataclass
@@ -99,45 +103,11 @@ class PPOConfig:
             raise ValueError("; ".join(problems))
 
 
-@dataclass
-class Rollout:
-    """One batch of rollouts as per-token tensors, each (N, L) over response tokens unless noted.
-
-    ``ids``/``mask`` are the (N, T) right-padded prompt + response rows; ``pos`` the position whose
-    hidden state predicts each response token (and estimates the value of the state before it);
-    ``tgt`` the token; ``tok_mask`` 1 on real response tokens.
-    """
-
-    ids: Tensor
-    mask: Tensor
-    pos: Tensor
-    tgt: Tensor
-    tok_mask: Tensor
-    scores: Tensor  # (N,)
-    logps: Tensor
-    ref_logps: Tensor
-    values: Tensor
-    advantages: Tensor
-    returns: Tensor
-
-
 def ppo_steps_per_batch(cfg: Any) -> int:
     """Optimizer steps of one PPO iteration from the composed config: ``ppo_epochs`` passes over each
     rank's ``micro_batch_size x samples_per_prompt`` rollouts in minibatches of ``minibatch_size``."""
     rollouts = cfg.data.micro_batch_size * cfg.system.samples_per_prompt
     return cfg.system.ppo_epochs * math.ceil(rollouts / cfg.system.minibatch_size)
-
-
-def response_positions(prompt_lengths: list[int], response_lengths: list[int]) -> tuple[Tensor, Tensor]:
-    """(N, L) predictor positions of the response tokens of right-padded prompt + response rows, and
-    the (N, L) mask of real ones (padding positions point at 0)."""
-    width = max(response_lengths)
-    pos = torch.zeros((len(prompt_lengths), width), dtype=torch.long)
-    mask = torch.zeros((len(prompt_lengths), width))
-    for i, (p, r) in enumerate(zip(prompt_lengths, response_lengths, strict=True)):
-        pos[i, :r] = torch.arange(p - 1, p - 1 + r)
-        mask[i, :r] = 1
-    return pos, mask
 
 
 class PPOModule(System):
@@ -241,7 +211,7 @@ class PPOModule(System):
         logits = out.logits[rows, pos].float()  # (N, L, V)
         hidden = out.hidden_states[-1][rows, pos]  # (N, L, H)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        logps = torch.log_softmax(logits, -1).gather(-1, tgt[..., None]).squeeze(-1)
+        logps = target_logps(logits, tgt)
         return logps, values, logits
 
     @torch.no_grad()
@@ -264,24 +234,15 @@ class PPOModule(System):
         logps, values, _ = self.forward_tokens(ids, mask, pos, tgt)
         ref_logits = self.reference.logits(ids, mask, self.policy)  # (N, T, V)
         rows = torch.arange(len(ids), device=ids.device)[:, None]
-        ref_logps = torch.log_softmax(ref_logits[rows, pos].float(), -1).gather(-1, tgt[..., None]).squeeze(-1)
+        ref_logps = target_logps(ref_logits[rows, pos], tgt)
         self.policy.train(was_training)
         rewards = shaped_rewards(scores, logps * tok_mask, ref_logps * tok_mask, tok_mask, self.kl.coef)
         advantages, returns = gae(rewards, values, tok_mask, self.cfg.gamma, self.cfg.lam)
-        mean, var = self._global_moments(advantages, tok_mask)
+        mean, var = self.global_moments(advantages, tok_mask)
         advantages = whiten(advantages, tok_mask, mean, var)
         out = Rollout(ids, mask, pos, tgt, tok_mask, scores, logps * tok_mask, ref_logps * tok_mask,
                       values * tok_mask, advantages, returns)  # fmt: skip
         return out, int(tok_mask.sum().item())
-
-    def _global_moments(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the masked ``values`` over every rank's rollouts."""
-        stats = torch.stack([(values * mask).sum(), (values**2 * mask).sum(), mask.sum()])
-        trainer = self._trainer  # None outside a Trainer (a rollout on its own)
-        if trainer is not None and trainer.world_size > 1:
-            stats = trainer.strategy.reduce(stats, reduce_op="sum")
-        mean = stats[0] / stats[2].clamp(min=1)
-        return mean, (stats[1] / stats[2].clamp(min=1) - mean**2).clamp(min=0)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         prompts = [list(p) for p in batch["prompt_ids"] for _ in range(self.cfg.samples_per_prompt)]
@@ -304,33 +265,11 @@ class PPOModule(System):
         # Throughput of the iteration (sampling, scoring and updates): its rollouts' prompt and response tokens.
         metrics |= self.health_metrics(int(ro.mask.sum().item()), time.perf_counter() - started)
         self.local_metrics = {k: float(v) for k, v in metrics.items()}
-        self.log_iteration(metrics, bar=("train/loss", "train/ppo/reward", "train/ppo/kl"))
-        everyone = self._sum_ranks(torch.tensor([float(tokens), float(n), float(seq_kl.sum())], device=self.device))
+        self.log_at_step(metrics, bar=("train/loss", "train/ppo/reward", "train/ppo/kl"))
+        everyone = self.sum_over_ranks(torch.tensor([float(tokens), float(n), float(seq_kl.sum())], device=self.device))
         self.generated_tokens += int(everyone[0].item())
         self.rollouts += int(everyone[1].item())
         self.kl.update(float(everyone[2] / everyone[1]), int(everyone[1].item()))
-
-    def log_iteration(self, metrics: dict[str, Tensor], bar: tuple[str, ...]) -> None:
-        """Log one iteration's metrics, averaged over ranks (equal rollouts each), at the optimizer step.
-
-        Lightning's ``self.log`` stamps metrics with the number of batches that stepped, which for
-        PPO counts iterations, not optimizer steps; the loggers get them at ``global_step`` instead,
-        the clock of DPO's metrics and of the evaluation callback, so curves of both systems and the
-        frontier share one x axis.
-        """
-        keys = sorted(metrics)
-        means = self._sum_ranks(torch.stack([metrics[k].detach().float() for k in keys])) / self.trainer.world_size
-        values = dict(zip(keys, means, strict=True))
-        self.log_dict({k: v for k, v in values.items() if k in bar}, prog_bar=True, logger=False)
-        self.log_dict({k: v for k, v in values.items() if k not in bar}, logger=False)
-        every = self.trainer.log_every_n_steps
-        due = self.global_step // every > (self.global_step - self.optimizer_steps_per_batch()) // every
-        if self.trainer.is_global_zero and due:  # this iteration stepped past a multiple of log_every_n_steps
-            for logger in self.trainer.loggers:
-                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
-
-    def _sum_ranks(self, t: Tensor) -> Tensor:
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
 
     def optimize(self, ro: Rollout, rows: Tensor) -> dict[str, list[Tensor]]:
         """``ppo_epochs`` passes of minibatch updates over one rollout batch; returns per-step stats."""

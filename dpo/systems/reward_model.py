@@ -15,7 +15,8 @@ from dpo.forward import attention_for
 from dpo.reward_models import head_of, last_token_scores, load_reward_model
 from dpo.settings import ConfigError, typed
 from dpo.systems.assemble import guard_config, optim_config
-from dpo.systems.base import GuardConfig, OptimConfig, System, SystemSpec
+from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.systems.spec import SystemSpec
 
 
 @dataclass
