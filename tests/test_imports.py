@@ -107,3 +107,19 @@ def test_no_import_circle():
     for m in MODULES:
         if m not in state:
             visit(m, [m])
+
+
+def test_no_module_over_400_lines_and_no_function_over_60():
+    """Issue 24's size limits, so the layout stays readable as systems arrive."""
+    import ast
+    from pathlib import Path
+
+    too_long = []
+    for path in sorted(Path(dpo.__file__).parent.rglob("*.py")):
+        source = path.read_text()
+        if (n := len(source.splitlines())) > 400:
+            too_long.append(f"{path.name}: {n} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                too_long.append(f"{path.name}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines")
+    assert not too_long, too_long
