@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 COMMANDS = {
-    "dpo-train": "dpo.train",
-    "dpo-sample": "dpo.pipeline.sample",
-    "dpo-score": "dpo.pipeline.score",
-    "dpo-pair": "dpo.pipeline.pair",
-    "dpo-best-of-n": "dpo.pipeline.best_of_n",
-    "dpo-eval": "dpo.pipeline.evaluate",
-    "dpo-report": "dpo.pipeline.report",
-    "dpo-dashboard": "dpo.pipeline.dashboard",
+    "dpo-train": "dpo.commands.train",
+    "dpo-sample": "dpo.commands.sample",
+    "dpo-score": "dpo.commands.score",
+    "dpo-pair": "dpo.commands.pair",
+    "dpo-best-of-n": "dpo.commands.best_of_n",
+    "dpo-eval": "dpo.commands.evaluate",
+    "dpo-report": "dpo.commands.report_figures",
+    "dpo-dashboard": "dpo.commands.dashboard",
 }
 """Console command -> the module whose ``main`` is its entry (``pyproject.toml``'s scripts)."""
 

@@ -18,12 +18,12 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
-from dpo.cli import CONF_DIR  # noqa: E402
+from dpo.commands.cli import CONF_DIR  # noqa: E402
+from dpo.config.schema import reward_schema  # noqa: E402
 from dpo.data.formats import load_rows  # noqa: E402
 from dpo.data.sources import SourceSpec, bundled_path  # noqa: E402
-from dpo.export import export_pretrained  # noqa: E402
-from dpo.models import ModelConfig, load_policy, train_bpe_tokenizer  # noqa: E402
-from dpo.schema import reward_schema  # noqa: E402
+from dpo.models.export import export_pretrained  # noqa: E402
+from dpo.models.load import ModelConfig, load_policy, train_bpe_tokenizer  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -66,7 +66,7 @@ def exported_tiny(tmp_path_factory, bpe_tokenizer):
 @pytest.fixture(scope="session")
 def exported_tiny_rm(tmp_path_factory, bpe_tokenizer):
     """A directory holding a tiny one-label reward model (random weights) and its tokenizer."""
-    from dpo.reward_models import load_reward_model
+    from dpo.rewards.learned import load_reward_model
 
     torch.manual_seed(0)
     model = load_reward_model(ModelConfig(None, architecture=TINY_ARCH), tokenizer=bpe_tokenizer)

@@ -179,7 +179,7 @@ def test_a_prompt_that_is_not_a_prefix_is_named(tmp_path, bpe_tokenizer):
 
 def test_duplicate_and_over_long_rows_are_valid_and_train(tmp_path):
     from conftest import compose_config
-    from dpo.train import train
+    from dpo.commands.train import train
 
     long = {"prompt": "Tell me about it. " * 40, "chosen": " Great film. " * 60, "rejected": " Bad film. " * 60}
     path = write(tmp_path / "data", [GOOD] * 6 + [long] * 2, "jsonl")

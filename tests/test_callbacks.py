@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import FAST, compose_config, shrink
-from dpo.sampling import left_pad
-from dpo.train import train
+from dpo.commands.train import train
+from dpo.models.sampling import left_pad
 
 
 def test_left_pad():

@@ -11,17 +11,17 @@ import torch
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import dpo.commands.train
 import dpo.systems.assemble
-import dpo.train
 from conftest import FAST, FIXTURES, compose_config, shrink
-from dpo.cli import CONF_DIR
-from dpo.config import plan_batch, validate
+from dpo.commands.cli import CONF_DIR
+from dpo.commands.train import begin, build, train
+from dpo.config.settings import ConfigError
+from dpo.config.validate import plan_batch, validate
 from dpo.data.formats import get_format
 from dpo.data.sources import DataError, bundled_path
-from dpo.reference import NoReference
-from dpo.settings import ConfigError
 from dpo.systems import SYSTEMS
-from dpo.train import begin, build, train
+from dpo.systems.reference import NoReference
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 LOSS_CONFIGS = sorted(p.stem for p in (CONF_DIR / "loss").glob("*.yaml"))
@@ -66,14 +66,14 @@ def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny,
 def test_every_loss_config_builds_and_starts_at_the_reference(tmp_path, monkeypatch, name):
     """At step 0 policy == reference: every implicit reward is 0 and DPO's loss is ln 2. A loss that
     needs no reference never builds or runs one."""
-    from dpo.losses import get_loss
+    from dpo.maths.losses import get_loss
 
     if not get_loss(compose_config([f"loss={name}"], tmp_path).loss.name).needs_reference:
 
         def no_copy(*args, **kwargs):
             raise AssertionError("a reference model was built for a reference-free loss")
 
-        monkeypatch.setattr(dpo.reference.FrozenCopy, "of", no_copy)
+        monkeypatch.setattr(dpo.systems.reference.FrozenCopy, "of", no_copy)
     run, metrics = build_and_step(compose_config([*FAST, f"loss={name}"], tmp_path))
     if run.module.spec.needs_reference:
         assert metrics["train/rewards/margin"] == 0 and metrics["train/kl/chosen"] == 0
@@ -95,7 +95,7 @@ def no_weights(monkeypatch):
 
 # A wrong key and a wrong type in each of our groups, a wrong key in each third-party group, and the
 # cross-field checks. Keys Hydra types fail when it composes; `+key=` additions and cross-field
-# mistakes fail in dpo.config.validate. All before any data or weights load.
+# mistakes fail in dpo.config.validate.validate. All before any data or weights load.
 COMPOSE_ERRORS = [
     (["model.dtyp=float32"], r"Key 'dtyp' not in 'ModelConfig'"),
     (["model.dtype=fp16"], r"Invalid value 'fp16', expected one of \[float32, bfloat16, float16\]"),
@@ -142,7 +142,7 @@ VALIDATE_ERRORS = [
     (["+foo=1"], r"unknown key\(s\) \['foo'\]"),
     (["+trainer.max_stepz=3"], r"\['trainer.max_stepz'\] for lightning.pytorch.Trainer"),
     (["+callbacks.model_checkpoint.every_n_train_step=3"], r"\['callbacks.model_checkpoint.every_n_train_step'\]"),
-    (["+callbacks.samples.prompts=3"], r"\['callbacks.samples.prompts'\] for dpo.callbacks.GenerationSamples"),
+    (["+callbacks.samples.prompts=3"], r"\['callbacks.samples.prompts'\] for dpo.evaluation.generations"),
     (["logger=default", "+logger.wandb.projcet=x"], r"\['logger.wandb.projcet'\] for lightning.pytorch.loggers"),
     (["+logger.csv.flush=1"], r"\['logger.csv.flush'\] for dpo.report.csv_logger.ResumableCSVLogger"),
     (["loss.name=ipo_sum"], r"loss.name=ipo_sum but the loss config was composed for 'dpo': choose it with loss="),
@@ -198,7 +198,7 @@ def test_training_split_smaller_than_a_global_batch_fails_before_weights_load(tm
 def test_unreachable_reward_classifier_fails_before_weights_load(tmp_path, exported_tiny, no_weights):
     """experiment=imdb_dpo scores with siebert/sentiment-roberta-large-english: offline and not
     cached, the error names the key to set, and no policy weights were loaded first."""
-    from dpo.models import ModelLoadError
+    from dpo.models.load import ModelLoadError
 
     cfg = shrink(compose_config([*FAST, "experiment=imdb_dpo"], tmp_path), exported_tiny)
     cfg.reward = compose_config(["reward=hf_classifier", "reward.device=cpu"], tmp_path).reward
@@ -244,7 +244,7 @@ def test_every_group_file_names_its_schema():
     (rpo -> dpo, smollm2 -> hf, tldr_flat -> tldr, ...); composing one shows the schema's type."""
     import yaml
 
-    from dpo.schema import OUR_GROUPS, SELECTORS
+    from dpo.config.schema import OUR_GROUPS, SELECTORS
 
     for group in OUR_GROUPS:
         for path in sorted((CONF_DIR / group).glob("*.yaml")):
@@ -293,7 +293,7 @@ def test_the_default_runs_tuning_applies_only_to_its_own_model_and_data(override
 
 
 def test_sharding_is_read_from_the_strategy_class():
-    from dpo.config import is_sharded
+    from dpo.config.validate import is_sharded
 
     def trainer(strategy):
         return OmegaConf.create({"strategy": strategy})
@@ -307,7 +307,7 @@ def test_sharding_is_read_from_the_strategy_class():
 def test_checkpoint_and_model_mistakes_fail_before_weights_load(tmp_path, no_weights):
     """ckpt_path must exist and be a Lightning checkpoint of this model; a local model folder must
     exist and hold a model. Each ends in an error naming the key, before any weights load."""
-    from dpo.models import ModelLoadError
+    from dpo.models.load import ModelLoadError
 
     text = tmp_path / "notes.ckpt"
     text.write_text("not a checkpoint")

@@ -15,8 +15,8 @@ import sys
 import pytest
 from tests_helpers import run_entry, wandb_logged
 
-from dpo.pipeline.dashboard import main as dashboard_main
-from dpo.pipeline.report import report
+from dpo.commands.dashboard import main as dashboard_main
+from dpo.commands.report_figures import report
 from dpo.report.dashboard import LINE_PANELS, DashboardSpec, build_report, panel_metrics
 from dpo.report.figures import CURVES
 from dpo.report.wandb_logging import FRONTIER_TABLE, WIN_RATES_TABLE
@@ -29,7 +29,7 @@ def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", DPO_CACHE_DIR=str(root / "cache"))
     proc = subprocess.run(
-        [sys.executable, "-m", "dpo.train", "-m", "experiment=tiny", "debug=fast", "logger=default",
+        [sys.executable, "-m", "dpo.commands.train", "-m", "experiment=tiny", "debug=fast", "logger=default",
          "callbacks=reward_eval", "callbacks.reward_eval.n_prompts=4",
          "callbacks.reward_eval.generation.max_new_tokens=6",
          "callbacks.reward_eval.log_samples=true", "log_export=true", "loss.beta=0.1,0.5",
@@ -57,7 +57,7 @@ def test_every_metric_a_dashboard_panel_names_is_logged(sweep, tmp_path, exporte
     of a real `dpo-eval` (renaming a metric or a table breaks this test)."""
     from test_evaluate import compose_eval
 
-    from dpo.pipeline.evaluate import evaluate
+    from dpo.commands.evaluate import evaluate
 
     with (sweep / "0" / "csv" / "metrics.csv").open() as f:
         logged = set(next(csv.reader(f))) | wandb_logged(sweep / "0")["history"]
@@ -77,7 +77,7 @@ def test_every_metric_a_dashboard_panel_names_is_logged(sweep, tmp_path, exporte
 def rlhf_metrics(tmp_path) -> set[str]:
     """The metric names a tiny reward-model run and a tiny PPO run log to CSV."""
     from conftest import FAST, compose_config
-    from dpo.train import train
+    from dpo.commands.train import train
 
     names: set[str] = set()
     ppo = ["system.minibatch_size=2", "trainer.max_steps=4", "callbacks=reward_eval",  # one PPO iteration: 4 steps
@@ -112,6 +112,6 @@ def test_dpo_report_draws_one_png_per_figure_family_from_the_run_folders(sweep, 
     assert sorted(p.name for p in written) == ["frontier.png", "health.png", "kl.png", "loss.png", "rewards.png"]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
-    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", f"runs={tmp_path / 'nothing'}",
+    proc = subprocess.run([sys.executable, "-m", "dpo.commands.report_figures", f"runs={tmp_path / 'nothing'}",
                            f"paths.log_dir={tmp_path}"], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 1 and "runs: no such folder" in proc.stdout

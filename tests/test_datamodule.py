@@ -39,7 +39,7 @@ def test_second_setup_is_a_cache_hit_with_identical_data(tmp_path, bpe_tokenizer
 
 
 def test_changed_length_tokenizer_or_file_is_a_miss(tmp_path, bpe_tokenizer, bundled_rows):
-    from dpo.models import train_bpe_tokenizer
+    from dpo.models.load import train_bpe_tokenizer
 
     make(bpe_tokenizer, tmp_path).setup()
     longer = make(bpe_tokenizer, tmp_path, max_length=65)

@@ -15,14 +15,14 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import open_dict
 
-from dpo.cli import CONF_DIR
+from dpo.commands.cli import CONF_DIR
+from dpo.commands.evaluate import choose_prompts, evaluate
+from dpo.config.settings import ConfigError
 from dpo.evaluation.judges import Comparison, JudgeError, Template
 from dpo.evaluation.judges.local import LocalLMJudge
 from dpo.evaluation.win_rate import win_rate
-from dpo.io import read_jsonl, write_jsonl
-from dpo.pipeline.evaluate import choose_prompts, evaluate
-from dpo.sampling import GenerationConfig, cut_at_stop, generate, sample_texts
-from dpo.settings import ConfigError
+from dpo.models.sampling import GenerationConfig, cut_at_stop, generate, sample_texts
+from dpo.runtime.io import read_jsonl, write_jsonl
 
 KEY = "sk-test-0123456789abcdef-NEVER-WRITTEN"
 
@@ -442,8 +442,8 @@ def test_dpo_eval_with_a_reward_judge_against_the_chosen_responses(tmp_path, exp
 
 
 def test_prompts_come_from_data_or_a_file_and_the_chosen_baseline_needs_data(tmp_path):
-    from dpo.pipeline.evaluate import check
-    from dpo.settings import ConfigError
+    from dpo.commands.evaluate import check
+    from dpo.config.settings import ConfigError
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("The film was\n\nI watched\nThe film was\nA movie about\n")
@@ -471,7 +471,7 @@ def test_the_paper_evaluations_compose_with_their_data_sets_sampling_settings(tm
                                                                              max_new_tokens):  # fmt: skip
     """experiments/tldr and experiments/hh: the API judge config checks out, and sampling takes the
     data set's stop strings and length."""
-    from dpo.pipeline.evaluate import check
+    from dpo.commands.evaluate import check
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"data={data}", f"template={template}", "judge=api",
@@ -484,7 +484,7 @@ def test_the_paper_evaluations_compose_with_their_data_sets_sampling_settings(tm
 
 
 def test_a_malformed_completions_file_is_one_error_naming_its_row(tmp_path):
-    from dpo.settings import ConfigError
+    from dpo.config.settings import ConfigError
 
     bad = tmp_path / "completions.jsonl"
     bad.write_text('{"policy": "dpo", "temperature": 0, "prompt": "x", "completion": "y"}\n'

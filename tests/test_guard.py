@@ -11,9 +11,9 @@ import torch
 from tests_helpers import PoisonGradient
 
 from conftest import compose_config
-from dpo.checkpoint import LAST, checkpoint_tensors
+from dpo.commands.train import train
+from dpo.runtime.checkpoint import LAST, checkpoint_tensors
 from dpo.systems.base import NonFiniteError
-from dpo.train import train
 
 RUN = [
     "experiment=tiny", "logger=csv", "trainer.max_steps=6", "trainer.log_every_n_steps=1", "data.source.max_rows=96",

@@ -18,11 +18,11 @@ ROOT = Path(__file__).parent.parent
 
 @pytest.mark.slow
 def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
-    from dpo.pipeline.best_of_n import run as best_of_n
-    from dpo.pipeline.pair import pair
-    from dpo.pipeline.sample import sample
-    from dpo.pipeline.score import score
-    from dpo.train import train
+    from dpo.commands.best_of_n import run as best_of_n
+    from dpo.commands.pair import pair
+    from dpo.commands.sample import sample
+    from dpo.commands.score import score
+    from dpo.commands.train import train
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from dpo.data.batch import IGNORE_INDEX
-from dpo.logprobs import sequence_kl, sequence_logps
+from dpo.maths.logprobs import sequence_kl, sequence_logps
 
 
 def brute_force(logits, labels):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpo.losses import (
+from dpo.maths.losses import (
     LOSSES,
     PairLogps,
     check_loss_params,
@@ -202,8 +202,8 @@ def test_unlikelihood_term_comes_from_the_token_probabilities(tiny_model, bpe_to
     from dpo.data.collate import collate
     from dpo.data.sources import PreferenceRow
     from dpo.data.tokenize import PairTokenizer
-    from dpo.forward import scored_logits
-    from dpo.logprobs import scored_logps, sequence_logps
+    from dpo.maths.logprobs import scored_logps, sequence_logps
+    from dpo.models.forward import scored_logits
 
     pt = PairTokenizer(bpe_tokenizer, 64, 16, "keep_end")
     batch = collate([pt(PreferenceRow("Review it:", "A fine film.", "Dull and long.", "a"))], pad_id=0)

@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tests_helpers import tiny_datamodule
 
-from dpo.reference import FrozenCopy, NoReference
 from dpo.systems.base import OptimConfig, warmup_schedule
 from dpo.systems.dpo import DPOModule
+from dpo.systems.reference import FrozenCopy, NoReference
 
 OPTIM = OptimConfig({"_target_": "torch.optim.AdamW", "lr": 1e-3})
 

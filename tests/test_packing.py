@@ -10,9 +10,9 @@ from dpo.data.collate import collate
 from dpo.data.packing import pack_pairs
 from dpo.data.sources import PreferenceRow
 from dpo.data.tokenize import PairTokenizer
-from dpo.forward import attention_for, scored_logits
-from dpo.logprobs import scored_kl, scored_logps, sequence_kl, sequence_logps
-from dpo.models import ModelConfig
+from dpo.maths.logprobs import scored_kl, scored_logps, sequence_kl, sequence_logps
+from dpo.models.forward import attention_for, scored_logits
+from dpo.models.load import ModelConfig
 
 
 def pairs_for(tokenizer, max_length=64, max_prompt_length=16, side="keep_end"):
@@ -162,7 +162,7 @@ def test_training_with_shared_prefix_follows_the_separate_trajectory(tmp_path, r
     import csv
 
     from conftest import FAST, compose_config, shrink
-    from dpo.train import train
+    from dpo.commands.train import train
 
     def run(layout):
         out = tmp_path / layout
@@ -198,7 +198,7 @@ def test_padding_free_with_grouped_query_attention(bpe_tokenizer, model_type, wi
 
     A sliding window longer than every pair changes nothing; a shorter one would, so it is refused.
     """
-    from dpo.models import load_policy
+    from dpo.models.load import load_policy
 
     torch.manual_seed(0)
     arch = {"model_type": model_type, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
@@ -224,7 +224,7 @@ def test_padding_free_with_grouped_query_attention(bpe_tokenizer, model_type, wi
 def test_layout_is_chosen_once_from_the_model_class_and_strategy(tiny_model):
     """auto: padding-free on the attention interface, shared_prefix off it, separate under FSDP2 or
     for SFT; an explicit layout the model or strategy can't run is refused by name."""
-    from dpo.forward import LayoutError, choose_layout
+    from dpo.models.forward import LayoutError, choose_layout
 
     gpt2, config = type(tiny_model), tiny_model.config
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dpo.io import read_jsonl
-from dpo.logprobs import sequence_kl
-from dpo.pipeline.best_of_n import best_of_n, best_of_n_kl
-from dpo.pipeline.pair import make_pairs
-from dpo.sampling import completion_batch, completion_kl, cut_at_eos
-from dpo.settings import ConfigError
+from dpo.commands.best_of_n import best_of_n, best_of_n_kl
+from dpo.commands.pair import make_pairs
+from dpo.config.settings import ConfigError
+from dpo.maths.logprobs import sequence_kl
+from dpo.models.sampling import completion_batch, completion_kl, cut_at_eos
+from dpo.runtime.io import read_jsonl
 
 
 def test_pairs_respect_margin_and_ties():
@@ -88,10 +88,10 @@ def test_completion_kl_on_a_tiny_model(tiny_model):
 
 
 def test_sample_score_pair_on_a_tiny_model(tmp_path, exported_tiny):
-    from dpo.pipeline.pair import pair
-    from dpo.pipeline.sample import sample
-    from dpo.pipeline.score import score
-    from dpo.rewards import REWARDS
+    from dpo.commands.pair import pair
+    from dpo.commands.sample import sample
+    from dpo.commands.score import score
+    from dpo.rewards.registry import REWARDS
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("This movie\nI watched this film\nThe acting in this drama\n")
@@ -128,7 +128,7 @@ def test_sample_score_pair_on_a_tiny_model(tmp_path, exported_tiny):
 
 
 def test_bad_input_names_file_and_row(tmp_path):
-    from dpo.pipeline.pair import pair
+    from dpo.commands.pair import pair
 
     bad = tmp_path / "scored.jsonl"
     bad.write_text(
@@ -178,7 +178,7 @@ def test_frontier_collects_a_fake_two_run_sweep_and_best_of_n(tmp_path):
 def test_pipeline_configs_compose_and_name_their_required_inputs(tmp_path, name):
     from hydra import compose, initialize_config_dir
 
-    from dpo.cli import CONF_DIR
+    from dpo.commands.cli import CONF_DIR
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(name, overrides=[f"paths.output_dir={tmp_path}"])
@@ -193,8 +193,8 @@ def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
     from hydra import compose, initialize_config_dir
 
     from conftest import FIXTURES
-    from dpo.cli import CONF_DIR
-    from dpo.pipeline.sample import load_prompts, sample
+    from dpo.commands.cli import CONF_DIR
+    from dpo.commands.sample import load_prompts, sample
 
     overrides = ["data=imdb", f"data.source.path={FIXTURES / 'imdb'}", f"model.pretrained={exported_tiny}",
                  f"output={tmp_path / 's.jsonl'}", f"paths.cache_dir={tmp_path}", f"paths.output_dir={tmp_path}",
@@ -211,7 +211,7 @@ def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
 def test_read_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
     """Regression: a sampled completion holding U+2028 (written unescaped, ensure_ascii=False) split
     its row in two under str.splitlines, and the frontier script failed on the half rows."""
-    from dpo.io import read_jsonl, write_jsonl
+    from dpo.runtime.io import read_jsonl, write_jsonl
 
     path = write_jsonl(tmp_path / "rows.jsonl", [{"completion": "one\u2028two\x85three"}, {"completion": "b"}])
     assert [r["completion"] for r in read_jsonl(path, {"completion": str})] == ["one\u2028two\x85three", "b"]
@@ -227,9 +227,9 @@ def pair_config(tmp_path, rows: list, **extra):
 @pytest.mark.parametrize("rewards", ["[Infinity, 0.0]", "[NaN, 0.0]", "[true, 0.0]", '["1", 0.0]'])
 def test_pair_and_best_of_n_refuse_rewards_that_are_not_finite_numbers(tmp_path, rewards):
     """Issue 23: dpo-pair wrote Infinity into train.jsonl; dpo-best-of-n accepted NaN rewards."""
+    from dpo.commands.best_of_n import run
+    from dpo.commands.pair import pair
     from dpo.data.sources import DataError
-    from dpo.pipeline.best_of_n import run
-    from dpo.pipeline.pair import pair
 
     cfg = pair_config(tmp_path, ['{"prompt": "a", "completions": ["x", "y"], "rewards": ' + rewards + "}"])
     with pytest.raises(DataError, match=r"scored.jsonl:1: 'rewards' must be a list of finite numbers"):
@@ -247,8 +247,8 @@ def test_pair_and_best_of_n_refuse_rewards_that_are_not_finite_numbers(tmp_path,
 ])  # fmt: skip
 def test_no_surviving_pair_names_what_dropped_them(tmp_path, completions, rewards, extra, cause):
     """Issue 23: "no pair survived" blamed min_margin whatever the cause."""
+    from dpo.commands.pair import pair
     from dpo.data.sources import DataError
-    from dpo.pipeline.pair import pair
 
     with pytest.raises(DataError, match=r"no training pair survived: " + cause):
         pair(pair_config(tmp_path, [{"prompt": "a", "completions": completions, "rewards": rewards}], **extra))
@@ -256,7 +256,7 @@ def test_no_surviving_pair_names_what_dropped_them(tmp_path, completions, reward
 
 def test_jsonl_and_prompt_readers_name_a_binary_file(tmp_path):
     from dpo.data.sources import DataError
-    from dpo.io import read_prompts
+    from dpo.runtime.io import read_prompts
 
     for path in (tmp_path / "weights.bin", tmp_path / "weights.jsonl"):
         path.write_bytes(b"\x80\x04\x95\xff\x00binary")
@@ -274,23 +274,23 @@ def test_sample_refuses_settings_it_used_to_misread_before_weights_load(tmp_path
     """Issue 23: max_prompts=0 sampled every prompt, -1 dropped the last; a negative temperature sampled greedily."""
     from hydra import compose, initialize_config_dir
 
-    import dpo.pipeline.sample
-    from dpo.cli import CONF_DIR
+    import dpo.commands.sample
+    from dpo.commands.cli import CONF_DIR
 
-    monkeypatch.setattr(dpo.pipeline.sample, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(dpo.commands.sample, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Review it:\nWhat a film\n")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("sample", overrides=[f"paths.output_dir={tmp_path}", "model.pretrained=unused",
                                            f"prompts.file={prompts}", override])  # fmt: skip
     with pytest.raises(ConfigError, match=message):
-        dpo.pipeline.sample.sample(cfg)
+        dpo.commands.sample.sample(cfg)
 
 
 def test_an_append_after_a_torn_line_keeps_every_whole_row(tmp_path):
     """Issue 23: eval.jsonl was appended non-atomically; a kill mid-append left a torn line that crashed
     the resumed run's first evaluation. The torn line (never a row) is cut off by the next append."""
-    from dpo.io import append_jsonl
+    from dpo.runtime.io import append_jsonl
 
     log = tmp_path / "eval.jsonl"
     append_jsonl(log, {"step": 0, "kl": 0.0})
@@ -302,7 +302,7 @@ def test_an_append_after_a_torn_line_keeps_every_whole_row(tmp_path):
 
 def test_a_reward_model_export_is_refused_as_a_policy_before_its_weights_load(tmp_path, exported_tiny_rm):
     """Issue 23: a reward model's export was accepted as a sampling policy (a random LM head on its trunk)."""
-    from dpo.models import ModelConfig, ModelLoadError, load_policy
+    from dpo.models.load import ModelConfig, ModelLoadError, load_policy
 
     with pytest.raises(ModelLoadError, match=r"holds a reward model \(GPT2ForSequenceClassification\), not a causal"):
         load_policy(ModelConfig(exported_tiny_rm))
@@ -317,9 +317,9 @@ def test_valid_inputs_with_a_bom_and_crlf_are_read(tmp_path):
 
 def test_best_of_n_beyond_the_samples_and_an_unknown_reward_are_one_line_errors(tmp_path):
     """Two raw tracebacks of the fuzz round (experiments/fuzz/cases.md)."""
+    from dpo.commands.best_of_n import run
+    from dpo.commands.score import score
     from dpo.data.sources import DataError
-    from dpo.pipeline.best_of_n import run
-    from dpo.pipeline.score import score
 
     scored = tmp_path / "s.jsonl"
     scored.write_text(json.dumps({"prompt": "a", "completions": ["x", "y"], "rewards": [1.0, 0.0]}) + "\n")
@@ -351,8 +351,9 @@ def test_dpo_report_names_the_malformed_file_in_one_line(tmp_path, name, content
         (tmp_path / "run" / "csv").mkdir(exist_ok=True)
         (tmp_path / "run" / "csv" / "metrics.csv").write_text("step,train/loss\n0,0.69\n")
         (tmp_path / "run" / "config.yaml").write_text("system: {kind: dpo}\nloss: {name: dpo, beta: 0.1}\n")
-    proc = subprocess.run([sys.executable, "-m", "dpo.pipeline.report", f"runs=[{tmp_path}]", f"out={tmp_path / 'f'}",
-                           f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "dpo.commands.report_figures", f"runs=[{tmp_path}]",
+                           f"out={tmp_path / 'f'}", f"paths.log_dir={tmp_path / 'logs'}"], capture_output=True,
+                          text=True)  # fmt: skip
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "Traceback" not in out, out[-2000:]
     assert len(out.strip().splitlines()) == 1 and re.search(message, out), out
@@ -361,7 +362,7 @@ def test_dpo_report_names_the_malformed_file_in_one_line(tmp_path, name, content
 def test_dpo_dashboard_names_a_malformed_spec_file(tmp_path):
     from tests_helpers import run_entry
 
-    from dpo.pipeline.dashboard import main
+    from dpo.commands.dashboard import main
 
     spec = tmp_path / "dash.json"
     spec.write_text('{"spec": {"entity": "me"')
@@ -370,11 +371,12 @@ def test_dpo_dashboard_names_a_malformed_spec_file(tmp_path):
 
 
 def test_dpo_report_and_dpo_dashboard_are_hydra_commands_whose_mistakes_are_one_line(tmp_path):
-    """Issue 23: every command on the same Hydra front (dpo.cli.entry): an unknown key, a missing
+    """Issue 23: every command on the same Hydra front (dpo.commands.cli.entry): an unknown key, a missing
     folder, a wrong type end in one line and exit status 1; nothing is written."""
     from tests_helpers import run_entry
 
-    from dpo.pipeline import dashboard, report
+    from dpo.commands import dashboard
+    from dpo.commands import report_figures as report
 
     logs = f"paths.log_dir={tmp_path / 'logs'}"
     for main, args, message in [

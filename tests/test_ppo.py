@@ -17,15 +17,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from conftest import FAST, compose_config
-from dpo.config import validate
+from dpo.config.settings import ConfigError
+from dpo.config.validate import validate
 from dpo.data.collate import collate_prompts
 from dpo.data.tokenize import TokenizedPair
-from dpo.models import ModelConfig, load_policy
-from dpo.reference import FrozenCopy
-from dpo.rl import response_positions
-from dpo.settings import ConfigError
+from dpo.maths.rl import response_positions
+from dpo.models.load import ModelConfig, load_policy
 from dpo.systems.base import OptimConfig
 from dpo.systems.ppo import PPOConfig, PPOModule
+from dpo.systems.reference import FrozenCopy
 
 TARGET = 3  # the token whose frequency the test reward pays for
 
@@ -158,7 +158,7 @@ TINY_PPO = [
 def run_cli(out: Path, *overrides: str) -> list[dict[str, str]]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", DPO_CACHE_DIR=str(out.parent / "cache"),
                PYTHONPATH=str(Path(__file__).parent))  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "dpo.train", f"hydra.run.dir={out}", *TINY_PPO, *overrides],
+    proc = subprocess.run([sys.executable, "-m", "dpo.commands.train", f"hydra.run.dir={out}", *TINY_PPO, *overrides],
                           capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return list(csv.DictReader((out / "csv" / "metrics.csv").open()))

@@ -16,11 +16,11 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from omegaconf import OmegaConf, open_dict
 
 from conftest import FAST, compose_config, shrink
-from dpo.cli import CONF_DIR
-from dpo.config import precision_plan, validate
-from dpo.precision import check_update_precision, plan_precision
-from dpo.settings import ConfigError
-from dpo.train import begin, build, train
+from dpo.commands.cli import CONF_DIR
+from dpo.commands.train import begin, build, train
+from dpo.config.precision import check_update_precision, plan_precision
+from dpo.config.settings import ConfigError
+from dpo.config.validate import precision_plan, validate
 
 
 def fraction_moved_by_one_step(tmp_path, exported_tiny, dtype: str) -> float:
@@ -86,7 +86,7 @@ def test_the_old_tldr_config_is_refused_before_any_weights_load(tmp_path, export
     assert torch.get_default_dtype() == torch.float32
 
 
-# --- the optimizer that every precision can clip (dpo.precision) -------------------------------------------------
+# --- the optimizer that every precision can clip (dpo.config.precision) ----------------------------------
 
 TRAINERS = sorted(p.stem for p in (CONF_DIR / "trainer").glob("*.yaml"))
 
@@ -212,7 +212,7 @@ def test_bf16_mixed_logs_the_norm_before_clipping_and_steps_with_the_clipped_one
 def test_fsdp2_auto_shards_over_every_process_and_wrong_sizes_are_refused(tmp_path):
     """conf/trainer/fsdp.yaml's data_parallel_size=auto was Lightning's number of nodes (1), which with
     tensor_parallel_size 1 failed at the first validation on any multi-GPU node, after the weights loaded."""
-    from dpo.config import device_mesh
+    from dpo.config.validate import device_mesh
 
     cfg = compose_config(["trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=4", "trainer.num_nodes=2"],
                          tmp_path)  # fmt: skip

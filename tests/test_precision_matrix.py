@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from dpo.cli import CONF_DIR
-from dpo.reference import REFERENCES
+from dpo.commands.cli import CONF_DIR
 from dpo.systems import SYSTEMS
+from dpo.systems.reference import REFERENCES
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "experiments" / "precision_matrix"))
 import precision_matrix as matrix  # noqa: E402

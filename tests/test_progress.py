@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 import sys
 
-import dpo.progress
-from dpo.progress import track
+import dpo.runtime.progress
+from dpo.runtime.progress import track
 
 
 def test_no_bar_off_a_terminal(capsys):
@@ -24,6 +24,6 @@ def test_a_bar_on_a_terminal(monkeypatch):
     from rich.console import Console
 
     monkeypatch.setattr("rich.progress.get_console", lambda: Console(file=screen, force_terminal=True))
-    assert dpo.progress.shown()
+    assert dpo.runtime.progress.shown()
     assert list(track(iter(range(3)), "tokenize train", total=3)) == [0, 1, 2]
     assert "tokenize train" in screen.getvalue()

@@ -12,8 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAST, compose_config, shrink
-from dpo.reference import sync_reference
-from dpo.train import train
+from dpo.commands.train import train
+from dpo.systems.reference import sync_reference
 
 
 def trajectory(out):
@@ -51,9 +51,9 @@ def test_precomputed_reference_gives_the_live_losses(tmp_path, caplog):
 def test_lora_reference_is_the_base_model_and_export_merges(tmp_path, tiny_model, bpe_tokenizer):
     from tests_helpers import tiny_datamodule
 
-    from dpo.reference import LoraConfig, build_reference
     from dpo.systems.base import OptimConfig
     from dpo.systems.dpo import DPOModule
+    from dpo.systems.reference import LoraConfig, build_reference
 
     base = copy.deepcopy(tiny_model)
     policy, reference = build_reference(LoraConfig(r=4, alpha=8), tiny_model, needs_reference=True)
@@ -87,7 +87,7 @@ def test_lora_reference_is_the_base_model_and_export_merges(tmp_path, tiny_model
         torch.testing.assert_close(module.reference.score(batch, policy)[1], torch.gather(base_logits, 1, pos))
         adapted = policy(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(adapted, base(input_ids=ids, attention_mask=mask).logits)
-    from dpo.export import export_pretrained
+    from dpo.models.export import export_pretrained
 
     export_pretrained(policy, bpe_tokenizer, tmp_path / "hf")
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()

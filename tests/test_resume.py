@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 
-from dpo.checkpoint import LAST, check_fits, checkpoint_tensors, find_last, swap_in
+from dpo.runtime.checkpoint import LAST, check_fits, checkpoint_tensors, find_last, swap_in
 
 TESTS = Path(__file__).parent
 TINY = [
@@ -35,7 +35,7 @@ def env(root: Path) -> dict[str, str]:
 
 def command(root: Path, *overrides: str, multirun: bool = False) -> list[str]:
     mode = ["-m"] if multirun else []
-    return [sys.executable, "-m", "dpo.train", *mode, f"paths.log_dir={root}", *TINY, *overrides]
+    return [sys.executable, "-m", "dpo.commands.train", *mode, f"paths.log_dir={root}", *TINY, *overrides]
 
 
 def losses(folder: Path) -> list[tuple[int, float]]:
@@ -95,8 +95,8 @@ def test_a_finished_run_is_not_retrained_and_a_longer_one_continues(tmp_path, ca
     A run that stopped at max_steps saved its last checkpoint at the epoch's end (Lightning counts
     that epoch as done), so a longer run continues with the next epoch."""
     from conftest import compose_config
-    from dpo.settings import ConfigError
-    from dpo.train import train
+    from dpo.commands.train import train
+    from dpo.config.settings import ConfigError
 
     def config(*extra):
         return compose_config(["logger=csv", "data.source.max_rows=64", "data.batch_size=16", "trainer.max_epochs=2",
@@ -153,9 +153,9 @@ import torch
 torch.set_num_threads(1)
 from conftest import TINY_ARCH
 from tests_helpers import tiny_datamodule
-from dpo.checkpoint import AtomicCheckpoint
-from dpo.models import ModelConfig, load_policy, train_bpe_tokenizer
-from dpo.reference import FrozenCopy
+from dpo.runtime.checkpoint import AtomicCheckpoint
+from dpo.models.load import ModelConfig, load_policy, train_bpe_tokenizer
+from dpo.systems.reference import FrozenCopy
 from dpo.systems.base import OptimConfig
 from dpo.systems.dpo import DPOModule
 from dpo.data.formats import load_rows
@@ -187,7 +187,7 @@ trainer.fit(module, datamodule=tiny_datamodule(tok))
 @pytest.mark.slow
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint(tmp_path):
     from conftest import TINY_ARCH
-    from dpo.models import ModelConfig, load_config, parameter_shapes
+    from dpo.models.load import ModelConfig, load_config, parameter_shapes
 
     script = KILL_MID_WRITE.format(tests=str(TESTS), dirpath=str(tmp_path / "checkpoints"))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env(tmp_path))
@@ -243,7 +243,7 @@ def test_a_killed_extension_of_a_finished_run_resumes_instead_of_reading_finishe
     with the same command was reported "finished; nothing to train" (run.json kept status finished)."""
     import json
 
-    from dpo.train import train
+    from dpo.commands.train import train
 
     every = "callbacks.model_checkpoint.every_n_train_steps=1"
     train(small_run_config(tmp_path, "trainer.max_steps=2", every))
@@ -260,8 +260,8 @@ def test_a_killed_extension_of_a_finished_run_resumes_instead_of_reading_finishe
 def test_an_extension_that_max_epochs_already_ended_is_refused_before_weights_load(tmp_path, monkeypatch):
     """An extension by trainer.max_steps alone used to train 0 steps and say nothing (it meets max_epochs)."""
     import dpo.systems.assemble
-    from dpo.settings import ConfigError
-    from dpo.train import train
+    from dpo.commands.train import train
+    from dpo.config.settings import ConfigError
 
     train(small_run_config(tmp_path, "trainer.max_steps=-1", "trainer.max_epochs=1"))  # 4 steps: the epoch
     monkeypatch.setattr(dpo.systems.assemble, "load_policy", lambda *a, **k: pytest.fail("weights loaded"))
@@ -276,9 +276,9 @@ def test_resuming_on_changed_data_is_refused_by_split_and_accepted_with_the_swit
     import json
 
     import dpo.systems.assemble
+    from dpo.commands.train import train
+    from dpo.config.settings import ConfigError
     from dpo.data.sources import bundled_path
-    from dpo.settings import ConfigError
-    from dpo.train import train
 
     data = tmp_path / "train.jsonl"
     lines = Path(bundled_path("reviews_train.jsonl")).read_text().split("\n")[:64]
@@ -305,8 +305,8 @@ def test_a_run_name_outside_the_runs_folder_is_refused(tmp_path, name):
     from omegaconf import open_dict
 
     from conftest import FAST, compose_config
-    from dpo.settings import ConfigError
-    from dpo.train import begin
+    from dpo.commands.train import begin
+    from dpo.config.settings import ConfigError
 
     cfg = compose_config(FAST, tmp_path)
     with open_dict(cfg):
@@ -332,7 +332,7 @@ def test_a_checkpoint_of_another_model_or_system_is_refused_by_its_names(tmp_pat
     in load_state_dict after the weights loaded. Now every name is checked, both ways (read without weights)."""
     from transformers import GPT2Config
 
-    from dpo.models import parameter_shapes
+    from dpo.models.load import parameter_shapes
 
     def policy(n_layer: int, classifier: bool = False) -> dict[str, tuple[int, ...]]:
         config = GPT2Config(n_layer=n_layer, n_embd=32, n_head=2, vocab_size=64, n_positions=32, pad_token_id=0)

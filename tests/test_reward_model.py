@@ -12,11 +12,11 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 from conftest import FAST, compose_config
-from dpo.io import read_jsonl, write_jsonl
-from dpo.reward_models import encode, last_token_scores
-from dpo.rewards import build_reward
+from dpo.commands.train import begin, build, train
+from dpo.rewards.learned import encode, last_token_scores
+from dpo.rewards.registry import build_reward
+from dpo.runtime.io import read_jsonl, write_jsonl
 from dpo.systems.reward_model import bradley_terry_loss
-from dpo.train import begin, build, train
 
 
 def test_bradley_terry_loss_by_hand():
@@ -27,8 +27,8 @@ def test_bradley_terry_loss_by_hand():
 
 def test_last_token_scores_ignore_padding_on_either_side(tiny_model, bpe_tokenizer):
     from conftest import TINY_ARCH
-    from dpo.models import ModelConfig
-    from dpo.reward_models import load_reward_model
+    from dpo.models.load import ModelConfig
+    from dpo.rewards.learned import load_reward_model
 
     torch.manual_seed(0)
     model = load_reward_model(ModelConfig(None, architecture=TINY_ARCH), tokenizer=bpe_tokenizer).eval()
@@ -88,7 +88,7 @@ def test_best_of_n_writes_the_picked_completions_for_dpo_eval(tmp_path):
     """Rewards [0.1, 0.9, 0.5] and [0.7, 0.2, 0.3]: best of 2 picks b and d; best of 3 picks b and d."""
     from omegaconf import OmegaConf
 
-    from dpo.pipeline.best_of_n import run
+    from dpo.commands.best_of_n import run
 
     scored = write_jsonl(tmp_path / "scored.jsonl", [
         {"prompt": "P1", "completions": ["a", "b", "c"], "rewards": [0.1, 0.9, 0.5]},

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dpo.rewards import REWARDS, build_reward, classifier_reward, positive_index, read_labelled
+from dpo.rewards.registry import REWARDS, build_reward, classifier_reward, positive_index, read_labelled
 
 POSITIVE = ["a wonderful film, moving and funny", "great acting and a lovely score", "I loved every minute of it",
             "a superb, warm and touching story", "brilliant direction, a delight to watch"]  # fmt: skip

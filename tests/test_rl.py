@@ -1,4 +1,4 @@
-"""PPO's maths (dpo.rl): GAE against a brute-force loop, the clipped losses and the KL shaping by hand."""
+"""PPO's maths (dpo.maths.rl): GAE against a brute-force loop, the clipped losses and the KL shaping by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dpo.rl import (
+from dpo.maths.rl import (
     KLController,
     clipped_policy_loss,
     clipped_value_loss,

@@ -32,7 +32,7 @@ def run_cli(out: Path, *overrides: str) -> dict[str, list[float]]:
     overrides = (*overrides, "+callbacks.count._target_=tests_helpers.CountValBatches",
                  f"+callbacks.count.out={out / 'counts'}")  # fmt: skip
     proc = subprocess.run(
-        [sys.executable, "-m", "dpo.train", f"hydra.run.dir={out}", *TINY, *overrides],
+        [sys.executable, "-m", "dpo.commands.train", f"hydra.run.dir={out}", *TINY, *overrides],
         capture_output=True,
         text=True,
         env=env,

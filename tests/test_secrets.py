@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_config
-from dpo.secrets import check_secrets, literal_secrets
-from dpo.settings import ConfigError
+from dpo.config.secrets import check_secrets, literal_secrets
+from dpo.config.settings import ConfigError
 
 TINY = [
     "experiment=tiny", "model.architecture.n_layer=1", "model.architecture.n_embd=32", "model.architecture.n_head=2",
@@ -33,7 +33,7 @@ def test_a_planted_key_appears_nowhere_in_the_run_folder(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", DPO_FAKE_TOKEN=secret,
                DPO_CACHE_DIR=str(tmp_path / "cache"))  # fmt: skip
     ok = subprocess.run(
-        [sys.executable, "-m", "dpo.train", *TINY, "reward.token=${oc.env:DPO_FAKE_TOKEN}", "logger=default",
+        [sys.executable, "-m", "dpo.commands.train", *TINY, "reward.token=${oc.env:DPO_FAKE_TOKEN}", "logger=default",
          f"hydra.run.dir={tmp_path / 'env'}"], capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr[-3000:]
@@ -41,7 +41,8 @@ def test_a_planted_key_appears_nowhere_in_the_run_folder(tmp_path):
     assert "token: <redacted>" in (tmp_path / "env" / "config.yaml").read_text()
     assert files_holding(tmp_path / "env", secret) == []
     refused = subprocess.run(
-        [sys.executable, "-m", "dpo.train", *TINY, f"reward.token={secret}", f"hydra.run.dir={tmp_path / 'literal'}"],
+        [sys.executable, "-m", "dpo.commands.train", *TINY, f"reward.token={secret}",
+         f"hydra.run.dir={tmp_path / 'literal'}"],
         capture_output=True, text=True, env=env, timeout=600,
     )  # fmt: skip
     said = refused.stdout + refused.stderr

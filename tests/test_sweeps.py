@@ -13,8 +13,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from conftest import FAST, compose_config, shrink, with_tiny
-from dpo.cli import CONF_DIR
-from dpo.train import begin, build
+from dpo.commands.cli import CONF_DIR
+from dpo.commands.train import begin, build
 
 SWEEPS = sorted(p.stem for p in (CONF_DIR / "sweep").glob("*.yaml"))
 TINY_CLI = [
@@ -68,7 +68,7 @@ def test_optuna_search_composes():
 def cli(*args, timeout=600):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     proc = subprocess.run(
-        [sys.executable, "-m", "dpo.train", *args], capture_output=True, text=True, env=env, timeout=timeout
+        [sys.executable, "-m", "dpo.commands.train", *args], capture_output=True, text=True, env=env, timeout=timeout
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return proc

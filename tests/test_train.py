@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAST, compose_config, shrink
-from dpo.models import ModelConfig, ModelLoadError, load_policy, load_tokenizer, train_bpe_tokenizer
-from dpo.train import train
+from dpo.commands.train import train
+from dpo.models.load import ModelConfig, ModelLoadError, load_policy, load_tokenizer, train_bpe_tokenizer
 
 
 @pytest.mark.slow
@@ -26,7 +26,7 @@ def test_tiny_run_end_to_end(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="", DPO_CACHE_DIR=str(tmp_path / "cache"))
     start = time.time()
     proc = subprocess.run(
-        [sys.executable, "-m", "dpo.train", "experiment=tiny", f"hydra.run.dir={tmp_path}"],
+        [sys.executable, "-m", "dpo.commands.train", "experiment=tiny", f"hydra.run.dir={tmp_path}"],
         capture_output=True,
         text=True,
         env=env,
@@ -102,7 +102,7 @@ def test_bpe_training_is_deterministic(bundled_rows):
 
 
 def test_export_round_trip_gives_identical_logits(tmp_path, tiny_model, bpe_tokenizer):
-    from dpo.export import export_pretrained
+    from dpo.models.export import export_pretrained
 
     export_pretrained(tiny_model, bpe_tokenizer, tmp_path / "hf")
     loaded = load_policy(ModelConfig(str(tmp_path / "hf")))
@@ -225,7 +225,7 @@ def test_ppo_and_reward_model_tiny_runs_reproduce_their_pinned_trajectories(tmp_
 
 
 def test_the_model_card_names_the_base_model_data_loss_metrics_and_command():
-    from dpo.export import model_card
+    from dpo.models.export import model_card
 
     config = {"task_name": "train", "seed": 3, "model": {"pretrained": "HuggingFaceTB/SmolLM2-135M-Instruct"},
               "data": {"source": {"path": "Anthropic/hh-rlhf", "format": "hh"}, "batch_size": 64, "max_length": 512,

@@ -129,7 +129,7 @@ class RecordPPOMetrics(pl.Callback):
 
 
 def run_entry(main, *args: str, cwd: Path) -> tuple[int, str]:
-    """Run a console command's Hydra entry (e.g. ``dpo.pipeline.pair.main``) in this process, as
+    """Run a console command's Hydra entry (e.g. ``dpo.commands.pair.main``) in this process, as
     ``<command> *args`` typed in ``cwd``; returns its exit status and what it printed. A raw exception
     (a bug, not a user error) propagates and fails the test."""
     import contextlib

@@ -4,7 +4,7 @@ Every layout (:class:`Layout`) produces a :class:`ScoredBatch`: the rows the mod
 for each response token where its predictor sits (``score_pos``), which token it is
 (``score_tgt``), whether it belongs to a chosen or a rejected response (``score_seg``, the
 :data:`CHOSEN` / :data:`REJECTED` / :data:`PAD` codes) and to which pair (``score_pair``).
-:mod:`dpo.forward` runs a model on it and :mod:`dpo.logprobs` sums the log-probs per pair; neither
+:mod:`dpo.models.forward` runs a model on it and :mod:`dpo.maths.logprobs` sums the log-probs per pair; neither
 needs to know the layout.
 
 Shapes: ``B`` pairs, ``R`` rows, ``T`` tokens per row, ``S`` scored tokens per row.
@@ -34,8 +34,8 @@ class Layout(str, Enum):
     * ``shared_prefix``: one padded row per pair, ``prompt | chosen | rejected``, with a 4D mask in
       which rejected tokens never see chosen ones; the prompt runs once.
     * ``padding_free``: every pair of the micro-batch back to back in one row with no padding;
-      attention runs pair by pair (:mod:`dpo.attention`).
-    * ``auto``: the config's request to pick (:func:`dpo.forward.choose_layout`); never a batch's.
+      attention runs pair by pair (:mod:`dpo.models.attention`).
+    * ``auto``: the config's request to pick (:func:`dpo.models.forward.choose_layout`); never a batch's.
     """
 
     auto = "auto"
@@ -98,7 +98,7 @@ class PackedBatch(ScoredBatch):
         attention_mask: (R, 1, T, T) bool, True where a query token may attend a key token; or,
             padding-free, (1, T) ones, attention being given by ``segments``.
         segments: padding-free only: (B, 3) ``prompt, chosen, rejected`` token counts of each
-            pair, in row order (:class:`dpo.attention.Segments`).
+            pair, in row order (:class:`dpo.models.attention.Segments`).
     """
 
     position_ids: Tensor

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from dpo.data.tokenize import TokenizedPair
-from dpo.io import locked_cache
+from dpo.runtime.io import locked_cache
 
 CACHE_VERSION = 1
 """Bump when tokenization or parsing changes in a way the fingerprint can't see."""
@@ -69,7 +69,7 @@ def _unflatten(flat: torch.Tensor, lengths: torch.Tensor) -> list[list[int] | No
 
 
 def save(path: Path, pairs: list[TokenizedPair], groups: list[int], meta: dict[str, Any]) -> None:
-    """Write a tokenized split (:func:`dpo.io.locked_cache` makes the write atomic)."""
+    """Write a tokenized split (:func:`dpo.runtime.io.locked_cache` makes the write atomic)."""
     blob: dict[str, Any] = {"groups": torch.tensor(groups, dtype=torch.long), "meta": json.dumps(meta)}
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         blob[name], blob[name + "_len"] = _flatten([getattr(p, name) for p in pairs])

@@ -23,8 +23,8 @@ from dpo.data.packing import pack_pairs
 from dpo.data.samplers import GlobalBatchSampler, ShardBatches
 from dpo.data.sources import DataError, SourceSpec, source_fingerprint
 from dpo.data.tokenize import PairTokenizer, TokenizedPair, TruncationSide
-from dpo.log import get_logger
-from dpo.progress import track
+from dpo.runtime.log import get_logger
+from dpo.runtime.progress import track
 
 log = get_logger(__name__)
 SPLITS = ("train", "val")
@@ -62,7 +62,7 @@ class DataConfig:
         on_bad_row: stop at the first bad row or skip and count them.
         group_by_prompt: keep the pairs of one prompt together when shuffling.
         layout: how pairs are laid out for the forward (:class:`dpo.data.batch.Layout`); ``auto``
-            lets :func:`dpo.forward.choose_layout` pick.
+            lets :func:`dpo.models.forward.choose_layout` pick.
         cache_dir: folder of the tokenized cache, shared by a sweep's jobs; None: no cache.
         batch_size: pairs per optimizer step over all devices and accumulation (the paper: 64).
         micro_batch_size: pairs per device per forward; accumulation = batch_size / (micro x world).
@@ -93,7 +93,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         """Every out-of-range setting at once, by key (their cross-checks with the world size and the
-        model's positions are :func:`dpo.config.validate`'s)."""
+        model's positions are :func:`dpo.config.validate.validate`'s)."""
         problems = [f"data.{key}={getattr(self, key)} must be {rule}" for key, ok, rule in (
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
@@ -140,7 +140,7 @@ class PreferenceDataModule(LightningDataModule):
         pairs: serve chosen and rejected (DPO) or chosen only (SFT).
         prompts: serve prompts only, each distinct training prompt once per epoch
             (:func:`dpo.data.collate.collate_prompts`; PPO samples its own responses).
-        layout: the batch layout (:func:`dpo.forward.choose_layout` decides it once, before this is
+        layout: the batch layout (:func:`dpo.models.forward.choose_layout` decides it once, before this is
             built); SFT rows always come in the separate layout.
         seed: seed of the training shuffle.
     """
@@ -151,7 +151,7 @@ class PreferenceDataModule(LightningDataModule):
     ) -> None:  # fmt: skip
         super().__init__()
         if layout == Layout.auto:
-            raise ValueError("the datamodule needs a decided layout, not auto (dpo.forward.choose_layout)")
+            raise ValueError("the datamodule needs a decided layout, not auto (dpo.models.forward.choose_layout)")
         self.tokenizer = tokenizer
         self.config = config
         self.source = config.source
@@ -186,7 +186,7 @@ class PreferenceDataModule(LightningDataModule):
 
     def content_fingerprint(self, split: str) -> str:
         """A fingerprint of a split's tokenized rows (their ids, in order): what a resumed run must
-        still train and validate on (``run.json``; :func:`dpo.run.check_same_data`)."""
+        still train and validate on (``run.json``; :func:`dpo.runtime.run.check_same_data`)."""
         digest = hashlib.sha256()
         for item in self.datasets[split].items:
             for ids in (item.prompt_ids, item.chosen_ids, item.rejected_ids or []):

@@ -5,12 +5,12 @@ The prompt is processed once instead of twice. Two layouts are built here:
 * ``shared_prefix``: one row per pair, right-padded to the longest, with a 4D attention mask;
   works with any model that takes a 4D mask.
 * ``padding_free``: every pair of the micro-batch back to back in a single row, no padding at
-  all; attention runs pair by pair (:mod:`dpo.attention`), so no (T, T) mask is built.
+  all; attention runs pair by pair (:mod:`dpo.models.attention`), so no (T, T) mask is built.
 
 Exactness rests on three things, all built here:
 
 * attention lets every token see the tokens before it in its own pair, except that rejected
-  tokens never see chosen tokens (the 4D mask, or the ``segments`` that :mod:`dpo.attention`
+  tokens never see chosen tokens (the 4D mask, or the ``segments`` that :mod:`dpo.models.attention`
   reads);
 * rejected position ids restart where the chosen ones did (right after the prompt);
 * each response token is scored from the hidden state of the token that precedes it *in its own

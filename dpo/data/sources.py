@@ -19,7 +19,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from dpo.hub import hub_reachable, offline_mode
+from dpo.models.hub import hub_reachable, offline_mode
 
 
 class DataError(ValueError):

@@ -10,13 +10,13 @@ import lightning.pytorch as pl
 import torch
 
 from dpo.data.collate import pad_id_of
-from dpo.distributed import gather_rows, rank_share
-from dpo.io import append_jsonl, read_jsonl, write_jsonl
-from dpo.log import get_logger
+from dpo.models.sampling import GenerationConfig, check_counts, completion_batch, completion_kl, generate
 from dpo.report.summary import change
 from dpo.report.wandb_logging import log_frontier, log_samples
-from dpo.rewards import reward_from_config
-from dpo.sampling import GenerationConfig, check_counts, completion_batch, completion_kl, generate
+from dpo.rewards.registry import reward_from_config
+from dpo.runtime.distributed import gather_rows, rank_share
+from dpo.runtime.io import append_jsonl, read_jsonl, write_jsonl
+from dpo.runtime.log import get_logger
 from dpo.systems.base import optimizer_step_ended
 
 log = get_logger(__name__)
@@ -34,15 +34,15 @@ class RewardKLEval(pl.Callback):
     At the start of training (step 0), every ``every_n_steps`` optimizer steps and at the end,
     the policy samples ``samples_per_prompt`` completions for each of the first ``n_prompts``
     distinct held-out prompts. For each completion it computes the reward (a
-    :mod:`dpo.rewards` function of prompt + completion), the exact sequence-level KL (sum over
-    the generated tokens of the full-vocabulary KL, :func:`dpo.sampling.completion_kl`) and the
+    :mod:`dpo.rewards.registry` function of prompt + completion), the exact sequence-level KL (sum over
+    the generated tokens of the full-vocabulary KL, :func:`dpo.models.sampling.completion_kl`) and the
     Monte-Carlo estimate ``log pi(y) - log pi_ref(y)``. Means are logged as ``eval/reward``,
     ``eval/kl`` and ``eval/kl_mc`` to every logger and appended to ``<dirpath>/eval.jsonl``
     (one row per evaluation); the samples go to ``<dirpath>/step<N>.jsonl``. Ranks share the
     prompts (equal shares, ``synced_gpus``), so it runs under DDP and FSDP2.
 
     The KL is measured against what the system's reference gives for sampled sequences
-    (:meth:`dpo.reference.Reference.for_evaluation`): the reference itself, a frozen copy of the
+    (:meth:`dpo.systems.reference.Reference.for_evaluation`): the reference itself, a frozen copy of the
     starting policy for reference-free losses, or nothing for precomputed log-probs. The reward is
     built when the callback is, before any policy weights load, so a bad reward config fails first.
 

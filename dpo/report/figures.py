@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from dpo.data.sources import DataError
-from dpo.io import atomic_write, read_jsonl
 from dpo.report.naming import run_label
+from dpo.runtime.io import atomic_write, read_jsonl
 from dpo.systems import SYSTEMS
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
@@ -221,7 +221,8 @@ def _best_of_n_rewards(eval_path: Path, n: int) -> list[float]:
 
 
 def _jsonl(path: Path, required: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """A JSONL file's rows (:func:`dpo.io.read_jsonl`: a malformed one names ``file:line``); an empty file has none."""
+    """A JSONL file's rows (:func:`dpo.runtime.io.read_jsonl`: a malformed one names ``file:line``);
+    an empty file has none."""
     return read_jsonl(path, required or {}, allow_empty=True)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dpo.secrets import is_secret, literal_secrets
+from dpo.config.secrets import is_secret, literal_secrets
 
 LEFT_OUT = ("hydra.", "paths.", "run_name", "ckpt_path", "run_group", "tags", "logger.")
 """Override keys that say where or how a run is recorded, not what it is."""

@@ -16,7 +16,7 @@ from typing import Any
 FRONTIER_TABLE = "eval/frontier"
 FRONTIER_CHART = "eval/frontier_chart"
 SAMPLES_TABLE = "eval/samples"
-WIN_RATES_TABLE = "eval/win_rates"  # dpo-eval's results (dpo.pipeline.evaluate)
+WIN_RATES_TABLE = "eval/win_rates"  # dpo-eval's results (dpo.commands.evaluate)
 FRONTIER_COLUMNS = ["step", "kl", "kl_mc", "reward", "tokens"]
 SAMPLE_COLUMNS = ["step", "prompt", "completion", "reward", "kl"]
 

@@ -102,7 +102,7 @@ class NonFinite(str, Enum):
 class LowPrecision(str, Enum):
     """What pure low-precision weights with updates too small to register do (``guard.low_precision``)."""
 
-    refuse = "refuse"  # a config error before any weights load (dpo.precision.check_update_precision)
+    refuse = "refuse"  # a config error before any weights load (dpo.config.precision.check_update_precision)
     allow = "allow"  # you know better (e.g. an optimizer with stochastic rounding or Kahan sums)
 
 
@@ -168,7 +168,7 @@ class System(LightningModule):
         self._step_started = 0.0  # perf_counter at the first micro-batch of this optimizer step
         self._step_tokens = 0  # this rank's pair tokens (ScoredBatch.n_tokens) in this optimizer step
         self._grad_norm: Tensor | None = None  # this step's gradient norm before clipping
-        self.reference: Any = None  # its dpo.reference.Reference, if it has one (DPO, PPO)
+        self.reference: Any = None  # its dpo.systems.reference.Reference, if it has one (DPO, PPO)
         self.generated_tokens = 0  # tokens it sampled to train (PPO's rollouts), over all ranks
 
     def optimizer_steps_per_batch(self) -> int:

@@ -12,12 +12,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dpo.data.batch import ScoredBatch
-from dpo.forward import score_pairs
-from dpo.logprobs import scored_kl
-from dpo.losses import check_loss_params, compute_loss, get_loss
-from dpo.reference import NoReference, Reference
+from dpo.maths.logprobs import scored_kl
+from dpo.maths.losses import check_loss_params, compute_loss, get_loss
+from dpo.models.forward import score_pairs
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System, optimizer_step_ended
+from dpo.systems.reference import NoReference, Reference
 from dpo.systems.spec import SystemSpec
 
 # The frozen reference is in eval mode on purpose; Lightning warns about any eval-mode module.
@@ -38,13 +38,13 @@ class DPOSystemConfig:
 
 
 class DPOModule(System):
-    """A policy trained with a registered loss from :mod:`dpo.losses` against a :class:`Reference`.
+    """A policy trained with a registered loss from :mod:`dpo.maths.losses` against a :class:`Reference`.
 
-    The reference (:mod:`dpo.reference`) decides where reference log-probs come from, what of it
+    The reference (:mod:`dpo.systems.reference`) decides where reference log-probs come from, what of it
     a checkpoint holds and how TR-DPO moves it; this module only asks. It is a registered
     submodule, so it follows the policy's device and FSDP sharding, but it is out of the optimizer.
     A loss that needs no reference (``LossSpec.needs_reference`` False) runs with
-    :class:`~dpo.reference.NoReference`.
+    :class:`~dpo.systems.reference.NoReference`.
 
     Args:
         policy: the causal LM to train.

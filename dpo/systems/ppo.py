@@ -14,11 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from dpo.config.settings import ConfigError, typed
 from dpo.data.collate import pad_id_of
-from dpo.logprobs import target_logps
-from dpo.reference import Reference
-from dpo.rewards import reward_from_config
-from dpo.rl import (
+from dpo.maths.logprobs import target_logps
+from dpo.maths.rl import (
     KLController,
     Rollout,
     clipped_policy_loss,
@@ -31,10 +30,11 @@ from dpo.rl import (
     shaped_rewards,
     whiten,
 )
-from dpo.sampling import GenerationConfig, completion_batch, generate
-from dpo.settings import ConfigError, typed
+from dpo.models.sampling import GenerationConfig, completion_batch, generate
+from dpo.rewards.registry import reward_from_config
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.systems.reference import Reference
 from dpo.systems.spec import SystemSpec
 
 
@@ -115,11 +115,11 @@ class PPOModule(System):
 
     Each training batch is a batch of prompts (this rank's share). One batch is one PPO iteration:
 
-    1. rollout: sample completions (:func:`dpo.sampling.generate`), score them with the reward,
+    1. rollout: sample completions (:func:`dpo.models.sampling.generate`), score them with the reward,
        and, without gradients, the sampled tokens' log-probs under the policy and the reference
        and the value of every state;
     2. per-token rewards: ``-kl_coef * (log pi - log pi_ref)`` on every token, plus the score on the
-       last (:func:`dpo.rl.shaped_rewards`); advantages by GAE, whitened with statistics over
+       last (:func:`dpo.maths.rl.shaped_rewards`); advantages by GAE, whitened with statistics over
        every rank's rollouts;
     3. ``ppo_epochs`` passes over the rollouts in minibatches of ``minibatch_size``: the clipped
        policy loss plus ``vf_coef`` times the clipped value loss, one optimizer step each.

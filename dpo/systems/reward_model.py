@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from dpo.config.settings import ConfigError, typed
 from dpo.data.batch import PreferenceBatch
-from dpo.forward import attention_for
-from dpo.reward_models import head_of, last_token_scores, load_reward_model
-from dpo.settings import ConfigError, typed
+from dpo.models.forward import attention_for
+from dpo.rewards.learned import head_of, last_token_scores, load_reward_model
 from dpo.systems.assemble import guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System
 from dpo.systems.spec import SystemSpec
@@ -47,7 +47,7 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor) -> Tensor:
 class RewardModelModule(System):
     """A reward model trained with the Bradley-Terry loss on (prompt, chosen, rejected) pairs.
 
-    The model is a one-label sequence classifier (:mod:`dpo.reward_models`) read at each
+    The model is a one-label sequence classifier (:mod:`dpo.rewards.learned`) read at each
     response's last real token (its EOS). Batches come in the ``separate`` layout: rows
     ``[chosen_0..chosen_{B-1}, rejected_0..rejected_{B-1}]``, each prompt + response + EOS.
 

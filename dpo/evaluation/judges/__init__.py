@@ -18,7 +18,7 @@ ORDERS = ("random", "both")
 
 
 def build_judge(config: Any, template: Template, cache_dir: str) -> Judge:
-    """The judge a typed ``conf/judge`` node describes (``dpo.pipeline.evaluate.check`` has checked
+    """The judge a typed ``conf/judge`` node describes (``dpo.commands.evaluate.check`` has checked
     ``orders`` against :data:`ORDERS` before any model loaded)."""
     if config.kind == "local":
         return LocalLMJudge(config, template, cache_dir)

@@ -42,8 +42,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dpo.evaluation.judges.base import Comparison, JudgeError, Template, Verdict
-from dpo.log import get_logger
-from dpo.progress import track
+from dpo.runtime.log import get_logger
+from dpo.runtime.progress import track
 
 log = get_logger(__name__)
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from dpo.evaluation.judges.base import Comparison, Template, Verdict, winner_by_score
-from dpo.models import DType, ModelConfig, load_policy, load_tokenizer, max_positions, resolve
-from dpo.progress import track
-from dpo.sampling import left_pad
+from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, max_positions, resolve
+from dpo.models.sampling import left_pad
+from dpo.runtime.progress import track
 
 
 class LocalLMJudge:

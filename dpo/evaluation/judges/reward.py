@@ -1,6 +1,6 @@
 """A reward model as judge (``judge=reward``): the response with the higher score wins.
 
-Any reward of :mod:`dpo.rewards` serves: a Hugging Face sequence classifier (``reward=hf_classifier``,
+Any reward of :mod:`dpo.rewards.registry` serves: a Hugging Face sequence classifier (``reward=hf_classifier``,
 e.g. a preference reward model), or offline the ground-truth sentiment rewards (``vader``,
 ``tfidf``). Scores are of prompt + response (``include_prompt``); equal scores tie. The score does
 not depend on which text is shown first, so ``orders: random`` costs nothing in accuracy.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dpo.evaluation.judges.base import Comparison, Template, Verdict, winner_by_score
-from dpo.rewards import Reward, default_device, reward_from_config
+from dpo.rewards.registry import Reward, default_device, reward_from_config
 
 
 class RewardJudge:

@@ -1,0 +1,1 @@
+"""Pure maths: preference losses, sequence and token log-probabilities, PPO/RL maths. No models, no I/O."""

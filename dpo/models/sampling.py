@@ -1,0 +1,353 @@
+"""Sampling completions from a causal LM, and the sequence-level KL of sampled completions.
+
+Shapes: ``N`` sequences, ``P`` prompt tokens (left-padded), ``L`` generated tokens, ``V`` vocabulary.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import DynamicCache
+from transformers.generation import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from dpo.data.batch import IGNORE_INDEX
+from dpo.maths.logprobs import sequence_kl, sequence_logps
+from dpo.models.load import max_positions
+from dpo.runtime.progress import track
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How completions are sampled (``conf/sample.yaml`` ``generation``).
+
+    Attributes:
+        max_new_tokens: most tokens per completion.
+        temperature: softmax temperature; 0 decodes greedily.
+        top_k: keep the k most likely tokens; 0 keeps all.
+        top_p: nucleus mass; 1.0 keeps all.
+        stop: strings that end a completion: generation stops once one appears and the text is
+            cut before it (:func:`cut_at_stop`). Token ids stop only at EOS.
+    """
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: Sequence[str] = field(default_factory=tuple)
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``model.generate``."""
+        if self.max_new_tokens < 1:
+            raise ValueError(f"generation.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"generation.stop must be non-empty strings, got {list(self.stop)}")
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:  # -1 used to sample greedily
+            raise ValueError(
+                f"generation needs temperature >= 0 (0: greedy), top_k >= 0 (0: off) and 0 < top_p <= 1, got "
+                f"temperature={self.temperature}, top_k={self.top_k}, top_p={self.top_p}"
+            )
+        stop = {"stop_strings": list(self.stop)} if self.stop else {}
+        if self.temperature <= 0:
+            return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **stop}
+        return {
+            "do_sample": True, "temperature": self.temperature, "top_k": self.top_k or None,
+            "top_p": self.top_p, "max_new_tokens": self.max_new_tokens, **stop,
+        }  # fmt: skip
+
+
+def check_counts(**counts: tuple[int, int]) -> None:
+    """Raise one ``ValueError`` naming every ``key=value`` below its minimum (``key=(value, minimum)``)."""
+    problems = [f"{key}={value} must be >= {least}" for key, (value, least) in counts.items() if value < least]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest of the ``stop`` strings."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def fits_context(prompt_tokens: int, max_new_tokens: int, context: int | None) -> bool:
+    """Whether a prompt and its completion fit the model's positions (None: no limit).
+
+    Prompts are never cut to fit: a cut TL;DR post or HH dialogue is a different prompt. Callers
+    skip and count the ones that don't fit.
+    """
+    return context is None or prompt_tokens + max_new_tokens <= context
+
+
+def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(N, P) ids and attention mask, padded on the left so generation continues every prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def cut_at_eos(tokens: list[int], eos_id: int | None, pad_id: int) -> list[int]:
+    """Generated tokens up to and including the first EOS; trailing padding dropped."""
+    out = []
+    for t in tokens:
+        out.append(t)
+        if t == eos_id:
+            return out
+    while out and out[-1] == pad_id and pad_id != eos_id:
+        out.pop()
+    return out
+
+
+@dataclass
+class Completions:
+    """What :func:`sample_completions` returns, one entry per prompt.
+
+    Attributes:
+        tokens: the generated ids, cut after the first EOS (stop strings still inside: see ``generate``).
+        logps: per generated token, ``log pi(token | prefix)`` under the model's own next-token
+            distribution (fp32 log-softmax of its logits, before temperature, top-k and top-p), the
+            value a forward pass over ``prompt + completion`` gives for that token.
+    """
+
+    tokens: list[list[int]]
+    logps: list[list[float]]
+
+
+@torch.no_grad()
+def generate(
+    model: nn.Module,
+    prompts: list[list[int]],
+    gen: GenerationConfig,
+    pad_id: int,
+    eos_id: int | None,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
+    progress: str | None = None,
+    tokenizer: Any = None,
+) -> list[list[int]]:
+    """Sample one completion per prompt (repeat a prompt k times for k samples), batched.
+
+    Returns the generated token ids of each prompt, cut after the first EOS. The caller seeds the RNG.
+    ``progress`` labels a progress bar (standalone sampling; none inside Lightning's loops).
+    With ``gen.stop``, generation of a row ends once a stop string appears (``tokenizer`` required);
+    the ids still hold it: decode and :func:`cut_at_stop` (or use :func:`sample_texts`).
+    ``synced_gpus``: every rank runs the same number of forward passes (DDP/FSDP; FSDP gathers
+    weights inside each), until the last row of every rank is done.
+    """
+    return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer).tokens
+
+
+@torch.no_grad()
+def sample_completions(
+    model: nn.Module,
+    prompts: list[list[int]],
+    gen: GenerationConfig,
+    pad_id: int,
+    eos_id: int | None,
+    batch_size: int = 16,
+    synced_gpus: bool = False,
+    progress: str | None = None,
+    tokenizer: Any = None,
+) -> Completions:
+    """:func:`generate`, with the log-probability of each generated token.
+
+    Our own decode loop over the model's forward and a ``DynamicCache`` (Hugging Face ``generate``
+    is the reference it is tested against): a row that ends (EOS or a stop string) leaves the
+    batch, so later steps run on the rows still going. What is drawn is ``generate``'s: the same
+    temperature, top-k and top-p warpers, and at every step one ``torch.multinomial`` draw over all
+    rows of the batch (ended rows hold a placeholder), so with the same seed and batch a prompt
+    draws the same random numbers as under ``generate``. Only the configured sampling applies, never
+    defaults stored with the model (``generation_config.json``).
+    """
+    if gen.stop and tokenizer is None:
+        raise ValueError("generation.stop needs the tokenizer")
+    kwargs = gen.kwargs()  # validates
+    warp = _warpers(gen) if kwargs["do_sample"] else None
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = Completions([], [])
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in track(starts, progress) if progress else starts:
+            ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
+            tokens, logps = _decode(model, ids.to(device), mask.to(device), gen, warp, pad_id, eos_id,
+                                    tokenizer, synced_gpus)  # fmt: skip
+            out.tokens += tokens
+            out.logps += logps
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _warpers(gen: GenerationConfig) -> LogitsProcessorList:
+    """Hugging Face's sampling warpers for ``gen``, in ``generate``'s order."""
+    warpers = LogitsProcessorList()
+    if gen.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(gen.temperature))
+    if gen.top_k:
+        warpers.append(TopKLogitsWarper(gen.top_k))
+    if gen.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(gen.top_p))
+    return warpers
+
+
+def _more_steps(local: bool, synced: bool, device: torch.device) -> bool:
+    """Whether any rank (only this one unless ``synced``) still has rows going."""
+    if not synced:
+        return local
+    flag = torch.tensor([float(local)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _decode(
+    model: nn.Module, ids: Tensor, mask: Tensor, gen: GenerationConfig, warp: LogitsProcessorList | None,
+    pad_id: int, eos_id: int | None, tokenizer: Any, synced: bool,
+) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
+    """Decode one left-padded batch: ``ids``/``mask`` (N, P); returns tokens and log-probs per row.
+
+    ``rows`` maps the cache's rows to the batch's; ``going`` marks which of them still generate
+    (a finished row stays only as the one placeholder a synced rank needs to keep stepping).
+    """
+    n = ids.shape[0]
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    cache = DynamicCache(config=inner.config)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding shifts each row's positions
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                   **keep_last).logits[:, -1].float()  # fmt: skip  # (N, V)
+    position = positions[:, -1:]  # (N, 1)
+    rows = torch.arange(n, device=ids.device)
+    going = torch.ones(n, dtype=torch.bool, device=ids.device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    for step in range(gen.max_new_tokens):
+        picked = _pick(logits, warp, rows, going, n, pad_id)  # (R,)
+        chosen_logps = logits.gather(-1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)  # log-softmax at picked
+        for r, t, lp in zip(rows[going].tolist(), picked[going].tolist(), chosen_logps[going].tolist(), strict=True):
+            tokens[r].append(t)
+            logps[r].append(lp)
+        ended = going & (picked == eos_id) if eos_id is not None else torch.zeros_like(going)
+        if gen.stop:
+            ended |= torch.tensor([bool(g) and any(s in tokenizer.decode(tokens[r]) for s in gen.stop)
+                                   for r, g in zip(rows.tolist(), going.tolist(), strict=True)],
+                                  device=going.device)  # fmt: skip
+        going &= ~ended
+        last = step + 1 == gen.max_new_tokens
+        if not _more_steps(bool(going.any()) and not last, synced and not last, ids.device):
+            break
+        keep = going if going.any() else torch.arange(len(going), device=going.device) == 0  # a synced placeholder
+        if not keep.all():
+            cache.batch_select_indices(keep.nonzero()[:, 0])
+            rows, going, mask, position, picked = rows[keep], going[keep], mask[keep], position[keep], picked[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        position = position + 1
+        logits = model(input_ids=picked[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                       use_cache=True, **keep_last).logits[:, -1].float()  # fmt: skip
+    return tokens, logps
+
+
+def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going: Tensor, n: int, pad_id: int) -> Tensor:
+    """Next token of each cache row: greedy without ``warp``, else one multinomial draw over all ``n``
+    rows of the batch, as ``generate`` draws (rows not going get a placeholder; their draws are unused)."""
+    if warp is None:
+        return logits.argmax(-1)
+    probs = torch.softmax(warp(None, logits.clone()) if warp else logits, -1)  # (R, V); logits stay raw
+    if len(rows) == n and bool(going.all()):
+        return torch.multinomial(probs, 1)[:, 0]
+    full = torch.zeros(n, probs.shape[-1], device=probs.device, dtype=probs.dtype)
+    full[:, pad_id] = 1.0
+    full[rows[going]] = probs[going]
+    return torch.multinomial(full, 1)[rows, 0]
+
+
+@dataclass
+class SampledTexts:
+    """Completions of text prompts.
+
+    Attributes:
+        texts: per prompt, its ``n`` completions (cut at the stop strings); None for a skipped prompt.
+        skipped: how many prompts were skipped because prompt + ``max_new_tokens`` exceed the context.
+    """
+
+    texts: list[list[str] | None]
+    skipped: int
+
+
+def sample_texts(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    gen: GenerationConfig,
+    *,
+    n: int = 1,
+    batch_size: int = 16,
+    progress: str | None = None,
+) -> SampledTexts:
+    """``n`` completions of each text prompt, as text, cut at the stop strings; the caller seeds.
+
+    The prompt is tokenized whole (never cut); one that does not fit the model's context with
+    ``gen.max_new_tokens`` more tokens is skipped and counted. Shared by ``dpo-sample`` and ``dpo-eval``.
+    """
+    context = max_positions(model.config)
+    ids = [tokenizer(t)["input_ids"] for t in prompts]
+    keep = [i for i, p in enumerate(ids) if fits_context(len(p), gen.max_new_tokens, context)]
+    repeated = [ids[i] for i in keep for _ in range(n)]  # n consecutive samples per prompt
+    tokens = generate(model, repeated, gen, tokenizer.pad_token_id, tokenizer.eos_token_id, batch_size,
+                      progress=progress, tokenizer=tokenizer) if repeated else []  # fmt: skip
+    decoded = [cut_at_stop(t, gen.stop) for t in tokenizer.batch_decode(tokens, skip_special_tokens=True)]
+    texts: list[list[str] | None] = [None] * len(prompts)
+    for j, i in enumerate(keep):
+        texts[i] = decoded[j * n : (j + 1) * n]
+    return SampledTexts(texts, len(prompts) - len(keep))
+
+
+def completion_batch(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded ``prompt + completion`` rows with labels on the completion tokens only."""
+    rows = [p + c for p, c in zip(prompts, completions, strict=True)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for i, (p, r) in enumerate(zip(prompts, rows, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, len(p) : len(r)] = ids[i, len(p) : len(r)]
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+@torch.no_grad()
+def completion_kl(policy: nn.Module, reference: Any, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sequence-level KL(policy || reference) of sampled completions, exact and Monte Carlo.
+
+    The exact value sums, over the completion's tokens, the full-vocabulary KL of the next-token
+    distributions (:func:`dpo.maths.logprobs.sequence_kl`); the Monte-Carlo estimate is
+    ``log pi(y|x) - log pi_ref(y|x)`` of the sampled ``y``. Both have the sequence KL as their
+    expectation over ``y ~ pi``; the exact one has far less variance.
+
+    Args:
+        policy: the policy.
+        reference: a callable ``(input_ids, attention_mask) -> logits`` of the reference.
+        batch: from :func:`completion_batch`, on the policy's device.
+
+    Returns:
+        ``(kl_exact, kl_mc, policy_logps, n_tokens)``, each (N,).
+    """
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (N, T, V)
+    ref_logits = reference(batch["input_ids"], batch["attention_mask"])
+    kl = sequence_kl(logits, ref_logits, batch["labels"])
+    pol, ref = sequence_logps(logits, batch["labels"]), sequence_logps(ref_logits, batch["labels"])
+    return kl, pol.sum - ref.sum, pol.sum, pol.n_tokens

@@ -1,0 +1,1 @@
+"""Rewards (text -> float): the registry (VADER, TF-IDF, Hugging Face classifiers) and learned reward models."""
