@@ -115,8 +115,9 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
 
 def command_line() -> str:
     """The command that ran this job: ``dpo-train`` and its overrides (Hydra's), or how it was called."""
-    if HydraConfig.initialized():
-        return " ".join(["dpo-train", *(shlex.quote(o) for o in HydraConfig.get().overrides.task)])
+    if HydraConfig.initialized():  # as typed: an interpolation such as ${oc.env:TOKEN} stays unresolved
+        overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+        return " ".join(["dpo-train", *(shlex.quote(str(o)) for o in overrides)])
     return "dpo.commands.train.train(cfg) from Python (no command line)"
 
 
