@@ -20,8 +20,10 @@ import argparse
 import json
 from pathlib import Path
 
+from costs import cost_table  # beside this script
+
 from dpo.data.sources import bundled_path
-from dpo.report.figures import cost_table, frontier_points, plot_frontier
+from dpo.report.figures import frontier_points, plot_frontier
 
 
 def main() -> None:
