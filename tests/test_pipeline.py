@@ -268,7 +268,7 @@ def test_jsonl_and_prompt_readers_name_a_binary_file(tmp_path):
     ("prompts.max_prompts=0", r"prompts.max_prompts=0 must be a whole number >= 1 \(null: every prompt\)"),
     ("prompts.max_prompts=-1", r"prompts.max_prompts=-1 must be a whole number >= 1 \(null: every prompt\)"),
     ("generation.temperature=-1", r"generation needs temperature >= 0 \(0: greedy\)"),
-    ("generation.top_p=0", r"0 < top_p <= 1, got temperature=1.0, top_k=0, top_p=0$"),
+    ("generation.top_p=0", r"0 < top_p <= 1, got temperature=1.0, top_k=0, top_p=0.0$"),
 ])  # fmt: skip
 def test_sample_refuses_settings_it_used_to_misread_before_weights_load(tmp_path, monkeypatch, override, message):
     """Issue 23: max_prompts=0 sampled every prompt, -1 dropped the last; a negative temperature sampled greedily."""

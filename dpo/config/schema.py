@@ -182,7 +182,7 @@ def _problems(rules: tuple[tuple[str, Any, bool, str], ...], *more: str | None) 
 def _generation_problem(generation: Any) -> str | None:
     """What is wrong with the sampling settings (:meth:`dpo.models.sampling.GenerationConfig.kwargs`), if anything."""
     try:
-        GenerationConfig(**dict(generation)).kwargs()
+        (generation if isinstance(generation, GenerationConfig) else GenerationConfig(**dict(generation))).kwargs()
     except (TypeError, ValueError) as e:
         return str(e) if str(e).startswith("generation") else f"generation: {e}"
     return None
@@ -208,7 +208,7 @@ class SampleConfig:
     prompts: SamplePrompts = field(default_factory=SamplePrompts)
     n: int = 4
     batch_size: int = 16
-    generation: dict[str, Any] = field(default_factory=dict)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     output: str = MISSING
     model: Any = MISSING
     data: Any = None

@@ -26,9 +26,10 @@ from dpo.models.load import max_positions
 from dpo.runtime.progress import track
 
 
-@dataclass(frozen=True)
+@dataclass
 class GenerationConfig:
-    """How completions are sampled (``conf/sample.yaml`` ``generation``).
+    """How completions are sampled: the typed ``generation`` node of ``dpo-sample`` and of PPO's
+    rollouts (``system.generation``), each with its own defaults for the keys it sets.
 
     Attributes:
         max_new_tokens: most tokens per completion.
@@ -43,7 +44,7 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
-    stop: Sequence[str] = field(default_factory=tuple)
+    stop: list[str] = field(default_factory=list)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of ``model.generate``."""

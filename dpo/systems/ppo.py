@@ -65,9 +65,7 @@ class PPOConfig:
     kind: str = "ppo"
     reward: Any = None
     include_prompt: bool = True
-    generation: dict[str, Any] = field(
-        default_factory=lambda: {"max_new_tokens": 32, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
-    )
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
     samples_per_prompt: int = 1
     ppo_epochs: int = 4
     minibatch_size: int = 8
@@ -96,7 +94,9 @@ class PPOConfig:
             ("vf_coef", self.vf_coef >= 0, ">= 0"),
         ) if not ok]  # fmt: skip
         try:
-            GenerationConfig(**self.generation).kwargs()  # its own checks, by key
+            if isinstance(self.generation, dict):  # built in Python rather than composed
+                self.generation = GenerationConfig(**self.generation)
+            self.generation.kwargs()  # its own checks, by key
         except (TypeError, ValueError) as e:
             problems.append(f"system.{e}" if str(e).startswith("generation") else f"system.generation: {e}")
         if problems:
@@ -181,7 +181,7 @@ class PPOModule(System):
         self.reward, self.decode = reward, decode
         self.pad_id, self.eos_id = pad_id, eos_id
         self.cfg = cfg
-        self.gen = GenerationConfig(**cfg.generation)
+        self.gen = cfg.generation
         self.gen.kwargs()
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         self.max_grad_norm = max_grad_norm
