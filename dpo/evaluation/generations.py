@@ -11,9 +11,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from dpo.data.collate import pad_id_of
-from dpo.models.sampling import GenerationConfig, check_counts, generate
-from dpo.runtime.distributed import gather_rows, rank_share
+from dpo.models.sampling import GenerationConfig, check_counts, sample_rank_share
+from dpo.runtime.distributed import gather_rows
 from dpo.runtime.io import write_jsonl
 from dpo.systems.base import optimizer_step_ended
 
@@ -73,13 +72,8 @@ class GenerationSamples(pl.Callback):
         tokenizer = datamodule.tokenizer
         prompts = [p.prompt_ids for p in datamodule.datasets["val"].items[: self.n_prompts]]
         world, rank = trainer.world_size, trainer.global_rank
-        mine = rank_share(prompts, world, rank)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1_000_003 * rank + step)  # distinct streams per rank
-            completions = generate(
-                pl_module.policy, [p for _, p in mine], self.gen, pad_id_of(tokenizer), tokenizer.eos_token_id,
-                batch_size=len(mine), synced_gpus=world > 1,
-            )  # fmt: skip
+        mine, completions = sample_rank_share(pl_module.policy, prompts, self.gen, tokenizer, world, rank,
+                                              self.seed + step, batch_size=-(-len(prompts) // world))  # fmt: skip
         rows = [
             {"index": i, "prompt": tokenizer.decode(p), "completion": tokenizer.decode(c, skip_special_tokens=True)}
             for (i, p), c in zip(mine, completions, strict=True)

@@ -10,11 +10,11 @@ import lightning.pytorch as pl
 import torch
 
 from dpo.data.collate import pad_id_of
-from dpo.models.sampling import GenerationConfig, check_counts, completion_batch, completion_kl, generate
+from dpo.models.sampling import GenerationConfig, check_counts, completion_batch, completion_kl, sample_rank_share
 from dpo.report.summary import change
 from dpo.report.wandb_logging import log_frontier, log_samples
 from dpo.rewards.registry import reward_from_config
-from dpo.runtime.distributed import gather_rows, rank_share
+from dpo.runtime.distributed import gather_rows
 from dpo.runtime.io import append_jsonl, read_jsonl, write_jsonl
 from dpo.runtime.log import get_logger
 from dpo.systems.base import optimizer_step_ended
@@ -151,14 +151,9 @@ class RewardKLEval(pl.Callback):
         tokenizer = trainer.datamodule.tokenizer
         prompts = [p for p in self._prompts(trainer) for _ in range(self.samples_per_prompt)]
         world, rank = trainer.world_size, trainer.global_rank
-        mine = rank_share(prompts, world, rank)
-        pad_id, device = pad_id_of(tokenizer), pl_module.device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed + 1_000_003 * rank)
-            completions = generate(
-                policy, [p for _, p in mine], self.gen, pad_id, tokenizer.eos_token_id, self.batch_size, world > 1
-            )
-        rows = self.measure(policy, reference, tokenizer, mine, completions, device)
+        mine, completions = sample_rank_share(policy, prompts, self.gen, tokenizer, world, rank, self.seed,
+                                              self.batch_size)  # fmt: skip
+        rows = self.measure(policy, reference, tokenizer, mine, completions, pl_module.device)
         rows = gather_rows(rows, world, rank, len(prompts))
         if rows is None:
             return None

@@ -21,8 +21,10 @@ from transformers.generation import (
 )
 
 from dpo.data.batch import IGNORE_INDEX
+from dpo.data.collate import pad_id_of
 from dpo.maths.logprobs import sequence_kl, sequence_logps
 from dpo.models.load import max_positions
+from dpo.runtime.distributed import rank_share
 from dpo.runtime.progress import track
 
 
@@ -148,6 +150,22 @@ def generate(
     weights inside each), until the last row of every rank is done.
     """
     return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer).tokens
+
+
+@torch.no_grad()
+def sample_rank_share(
+    model: nn.Module, prompts: list[list[int]], gen: GenerationConfig, tokenizer: Any, world: int, rank: int,
+    seed: int, batch_size: int,
+) -> tuple[list[tuple[int, list[int]]], list[list[int]]]:
+    """This rank's ``(index, prompt)`` share of ``prompts`` (:func:`dpo.runtime.distributed.rank_share`)
+    and one completion of each, drawn from a stream of its own (``seed``, offset per rank) without
+    touching the training RNG: what the evaluation and samples callbacks sample from the policy."""
+    mine = rank_share(prompts, world, rank)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1_000_003 * rank)  # distinct streams per rank
+        completions = generate(model, [p for _, p in mine], gen, pad_id_of(tokenizer), tokenizer.eos_token_id,
+                               batch_size, synced_gpus=world > 1)  # fmt: skip
+    return mine, completions
 
 
 @torch.no_grad()
