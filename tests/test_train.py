@@ -47,7 +47,7 @@ def test_tiny_run_end_to_end(tmp_path):
     assert model.config.vocab_size == len(tokenizer)
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     card = (tmp_path / "hf" / "README.md").read_text()  # issue 24: the export's model card
-    assert card.startswith("---\nlibrary_name: transformers\n") and "loss `dpo` (nll_weight=0.0, beta=" in card
+    assert card.startswith("---\nlibrary_name: transformers\n") and "dpo-lightning: `loss=dpo(beta=" in card
     assert re.search(r"reward accuracy\s+0\.0000 ->", card) and "```bash\ndpo-train experiment=tiny\n```" in card
     assert (tmp_path / "config.yaml").is_file() and (tmp_path / "csv" / "metrics.csv").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
@@ -232,9 +232,10 @@ def test_the_model_card_names_the_base_model_data_loss_metrics_and_command():
                        "max_prompt_length": 256},
               "loss": {"name": "dpo", "beta": 0.1, "nll_weight": 0.0}, "system": {"kind": "dpo"},
               "optim": {"optimizer": {"_target_": "torch.optim.RMSprop", "lr": 1e-6}}}  # fmt: skip
-    card = model_card(config, "dpo-train finished: loss=dpo(beta=0.1) steps=40", "dpo-train experiment=hh_dpo")
+    card = model_card(config, "loss=dpo(beta=0.1)", "dpo-train finished: loss=dpo(beta=0.1) steps=40",
+                      "dpo-train experiment=hh_dpo")  # fmt: skip
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "`Anthropic/hh-rlhf` (format `hh`)" in card
-    assert "loss `dpo` (beta=0.1, nll_weight=0.0)" in card and "lr 1e-06" in card and "seed 3" in card
+    assert "dpo-lightning: `loss=dpo(beta=0.1)`" in card and "lr 1e-06" in card and "seed 3" in card
     assert "steps=40" in card and "dpo-train experiment=hh_dpo" in card
-    local = model_card({**config, "model": {"pretrained": "/data/sft/hf"}}, "", "dpo-train")
+    local = model_card({**config, "model": {"pretrained": "/data/sft/hf"}}, "loss=dpo(beta=0.1)", "", "dpo-train")
     assert "base_model:" not in local and "- base model: `/data/sft/hf`" in local  # a folder is no Hub link

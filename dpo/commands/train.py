@@ -108,7 +108,7 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
         record(trainer, state, out)
     summary = summarize(cfg, run, export_dir, time.time() - started).render()
     if export_dir is not None:
-        write_model_card(export_dir, start.config, summary, command_line())
+        write_model_card(export_dir, start.config, SYSTEMS[cfg.system.kind].describe(cfg), summary, command_line())
     log.info(summary)
     return state.after
 

@@ -44,12 +44,13 @@ def export_pretrained(
     return path
 
 
-def model_card(config: dict[str, Any], summary_text: str, command: str) -> str:
+def model_card(config: dict[str, Any], method: str, summary_text: str, command: str) -> str:
     """The export's ``README.md``: Hub metadata (base model, library, tags) and what made the model:
     the method, base model, data, loss and its parameters, steps, final metrics and the command.
 
     Args:
         config: the run's resolved config (``config.yaml``, secrets redacted).
+        method: what trained it, as its system names it (e.g. ``loss=dpo(beta=0.1)``).
         summary_text: the run summary (:meth:`dpo.report.summary.RunSummary.render`).
         command: the command line that trained it.
     """
@@ -57,15 +58,12 @@ def model_card(config: dict[str, Any], summary_text: str, command: str) -> str:
     base = model.get("pretrained")
     source = data.get("source", {})
     described = source.get("path") or ", ".join(f"{k}: {v}" for k, v in (source.get("splits") or {}).items())
-    loss = config.get("loss", {})
-    params = ", ".join(f"{k}={v}" for k, v in loss.items() if k != "name")
     kind = system.get("kind", "dpo")
-    method = f"loss `{loss.get('name')}` ({params})" if kind == "dpo" else f"system `{kind}`"
     head = ["---", "library_name: transformers", f"tags: [dpo-lightning, {kind}]"]
     if base and not str(base).startswith(("/", ".")) and "://" not in str(base):
         head.append(f"base_model: {base}")  # a hub id (a local folder is no Hub link)
     lines = [*head, "---", "", f"# {config.get('task_name', 'dpo')}: {kind} policy", "",
-             f"Trained with dpo-lightning ({method}).", "",
+             f"Trained with dpo-lightning: `{method}`.", "",
              f"- base model: `{base}`" if base else "- base model: none (built from a config, random weights)",
              f"- data: `{described}` (format `{source.get('format')}`)",
              f"- batch size {data.get('batch_size')}, max length {data.get('max_length')}, "
@@ -77,9 +75,9 @@ def model_card(config: dict[str, Any], summary_text: str, command: str) -> str:
     return "\n".join(lines)
 
 
-def write_model_card(folder: Path, config: dict[str, Any], summary_text: str, command: str) -> Path:
+def write_model_card(folder: Path, config: dict[str, Any], method: str, summary_text: str, command: str) -> Path:
     """Write :func:`model_card` as ``folder/README.md`` (atomically); returns its path."""
     path = Path(folder) / "README.md"
-    text = model_card(config, summary_text, command)
+    text = model_card(config, method, summary_text, command)
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
