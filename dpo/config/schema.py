@@ -48,7 +48,7 @@ from dpo.data.sources import bundled_path
 from dpo.evaluation.judges import JUDGES, Template
 from dpo.maths.losses import LOSSES
 from dpo.models.load import DType, ModelConfig
-from dpo.models.sampling import GenerationConfig
+from dpo.models.sampling import GenerationConfig, generation_problem
 from dpo.report.naming import resolve_run_group, resolve_run_label
 from dpo.rewards.registry import REWARDS
 from dpo.systems import SYSTEMS
@@ -179,15 +179,6 @@ def _problems(rules: tuple[tuple[str, Any, bool, str], ...], *more: str | None) 
         raise ValueError("; ".join(problems))
 
 
-def _generation_problem(generation: Any) -> str | None:
-    """What is wrong with the sampling settings (:meth:`dpo.models.sampling.GenerationConfig.kwargs`), if anything."""
-    try:
-        (generation if isinstance(generation, GenerationConfig) else GenerationConfig(**dict(generation))).kwargs()
-    except (TypeError, ValueError) as e:
-        return str(e) if str(e).startswith("generation") else f"generation: {e}"
-    return None
-
-
 @dataclass
 class SamplePrompts:
     """``dpo-sample``'s ``prompts``: a file (JSONL ``field`` per row, or text) or ``data``'s ``split``."""
@@ -218,7 +209,7 @@ class SampleConfig:
         max_prompts = self.prompts.max_prompts  # 0 took every prompt, -1 all but the last
         _problems((("n", self.n, self.n >= 1, ">= 1"), ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
                    ("prompts.max_prompts", max_prompts, max_prompts is None or max_prompts >= 1,
-                    "a whole number >= 1 (null: every prompt)")), _generation_problem(self.generation))  # fmt: skip
+                    "a whole number >= 1 (null: every prompt)")), generation_problem(self.generation))  # fmt: skip
 
 
 @dataclass

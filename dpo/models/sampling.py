@@ -75,6 +75,16 @@ def check_counts(**counts: tuple[int, int]) -> None:
         raise ValueError("; ".join(problems))
 
 
+def generation_problem(generation: Any) -> str | None:
+    """What is wrong with sampling settings (a :class:`GenerationConfig` or a mapping of its keys),
+    named ``generation...`` (:meth:`GenerationConfig.kwargs`'s checks, or an unknown key); None if nothing."""
+    try:
+        (generation if isinstance(generation, GenerationConfig) else GenerationConfig(**dict(generation))).kwargs()
+    except (TypeError, ValueError) as e:
+        return str(e) if str(e).startswith("generation") else f"generation: {e}"
+    return None
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
     """``text`` up to (not including) the earliest of the ``stop`` strings."""
     cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))

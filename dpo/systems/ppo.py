@@ -30,7 +30,7 @@ from dpo.maths.rl import (
     shaped_rewards,
     whiten,
 )
-from dpo.models.sampling import GenerationConfig, completion_batch, generate
+from dpo.models.sampling import GenerationConfig, completion_batch, generate, generation_problem
 from dpo.rewards.registry import reward_from_config
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System
@@ -93,12 +93,10 @@ class PPOConfig:
             ("clip_range_value", self.clip_range_value > 0, "> 0"),
             ("vf_coef", self.vf_coef >= 0, ">= 0"),
         ) if not ok]  # fmt: skip
-        try:
-            if isinstance(self.generation, dict):  # built in Python rather than composed
-                self.generation = GenerationConfig(**self.generation)
-            self.generation.kwargs()  # its own checks, by key
-        except (TypeError, ValueError) as e:
-            problems.append(f"system.{e}" if str(e).startswith("generation") else f"system.generation: {e}")
+        if problem := generation_problem(self.generation):  # its own checks, by key
+            problems.append(f"system.{problem}")
+        elif isinstance(self.generation, dict):  # built in Python rather than composed
+            self.generation = GenerationConfig(**self.generation)
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -197,7 +197,7 @@ class ApiJudge:
         log.info(f"judge {self.config.model}: {len(comparisons) - len(todo)} cached, {len(todo)} to request")
         self._deadline = time.monotonic() + self.config.max_run_s
         self._stop.clear()
-        self._failure: BaseException | None = None
+        self._failure = None
         pool = ThreadPoolExecutor(max_workers=max(1, self.config.max_concurrency))
         try:
             futures = [pool.submit(self._request_and_cache, k, c) for k, c in todo.items()]
