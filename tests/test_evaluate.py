@@ -21,7 +21,8 @@ from dpo.config.settings import ConfigError
 from dpo.evaluation.judges import Comparison, JudgeError, Template
 from dpo.evaluation.judges.local import LocalLMJudge
 from dpo.evaluation.win_rate import win_rate
-from dpo.models.sampling import GenerationConfig, cut_at_stop, generate, sample_texts
+from dpo.models.completions import sample_texts
+from dpo.models.sampling import GenerationConfig, cut_at_stop, generate
 from dpo.runtime.io import read_jsonl, write_jsonl
 
 KEY = "sk-test-0123456789abcdef-NEVER-WRITTEN"

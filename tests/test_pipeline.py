@@ -16,7 +16,8 @@ from dpo.commands.best_of_n import best_of_n, best_of_n_kl
 from dpo.commands.pair import make_pairs
 from dpo.config.settings import ConfigError
 from dpo.maths.logprobs import sequence_kl
-from dpo.models.sampling import completion_batch, completion_kl, cut_at_eos
+from dpo.models.completions import completion_batch, completion_kl
+from dpo.models.sampling import cut_at_eos
 from dpo.runtime.io import read_jsonl
 
 

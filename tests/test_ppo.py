@@ -45,6 +45,15 @@ def frequency_reward(texts: list[str]) -> list[float]:
     return [sum(t == str(TARGET) for t in s.split()) / max(1, len(s.split())) for s in texts]
 
 
+class IdTokenizer:
+    """Writes ids as space-separated numbers; pads with 1, has no EOS (the tiny model never stops early)."""
+
+    pad_token_id, eos_token_id = 1, None
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return " ".join(map(str, ids))
+
+
 def tiny_ppo(kl_coef: float = 0.02, **cfg) -> PPOModule:
     torch.manual_seed(0)
     arch = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "n_positions": 32, "vocab_size": 16,
@@ -53,8 +62,8 @@ def tiny_ppo(kl_coef: float = 0.02, **cfg) -> PPOModule:
     optim = OptimConfig(optimizer={"_target_": "torch.optim.AdamW", "lr": 3e-3})
     ppo = PPOConfig(generation={"max_new_tokens": 8, "temperature": 1.0}, ppo_epochs=2, minibatch_size=8,
                     kl_coef=kl_coef, include_prompt=False, **cfg)  # fmt: skip
-    return PPOModule(policy, FrozenCopy.of(policy), frequency_reward, lambda p, c: " ".join(map(str, c)),
-                     pad_id=1, eos_id=None, cfg=ppo, optim=optim, max_grad_norm=1.0)  # fmt: skip
+    return PPOModule(policy, FrozenCopy.of(policy), frequency_reward, IdTokenizer(), cfg=ppo, optim=optim,
+                     max_grad_norm=1.0)  # fmt: skip
 
 
 def prompt_loader(n_batches: int, batch: int = 16) -> DataLoader:

@@ -11,8 +11,9 @@ import torch
 import torch.multiprocessing as mp
 
 from dpo.maths.logprobs import sequence_logps
+from dpo.models.completions import completion_batch
 from dpo.models.load import ModelConfig, load_policy
-from dpo.models.sampling import GenerationConfig, completion_batch, cut_at_eos, generate, left_pad, sample_completions
+from dpo.models.sampling import GenerationConfig, cut_at_eos, generate, left_pad, sample_completions
 
 LLAMA = {"model_type": "llama", "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
          "hidden_size": 32, "intermediate_size": 64, "max_position_embeddings": 128}  # fmt: skip

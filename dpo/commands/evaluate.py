@@ -33,15 +33,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.commands.cli import entry
-from dpo.config.schema import EvalConfig
+from dpo.config.schema import EvalConfig, SweepGeneration
 from dpo.config.secrets import redact
 from dpo.config.settings import ConfigError, check_ranges, require_keys, typed
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
 from dpo.evaluation.judges.base import JudgeError
 from dpo.evaluation.win_rate import WinRate, win_rate
+from dpo.models.completions import sample_texts
 from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, resolve
-from dpo.models.sampling import GenerationConfig, sample_texts
 from dpo.report.figures import plot_win_rates
 from dpo.report.wandb_logging import WIN_RATES_TABLE
 from dpo.runtime.io import read_jsonl, read_prompts, write_json, write_jsonl
@@ -104,7 +104,6 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"judge.orders={cfg.judge.orders!r}: choose one of {ORDERS}")
     try:
         typed(cfg.template, Template)
-        GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True)).kwargs()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"dpo-eval: {e}") from None
 
@@ -150,7 +149,7 @@ def sample_policies(cfg: DictConfig, names: list[str], prompts: list[Prompt]) ->
         tokenizer, model = load_tokenizer(m.pretrained), load_policy(m)
         model.to("cuda" if torch.cuda.is_available() else "cpu")
         for k, t in enumerate(cfg.temperatures):
-            gen = GenerationConfig(temperature=float(t), **OmegaConf.to_container(cfg.generation, resolve=True))
+            gen = typed(cfg.generation, SweepGeneration).at(float(t))
             torch.manual_seed(cfg.seed + k)  # every policy meets the same seed at a temperature
             sampled = sample_texts(model, tokenizer, [p.text for p in prompts], gen, batch_size=cfg.batch_size,
                                    progress=f"sample {name} at T={t}")  # fmt: skip

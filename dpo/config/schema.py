@@ -113,6 +113,23 @@ class TrainConfig:
 
 
 @dataclass
+class SweepGeneration:
+    """``dpo-eval``'s ``generation``: :class:`GenerationConfig` less the temperature, which
+    ``temperatures`` sweeps (so ``generation.temperature=...`` is refused, not ignored). The defaults
+    are :class:`GenerationConfig`'s; ``conf/eval.yaml`` takes ``max_new_tokens`` and ``stop`` from the
+    data's ``response``."""
+
+    max_new_tokens: int = GenerationConfig.max_new_tokens
+    top_k: int = GenerationConfig.top_k
+    top_p: float = GenerationConfig.top_p
+    stop: list[str] = field(default_factory=list)
+
+    def at(self, temperature: float) -> GenerationConfig:
+        """The sampling settings at one temperature of the sweep."""
+        return GenerationConfig(self.max_new_tokens, temperature, self.top_k, self.top_p, list(self.stop))
+
+
+@dataclass
 class EvalConfig:
     """The root of ``dpo-eval``'s config (``conf/eval.yaml``); see :mod:`dpo.commands.evaluate`.
 
@@ -151,7 +168,7 @@ class EvalConfig:
     completions: str | None = None
     dtype: str = "float32"
     batch_size: int = 16
-    generation: Any = field(default_factory=dict)
+    generation: SweepGeneration = field(default_factory=lambda: SweepGeneration())
     dry_run: bool = False
     wandb: bool = False
     wandb_project: str = "dpo"
@@ -167,7 +184,7 @@ class EvalConfig:
             ("n_prompts", self.n_prompts, self.n_prompts >= 1, ">= 1"),
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
             ("dtype", self.dtype, self.dtype in {d.value for d in DType}, f"one of {[d.value for d in DType]}"),
-        ))  # fmt: skip
+        ), generation_problem(self.generation.at(1.0)))  # fmt: skip
 
 
 def _problems(rules: tuple[tuple[str, Any, bool, str], ...], *more: str | None) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from dpo.models.completions import completion_texts
 from dpo.models.sampling import GenerationConfig, check_counts, sample_rank_share
 from dpo.runtime.distributed import gather_rows
 from dpo.runtime.io import write_jsonl
@@ -74,9 +75,9 @@ class GenerationSamples(pl.Callback):
         world, rank = trainer.world_size, trainer.global_rank
         mine, completions = sample_rank_share(pl_module.policy, prompts, self.gen, tokenizer, world, rank,
                                               self.seed + step, batch_size=-(-len(prompts) // world))  # fmt: skip
+        prompt_texts, texts = completion_texts(tokenizer, [p for _, p in mine], completions)
         rows = [
-            {"index": i, "prompt": tokenizer.decode(p), "completion": tokenizer.decode(c, skip_special_tokens=True)}
-            for (i, p), c in zip(mine, completions, strict=True)
+            {"index": i, "prompt": pt, "completion": t} for (i, _), pt, t in zip(mine, prompt_texts, texts, strict=True)
         ]
         rows = gather_rows(rows, world, rank, len(prompts))
         if rows is None:

@@ -10,7 +10,8 @@ import lightning.pytorch as pl
 import torch
 
 from dpo.data.collate import pad_id_of
-from dpo.models.sampling import GenerationConfig, check_counts, completion_batch, completion_kl, sample_rank_share
+from dpo.models.completions import completion_batch, completion_kl, completion_texts, score_texts
+from dpo.models.sampling import GenerationConfig, check_counts, sample_rank_share
 from dpo.report.summary import change
 from dpo.report.wandb_logging import log_frontier, log_samples
 from dpo.rewards.registry import reward_from_config
@@ -179,11 +180,8 @@ class RewardKLEval(pl.Callback):
             else:
                 kl = kl_mc = [float("nan")] * len(part)
                 n_tok = [float(len(c)) for c in comps]
-            texts = [tokenizer.decode(c, skip_special_tokens=True) for c in comps]
-            prompt_texts = [tokenizer.decode(p, skip_special_tokens=True) for _, p in part]
-            scores = self.reward(
-                [pt + t if self.include_prompt else t for pt, t in zip(prompt_texts, texts, strict=True)]
-            )
+            prompt_texts, texts = completion_texts(tokenizer, [p for _, p in part], comps)
+            scores = score_texts(self.reward, prompt_texts, texts, self.include_prompt)
             rows += [
                 {"index": i, "prompt": pt, "completion": t, "reward": r, "kl": k, "kl_mc": m, "tokens": n}
                 for (i, _), pt, t, r, k, m, n in zip(part, prompt_texts, texts, scores, kl, kl_mc, n_tok, strict=True)

@@ -30,7 +30,8 @@ from dpo.maths.rl import (
     shaped_rewards,
     whiten,
 )
-from dpo.models.sampling import GenerationConfig, completion_batch, generate, generation_problem
+from dpo.models.completions import completion_batch, completion_texts, score_texts
+from dpo.models.sampling import GenerationConfig, generate, generation_problem
 from dpo.rewards.registry import reward_from_config
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System
@@ -145,14 +146,13 @@ class PPOModule(System):
         policy: the causal LM to train.
         reference: the frozen reference (``copy`` or ``lora``; it must give logits for new sequences).
         reward: ``texts -> scores``.
-        decode: ``(prompt ids, completion ids) -> text`` to score.
-        pad_id, eos_id: the tokenizer's.
+        tokenizer: decodes the rollouts for the reward (:func:`dpo.models.completions.completion_texts`);
+            its pad and EOS ids end and pad the samples; it finds ``generation.stop`` strings.
         cfg: the ``conf/system/ppo.yaml`` config.
         optim: optimizer and schedule.
         guard: what a non-finite loss or gradient does.
         max_grad_norm: clip the gradient norm to this (``trainer.gradient_clip_val``); None: no clipping.
         sharded: whether the policy is sharded across ranks (FSDP): generation then runs ``synced_gpus``.
-        tokenizer: passed to ``generate`` (stop strings).
     """
 
     def __init__(
@@ -160,9 +160,7 @@ class PPOModule(System):
         policy: nn.Module,
         reference: Reference,
         reward: Callable[[list[str]], list[float]],
-        decode: Callable[[list[int], list[int]], str],
-        pad_id: int,
-        eos_id: int | None,
+        tokenizer: Any,
         cfg: PPOConfig,
         optim: OptimConfig,
         guard: GuardConfig | None = None,
@@ -176,8 +174,8 @@ class PPOModule(System):
         self.value_head = nn.Linear(policy.config.hidden_size, 1)
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
-        self.reward, self.decode = reward, decode
-        self.pad_id, self.eos_id = pad_id, eos_id
+        self.reward, self.tokenizer = reward, tokenizer
+        self.pad_id, self.eos_id = pad_id_of(tokenizer), tokenizer.eos_token_id
         self.cfg = cfg
         self.gen = cfg.generation
         self.gen.kwargs()
@@ -216,12 +214,11 @@ class PPOModule(System):
     def rollout(self, prompts: list[list[int]]) -> tuple[Rollout, int]:
         """Sample, score and evaluate one batch of rollouts (no gradients); returns it and its token count."""
         completions = generate(self.policy, prompts, self.gen, self.pad_id, self.eos_id, batch_size=len(prompts),
-                               synced_gpus=self.sharded)  # fmt: skip
+                               synced_gpus=self.sharded, tokenizer=self.tokenizer)  # fmt: skip
         completions = [c or [self.eos_id if self.eos_id is not None else self.pad_id] for c in completions]
-        texts = [
-            self.decode(p if self.cfg.include_prompt else [], c) for p, c in zip(prompts, completions, strict=True)
-        ]
-        scores = torch.tensor(self.reward(texts), dtype=torch.float32, device=self.device)
+        prompt_texts, texts = completion_texts(self.tokenizer, prompts, completions)
+        scores = score_texts(self.reward, prompt_texts, texts, self.cfg.include_prompt)
+        scores = torch.tensor(scores, dtype=torch.float32, device=self.device)
         batch = completion_batch(prompts, completions, self.pad_id)
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         pos, tok_mask = response_positions([len(p) for p in prompts], [len(c) for c in completions])
@@ -346,11 +343,8 @@ def build(cfg: DictConfig, start: Any, tokenizer: Any) -> PPOModule:
     reward = reward_from_config(OmegaConf.to_container(ppo_reward(cfg), resolve=True))
     policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=True)
 
-    def decode(prompt: list[int], completion: list[int]) -> str:
-        return tokenizer.decode(prompt + completion, skip_special_tokens=True)
-
     return PPOModule(
-        policy, reference, reward, decode, pad_id_of(tokenizer), tokenizer.eos_token_id, system,
+        policy, reference, reward, tokenizer, system,
         optim_config(cfg, start), guard=guard_config(cfg), max_grad_norm=cfg.trainer.get("gradient_clip_val"),
     )  # fmt: skip
 
