@@ -259,9 +259,10 @@ def test_jsonl_and_prompt_readers_name_a_binary_file(tmp_path):
     from dpo.data.sources import DataError
     from dpo.runtime.io import read_prompts
 
-    for path in (tmp_path / "weights.bin", tmp_path / "weights.jsonl"):
+    for path, where in ((tmp_path / "weights.bin", r": not UTF-8 text \(byte 0\)"),
+                        (tmp_path / "weights.jsonl", r":1: not valid UTF-8 \(invalid start byte at byte 0\)")):
         path.write_bytes(b"\x80\x04\x95\xff\x00binary")
-        with pytest.raises(DataError, match=rf"{path.name}: not UTF-8 text \(byte 0\)"):
+        with pytest.raises(DataError, match=rf"{path.name}{where}"):
             read_prompts(path)
 
 
@@ -337,7 +338,7 @@ def test_best_of_n_beyond_the_samples_and_an_unknown_reward_are_one_line_errors(
     ("run/.hydra/overrides.yaml", "- a: [", r"overrides.yaml: not Hydra's overrides list"),
     ("run/eval/eval.jsonl", '{"step": 0, "kl": 0.1, "reward": 0.5}\n{"step": 4, "kl"', r"eval.jsonl:2: not valid JSON"),
     ("run/eval/eval.jsonl", '{"step": 0, "reward": 0.5}\n', r"eval.jsonl:1: missing key 'kl'"),
-    ("bon/eval.jsonl", b"\xff\xfe\x00", r"eval.jsonl: not UTF-8 text"),
+    ("bon/eval.jsonl", b"\xff\xfe\x00", r"eval.jsonl:1: not valid UTF-8"),
 ])  # fmt: skip
 def test_dpo_report_names_the_malformed_file_in_one_line(tmp_path, name, content, message):
     """Issue 23: a malformed metrics.csv, eval.jsonl, results.jsonl or overrides file was a raw traceback."""

@@ -30,8 +30,7 @@ from omegaconf import DictConfig
 from dpo.commands.cli import entry
 from dpo.config.schema import BestOfNConfig
 from dpo.config.settings import ConfigError, check_ranges, require_keys
-from dpo.data.sources import DataError
-from dpo.runtime.io import finite_numbers, read_jsonl, write_jsonl
+from dpo.runtime.io import DataError, finite_numbers, read_jsonl, write_jsonl
 from dpo.runtime.log import get_logger
 from dpo.runtime.progress import track
 

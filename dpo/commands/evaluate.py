@@ -33,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.commands.cli import entry
-from dpo.config.schema import EvalConfig, SweepGeneration
+from dpo.config.schema import EvalConfig
 from dpo.config.secrets import redact
 from dpo.config.settings import ConfigError, check_ranges, require_keys, typed
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
@@ -42,6 +42,7 @@ from dpo.evaluation.judges.base import JudgeError
 from dpo.evaluation.win_rate import WinRate, win_rate
 from dpo.models.completions import sample_texts
 from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, resolve
+from dpo.models.sampling import SweepGeneration
 from dpo.report.figures import plot_win_rates
 from dpo.report.wandb_logging import WIN_RATES_TABLE
 from dpo.runtime.io import read_jsonl, read_prompts, write_json, write_jsonl

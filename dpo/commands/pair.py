@@ -21,8 +21,7 @@ from omegaconf import DictConfig
 from dpo.commands.cli import entry
 from dpo.config.schema import PairConfig
 from dpo.config.settings import ConfigError, check_ranges, require_keys
-from dpo.data.sources import DataError
-from dpo.runtime.io import finite_numbers, read_jsonl, write_json, write_jsonl
+from dpo.runtime.io import DataError, finite_numbers, read_jsonl, write_json, write_jsonl
 from dpo.runtime.log import get_logger
 
 log = get_logger(__name__)

@@ -21,7 +21,6 @@ from omegaconf import DictConfig, ListConfig
 from dpo.commands.cli import entry
 from dpo.config.schema import ReportConfig
 from dpo.config.settings import ConfigError, check_ranges, require_keys
-from dpo.data.sources import DataError
 from dpo.report.figures import (
     CURVES,
     find_train_runs,
@@ -31,6 +30,7 @@ from dpo.report.figures import (
     plot_frontier,
     plot_win_rates,
 )
+from dpo.runtime.io import DataError
 
 
 def report(roots: list[Path], out: Path, title: str = "") -> list[Path]:

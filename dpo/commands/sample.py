@@ -18,11 +18,10 @@ from omegaconf import DictConfig, OmegaConf
 from dpo.commands.cli import entry
 from dpo.config.schema import SampleConfig
 from dpo.config.settings import ConfigError, check_ranges, require_keys, typed
-from dpo.data.sources import DataError
 from dpo.models.completions import sample_texts
 from dpo.models.load import ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.models.sampling import GenerationConfig
-from dpo.runtime.io import read_prompts, write_json, write_jsonl
+from dpo.runtime.io import DataError, read_prompts, write_json, write_jsonl
 from dpo.runtime.log import get_logger
 
 log = get_logger(__name__)

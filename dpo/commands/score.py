@@ -17,9 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from dpo.commands.cli import entry
 from dpo.config.schema import ScoreConfig
 from dpo.config.settings import ConfigError, check_ranges, require_keys
-from dpo.data.sources import DataError
 from dpo.rewards.registry import default_device, reward_from_config
-from dpo.runtime.io import read_jsonl, write_json, write_jsonl
+from dpo.runtime.io import DataError, read_jsonl, write_json, write_jsonl
 from dpo.runtime.log import get_logger
 from dpo.runtime.progress import track
 

@@ -48,7 +48,7 @@ from dpo.data.sources import bundled_path
 from dpo.evaluation.judges import JUDGES, Template
 from dpo.maths.losses import LOSSES
 from dpo.models.load import DType, ModelConfig
-from dpo.models.sampling import GenerationConfig, generation_problem
+from dpo.models.sampling import GenerationConfig, SweepGeneration, generation_problem
 from dpo.report.naming import resolve_run_group, resolve_run_label
 from dpo.rewards.registry import REWARDS
 from dpo.systems import SYSTEMS
@@ -110,23 +110,6 @@ class TrainConfig:
     trainer: Any = MISSING
     logger: Any = field(default_factory=dict)
     callbacks: Any = field(default_factory=dict)
-
-
-@dataclass
-class SweepGeneration:
-    """``dpo-eval``'s ``generation``: :class:`GenerationConfig` less the temperature, which
-    ``temperatures`` sweeps (so ``generation.temperature=...`` is refused, not ignored). The defaults
-    are :class:`GenerationConfig`'s; ``conf/eval.yaml`` takes ``max_new_tokens`` and ``stop`` from the
-    data's ``response``."""
-
-    max_new_tokens: int = GenerationConfig.max_new_tokens
-    top_k: int = GenerationConfig.top_k
-    top_p: float = GenerationConfig.top_p
-    stop: list[str] = field(default_factory=list)
-
-    def at(self, temperature: float) -> GenerationConfig:
-        """The sampling settings at one temperature of the sweep."""
-        return GenerationConfig(self.max_new_tokens, temperature, self.top_k, self.top_p, list(self.stop))
 
 
 @dataclass

@@ -28,10 +28,10 @@ from dpo.config.settings import ConfigError, typed
 from dpo.data.batch import Layout
 from dpo.data.datamodule import DataConfig
 from dpo.data.formats import get_format
-from dpo.data.sources import DataError
 from dpo.maths.losses import check_loss_params, get_loss
 from dpo.models.forward import LayoutError, choose_layout
 from dpo.models.load import ModelLoadError, max_positions
+from dpo.runtime.io import DataError
 from dpo.systems import SYSTEMS
 from dpo.systems.base import OptimConfig
 from dpo.systems.dpo import loss_params

@@ -20,10 +20,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from dpo.models.hub import hub_reachable, offline_mode
-
-
-class DataError(ValueError):
-    """A data source, file or row that cannot be used; the message names the source and row."""
+from dpo.runtime.io import DataError, Unreadable, jsonl_records
 
 
 @dataclass(frozen=True)
@@ -41,13 +38,6 @@ class PreferenceRow:
     chosen: str
     rejected: str | None
     where: str
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """Stands in for a record that could not be decoded (bad UTF-8 or JSON)."""
-
-    reason: str
 
 
 @dataclass
@@ -110,7 +100,7 @@ def read_file(path: str | Path) -> Iterator[tuple[str, Any]]:
         if suffix == ".json" and _starts_with(path, b"["):
             yield from _read_json_array(path)
         elif suffix in (".jsonl", ".json"):
-            yield from _read_jsonl(path)
+            yield from jsonl_records(path)
         elif suffix == ".csv":
             with path.open(encoding="utf-8-sig", newline="") as f:
                 for i, rec in enumerate(csv.DictReader(f), start=1):
@@ -146,23 +136,6 @@ def _read_json_array(path: Path) -> Iterator[tuple[str, Any]]:
         raise DataError(f"{path}: not a valid JSON array ({e.msg} at line {e.lineno}); truncated?") from None
     for i, rec in enumerate(items, start=1):
         yield f"{path}:item {i}", rec
-
-
-def _read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}:{lineno}"
-            try:
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield where, Unreadable(f"not valid UTF-8 ({e.reason} at byte {e.start})")
-                continue
-            if not line.strip():
-                continue
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield where, Unreadable(f"not valid JSON ({e.msg}, column {e.colno})")
 
 
 def _local_split_file(folder: Path, split: str) -> Path:

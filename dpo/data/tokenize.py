@@ -29,7 +29,8 @@ from enum import Enum
 
 from transformers import PreTrainedTokenizerBase
 
-from dpo.data.sources import DataError, PreferenceRow
+from dpo.data.sources import PreferenceRow
+from dpo.runtime.io import DataError
 
 
 class TruncationSide(str, Enum):

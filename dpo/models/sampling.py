@@ -67,6 +67,23 @@ class GenerationConfig:
         }  # fmt: skip
 
 
+@dataclass
+class SweepGeneration:
+    """``dpo-eval``'s ``generation``: :class:`GenerationConfig` less the temperature, which
+    ``temperatures`` sweeps (so ``generation.temperature=...`` is refused, not ignored). The defaults
+    are :class:`GenerationConfig`'s; ``conf/eval.yaml`` takes ``max_new_tokens`` and ``stop`` from the
+    data's ``response``."""
+
+    max_new_tokens: int = GenerationConfig.max_new_tokens
+    top_k: int = GenerationConfig.top_k
+    top_p: float = GenerationConfig.top_p
+    stop: list[str] = field(default_factory=list)
+
+    def at(self, temperature: float) -> GenerationConfig:
+        """The sampling settings at one temperature of the sweep."""
+        return GenerationConfig(self.max_new_tokens, temperature, self.top_k, self.top_p, list(self.stop))
+
+
 def check_counts(**counts: tuple[int, int]) -> None:
     """Raise one ``ValueError`` naming every ``key=value`` below its minimum (``key=(value, minimum)``)."""
     problems = [f"{key}={value} must be >= {least}" for key, (value, least) in counts.items() if value < least]

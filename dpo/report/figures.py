@@ -15,9 +15,8 @@ from typing import Any
 
 import yaml
 
-from dpo.data.sources import DataError
 from dpo.report.naming import run_label
-from dpo.runtime.io import atomic_write, read_jsonl
+from dpo.runtime.io import DataError, atomic_write, read_jsonl
 from dpo.systems import SYSTEMS
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",

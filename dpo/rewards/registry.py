@@ -25,8 +25,7 @@ from typing import Any
 
 import torch
 
-from dpo.data.sources import DataError
-from dpo.runtime.io import read_jsonl
+from dpo.runtime.io import DataError, read_jsonl
 from dpo.runtime.log import get_logger
 
 log = get_logger(__name__)

@@ -11,14 +11,24 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
 
-from dpo.data.sources import DataError
+
+class DataError(ValueError):
+    """A data source, file or row that cannot be used; the message names the source and row."""
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in for a record that could not be decoded (bad UTF-8 or JSON)."""
+
+    reason: str
 
 
 @contextmanager
@@ -73,6 +83,40 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it a binary or another encoding?") from None
 
 
+def jsonl_records(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for each non-blank line of a JSONL file, streamed; ``where`` is ``file:line``.
+
+    The one JSONL reader: data sources, the pipeline's files and the judge's cache all read
+    through it. Lines end at ``\n`` only (``str.splitlines`` also splits at U+2028/U+2029/U+0085,
+    which the JSON strings we write with ``ensure_ascii=False`` may hold, e.g. in a completion or a
+    judge's answer). A leading BOM is dropped. A line that is not UTF-8 or not JSON yields
+    :class:`Unreadable`, so each caller decides: refuse, skip, or count.
+
+    Raises:
+        DataError: the file is missing or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    yield where, Unreadable(f"not valid UTF-8 ({e.reason} at byte {e.start})")
+                    continue
+                if not line.strip():
+                    continue
+                try:
+                    yield where, json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield where, Unreadable(f"not valid JSON ({e.msg}, column {e.colno})")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
 def read_jsonl(
     path: str | Path, required: dict[str, type | tuple[type, ...]], allow_empty: bool = False
 ) -> list[dict[str, Any]]:
@@ -83,25 +127,17 @@ def read_jsonl(
         DataError: (a ``ValueError``) naming the file, or ``file:row`` and the key: a missing file,
             bytes that are not UTF-8, malformed JSON, a missing key or a wrong type (a bool is not a number).
     """
-    path = Path(path)
-    text = read_text(path)
     rows = []
-    # Split at newlines only: str.splitlines also splits at U+2028/U+2029/U+0085, which the JSON
-    # strings we write (ensure_ascii=False) may hold, e.g. in a sampled completion.
-    for i, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for where, row in jsonl_records(path):
+        if isinstance(row, Unreadable):
+            raise DataError(f"{where}: {row.reason}")
         if not isinstance(row, dict):
-            raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
         for key, kind in required.items():
             if key not in row:
-                raise DataError(f"{path}:{i}: missing key {key!r}")
+                raise DataError(f"{where}: missing key {key!r}")
             if not isinstance(row[key], kind) or (isinstance(row[key], bool) and bool not in _types(kind)):
-                raise DataError(f"{path}:{i}: {key!r} should be {kind}, got {type(row[key]).__name__}")
+                raise DataError(f"{where}: {key!r} should be {kind}, got {type(row[key]).__name__}")
         rows.append(row)
     if not rows and not allow_empty:
         raise DataError(f"{path}: no rows")

@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dpo.evaluation.judges.base import Comparison, JudgeError, Template, Verdict
+from dpo.runtime.io import jsonl_records
 from dpo.runtime.log import get_logger
 from dpo.runtime.progress import track
 
@@ -64,14 +65,9 @@ class JudgmentCache:
         self.answers: dict[str, str] = {}
         self.lock = threading.Lock()
         if self.path.is_file():
-            # Newlines only: str.splitlines also splits at U+2028/U+0085 inside an answer's JSON string,
-            # which would lose that answer and pay for it again on every rerun.
-            for line in self.path.read_text(encoding="utf-8").split("\n"):
-                try:
-                    row = json.loads(line)
+            for _, row in jsonl_records(self.path):  # splits at "\n" only: a U+2028 in an answer stays in it
+                if isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("output"), str):
                     self.answers[row["key"]] = row["output"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
 
     def get(self, key: str) -> str | None:
         return self.answers.get(key)
