@@ -343,3 +343,15 @@ def test_mistakes_in_several_groups_are_reported_together_by_key(tmp_path, no_we
     for key in ("optim.optimizer.lr=-1", "loss.beta must be > 0", "data.micro_batch_size=0",
                 "data.max_prompt_length (0)"):  # fmt: skip
         assert key in str(error.value), str(error.value)
+
+
+def test_cross_field_mistakes_are_reported_together_by_key(tmp_path, no_weights):
+    """Issue 24: after the range checks, the cross-field checks stopped at the first (the reference),
+    so a run found the model's positions and the batch plan one fix at a time."""
+    cfg = compose_config(["reference=none", "+data.source.options.prefix=3", "+trainer.accumulate_grad_batches=2"],
+                         tmp_path)  # fmt: skip
+    with pytest.raises(ConfigError) as error:
+        train(cfg)
+    for part in ("needs a reference model but reference=none", "options ['prefix'] unknown for format 'fields'",
+                 "accumulate_grad_batches is derived from data.batch_size"):  # fmt: skip
+        assert part in str(error.value), str(error.value)

@@ -51,6 +51,7 @@ from dpo.models.load import DType, ModelConfig
 from dpo.models.sampling import GenerationConfig, SweepGeneration, generation_problem
 from dpo.report.naming import resolve_run_group, resolve_run_label
 from dpo.rewards.registry import REWARDS
+from dpo.runtime.checks import refuse
 from dpo.systems import SYSTEMS
 from dpo.systems.base import GuardConfig, OptimConfig
 from dpo.systems.reference import REFERENCES
@@ -161,22 +162,13 @@ class EvalConfig:
     paths: Any = MISSING
 
     def __post_init__(self) -> None:
-        _problems((
+        refuse((
             ("temperatures", self.temperatures, bool(self.temperatures) and min(self.temperatures) >= 0,
              "a non-empty list of values >= 0"),
             ("n_prompts", self.n_prompts, self.n_prompts >= 1, ">= 1"),
             ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
             ("dtype", self.dtype, self.dtype in {d.value for d in DType}, f"one of {[d.value for d in DType]}"),
         ), generation_problem(self.generation.at(1.0)))  # fmt: skip
-
-
-def _problems(rules: tuple[tuple[str, Any, bool, str], ...], *more: str | None) -> None:
-    """Raise one ``ValueError`` naming every ``key=value`` whose rule fails (``(key, value, ok, rule)``)
-    and every other problem in ``more`` (None: no problem)."""
-    problems = [f"{key}={value!r} must be {rule}" for key, value, ok, rule in rules if not ok]
-    problems += [p for p in more if p]
-    if problems:
-        raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -207,7 +199,7 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         max_prompts = self.prompts.max_prompts  # 0 took every prompt, -1 all but the last
-        _problems((("n", self.n, self.n >= 1, ">= 1"), ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
+        refuse((("n", self.n, self.n >= 1, ">= 1"), ("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),
                    ("prompts.max_prompts", max_prompts, max_prompts is None or max_prompts >= 1,
                     "a whole number >= 1 (null: every prompt)")), generation_problem(self.generation))  # fmt: skip
 
@@ -226,7 +218,7 @@ class ScoreConfig:
     paths: Any = MISSING
 
     def __post_init__(self) -> None:
-        _problems((("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),))
+        refuse((("batch_size", self.batch_size, self.batch_size >= 1, ">= 1"),))
 
 
 @dataclass
@@ -244,7 +236,7 @@ class PairConfig:
     paths: Any = MISSING
 
     def __post_init__(self) -> None:
-        _problems((("min_margin", self.min_margin, self.min_margin >= 0, ">= 0"),
+        refuse((("min_margin", self.min_margin, self.min_margin >= 0, ">= 0"),
                    ("ties", self.ties, self.ties in ("skip", "random"), "skip or random"),
                    ("val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)")))  # fmt: skip
 
@@ -262,7 +254,7 @@ class BestOfNConfig:
     paths: Any = MISSING
 
     def __post_init__(self) -> None:
-        _problems((("ns", self.ns, bool(self.ns) and all(n >= 1 for n in self.ns),
+        refuse((("ns", self.ns, bool(self.ns) and all(n >= 1 for n in self.ns),
                     "a non-empty list of whole numbers >= 1"),))  # fmt: skip
 
 

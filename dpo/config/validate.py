@@ -178,69 +178,87 @@ def is_sharded(trainer: DictConfig) -> bool:
     return isinstance(cls, type) and issubclass(cls, FSDPStrategy | ModelParallelStrategy)
 
 
-def all_at_once(*checks: Callable[[], Any]) -> None:
-    """Run every check; raise one :class:`ConfigError` holding each one's message (a ``ValueError``'s
-    too: the checks name their keys)."""
-    problems = []
+def all_at_once(*checks: Callable[[], Any]) -> list[Any]:
+    """Run every check and return what each returns; if any failed, raise one :class:`ConfigError`
+    holding each failure's message (a ``ValueError``'s too: the checks name their keys)."""
+    problems, results = [], []
     for check in checks:
         try:
-            check()
+            results.append(check())
         except ValueError as e:
             problems.append(str(e))
     if problems:
         raise ConfigError("; ".join(problems))
+    return results
 
 
 def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None = None) -> Plan:
     """Check the composed config against its schema, its targets, itself and the model; return the plan.
 
-    Cross-field checks: the loss's parameters and whether it has the reference it needs; prompt
-    length below total length, total length within the model's positions; the data format gives
-    what the loss needs; the batch divides over devices and accumulation; the layout suits model
-    and strategy. Loads nothing: ``model_config`` and ``model_class`` are the model's
-    transformers config and class (:func:`dpo.models.load.load_config`, no weights); without them the
-    model checks are skipped and the layout is left ``auto``.
+    Three rounds, each reporting every mistake it finds in one message: the schema (missing and
+    unknown keys); each group's targets and range checks; the cross-field checks, which read
+    values the second round has proven in range: the loss has the reference it needs, the system's
+    own checks, total length within the model's positions, the data format gives what the loss
+    needs, the precision, the batch divides over devices and accumulation, the layout suits model
+    and strategy. Loads nothing: ``model_config`` and ``model_class`` are the model's transformers
+    config and class (:func:`dpo.models.load.load_config`, no weights); without them the model
+    checks are skipped and the layout is left ``auto``.
     """
     check_schema(cfg)
     if HydraConfig.initialized():  # the launcher's own schema (e.g. SlurmQueueConf), after `+` overrides
         _check_typed_keys(HydraConfig.get().launcher, "hydra.launcher.")
-    for group in ("trainer", "callbacks", "logger"):
-        check_targets(cfg.get(group), group)
-    check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",))
     system, kind = SYSTEMS[cfg.system.kind], cfg.reference.kind
     try:
         spec = get_loss(cfg.loss.name)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
-    all_at_once(  # each group's own range checks (its schema's __post_init__), every mistake in one message
+    all_at_once(  # each group's targets and own range checks (its schema's __post_init__)
+        *(lambda group=group: check_targets(cfg.get(group), group) for group in ("trainer", "callbacks", "logger")),
+        lambda: check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",)),
         lambda: typed(cfg.system, system.config),  # KL coefficients, clip ranges, GAE, generation
         lambda: typed(cfg.optim, OptimConfig),  # learning rate > 0, warmup >= 0
         lambda: check_loss_params(cfg.loss.name, loss_params(cfg), cfg.loss.nll_weight),  # beta > 0, ...
         lambda: typed(cfg.reference, REFERENCES[kind].Config),  # TR-DPO's sync settings
         lambda: typed(cfg.data, DataConfig),  # batch sizes >= 1, 0 < max_prompt_length < max_length
     )
-    _check_reference(cfg, system, spec.needs_reference)
-    _check_system(cfg, system)
-    data = cfg.data
+    pairs = needs_pairs(cfg)
+    *_, precision, plan, layout = all_at_once(  # the cross-field checks
+        lambda: _check_reference(cfg, system, spec.needs_reference),
+        lambda: _check_system(cfg, system),
+        lambda: _check_positions(cfg.data, model_config),
+        lambda: _check_source(cfg, pairs),
+        lambda: _checked_precision(cfg),
+        lambda: _batch_plan(cfg, system),
+        lambda: _layout(cfg, system, model_class, model_config, pairs),
+    )
+    return dataclasses.replace(plan, layout=layout, precision=precision,
+                               mesh=device_mesh(cfg.trainer, plan.world_size))  # fmt: skip
+
+
+def _check_positions(data: DictConfig, model_config: Any) -> None:
     positions = max_positions(model_config) if model_config is not None else None
     if positions is not None and data.max_length > positions:
         raise ConfigError(
             f"data.max_length={data.max_length} exceeds the model's {positions} positions; lower data.max_length"
         )
-    pairs = needs_pairs(cfg)
-    _check_source(cfg, pairs)
+
+
+def _checked_precision(cfg: DictConfig) -> PrecisionPlan:
     precision = precision_plan(cfg)
     check_update_precision(cfg, precision)
-    plan = _batch_plan(cfg, system)
-    layout = Layout(data.layout)
-    if model_class is not None:
-        try:
-            layout = choose_layout(layout, model_class, model_config, sharded=is_sharded(cfg.trainer),
-                                   pairs=pairs and system.uses_loss)  # fmt: skip
-        except LayoutError as e:
-            raise ConfigError(str(e)) from None
-    return dataclasses.replace(plan, layout=layout, precision=precision,
-                               mesh=device_mesh(cfg.trainer, plan.world_size))  # fmt: skip
+    return precision
+
+
+def _layout(cfg: DictConfig, system: SystemSpec, model_class: type | None, model_config: Any, pairs: bool) -> Layout:
+    """The batch layout: ``data.layout``, or for ``auto`` what the model and strategy allow (needs the model)."""
+    layout = Layout(cfg.data.layout)
+    if model_class is None:
+        return layout
+    try:
+        return choose_layout(layout, model_class, model_config, sharded=is_sharded(cfg.trainer),
+                             pairs=pairs and system.uses_loss)  # fmt: skip
+    except LayoutError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _batch_plan(cfg: DictConfig, system: SystemSpec) -> Plan:

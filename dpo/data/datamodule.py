@@ -23,6 +23,7 @@ from dpo.data.packing import pack_pairs
 from dpo.data.samplers import GlobalBatchSampler, ShardBatches
 from dpo.data.sources import DataError, SourceSpec, source_fingerprint
 from dpo.data.tokenize import PairTokenizer, TokenizedPair, TruncationSide
+from dpo.runtime.checks import refuse
 from dpo.runtime.log import get_logger
 from dpo.runtime.progress import track
 
@@ -94,22 +95,17 @@ class DataConfig:
     def __post_init__(self) -> None:
         """Every out-of-range setting at once, by key (their cross-checks with the world size and the
         model's positions are :func:`dpo.config.validate.validate`'s)."""
-        problems = [f"data.{key}={getattr(self, key)} must be {rule}" for key, ok, rule in (
+        max_rows = getattr(self.source, "max_rows", None)
+        rules = [(key, getattr(self, key), ok, rule) for key, ok, rule in (
             ("batch_size", self.batch_size >= 1, ">= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"),
             ("eval_batch_size", self.eval_batch_size >= 1, ">= 1"),
             ("max_length", self.max_length >= 2, ">= 2 (a prompt token and a response token)"),
             ("num_workers", self.num_workers >= 0, ">= 0"),
-        ) if not ok]  # fmt: skip
-        max_rows = getattr(self.source, "max_rows", None)
-        if max_rows is not None and max_rows < 1:
-            problems.append(f"data.source.max_rows={max_rows} must be >= 1 or null (all rows)")
-        if not 0 < self.max_prompt_length < self.max_length:
-            problems.append(
-                f"need 0 < data.max_prompt_length ({self.max_prompt_length}) < data.max_length ({self.max_length})"
-            )
-        if problems:
-            raise ValueError("; ".join(problems))
+        )] + [("source.max_rows", max_rows, max_rows is None or max_rows >= 1, ">= 1 or null (all rows)")]  # fmt: skip
+        lengths_ok = 0 < self.max_prompt_length < self.max_length
+        refuse(rules, None if lengths_ok else f"need 0 < data.max_prompt_length ({self.max_prompt_length}) < "
+               f"data.max_length ({self.max_length})", prefix="data.")  # fmt: skip
 
 
 class TokenizedDataset(Dataset[TokenizedPair]):

@@ -23,6 +23,7 @@ from transformers.generation import (
 )
 
 from dpo.data.collate import pad_id_of
+from dpo.runtime.checks import refuse
 from dpo.runtime.distributed import rank_share
 from dpo.runtime.progress import track
 
@@ -86,9 +87,7 @@ class SweepGeneration:
 
 def check_counts(**counts: tuple[int, int]) -> None:
     """Raise one ``ValueError`` naming every ``key=value`` below its minimum (``key=(value, minimum)``)."""
-    problems = [f"{key}={value} must be >= {least}" for key, (value, least) in counts.items() if value < least]
-    if problems:
-        raise ValueError("; ".join(problems))
+    refuse((key, value, value >= least, f">= {least}") for key, (value, least) in counts.items())
 
 
 def generation_problem(generation: Any) -> str | None:

@@ -21,6 +21,8 @@ from hydra.utils import instantiate
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
+from dpo.runtime.checks import refuse
+
 
 class Decay(str, Enum):
     """The learning rate after warmup: ``constant``, or ``linear``/``cosine`` to 0 at the last step."""
@@ -47,14 +49,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         """Every out-of-range setting at once, by key (lr=-1 was torch's traceback after the weights loaded)."""
-        problems = []
         lr = self.optimizer.get("lr")
-        if isinstance(lr, bool) or not isinstance(lr, int | float | None) or (lr is not None and not lr > 0):
-            problems.append(f"optim.optimizer.lr={lr} must be a number > 0")
-        if self.warmup_steps < 0:
-            problems.append(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if problems:
-            raise ValueError("; ".join(problems))
+        lr_ok = lr is None or (not isinstance(lr, bool) and isinstance(lr, int | float) and lr > 0)
+        refuse((("optimizer.lr", lr, lr_ok, "a number > 0"), ("warmup_steps", self.warmup_steps,
+                self.warmup_steps >= 0, ">= 0")), prefix="optim.")  # fmt: skip
 
 
 def warmup_schedule(step: int, warmup_steps: int, total_steps: int, decay: str) -> float:

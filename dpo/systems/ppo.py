@@ -33,6 +33,7 @@ from dpo.maths.rl import (
 from dpo.models.completions import completion_batch, completion_texts, score_texts
 from dpo.models.sampling import GenerationConfig, generate, generation_problem
 from dpo.rewards.registry import reward_from_config
+from dpo.runtime.checks import refuse
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System
 from dpo.systems.reference import Reference
@@ -81,7 +82,7 @@ class PPOConfig:
 
     def __post_init__(self) -> None:
         """Every out-of-range setting at once, by key (a wrong sign used to train to the end)."""
-        problems = [f"system.{key}={getattr(self, key)} must be {rule}" for key, ok, rule in (
+        rules = [(key, getattr(self, key), ok, rule) for key, ok, rule in (
             ("samples_per_prompt", self.samples_per_prompt >= 1, ">= 1"),
             ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
             ("minibatch_size", self.minibatch_size >= 1, ">= 1"),
@@ -93,13 +94,11 @@ class PPOConfig:
             ("clip_range", self.clip_range > 0, "> 0"),
             ("clip_range_value", self.clip_range_value > 0, "> 0"),
             ("vf_coef", self.vf_coef >= 0, ">= 0"),
-        ) if not ok]  # fmt: skip
-        if problem := generation_problem(self.generation):  # its own checks, by key
-            problems.append(f"system.{problem}")
-        elif isinstance(self.generation, dict):  # built in Python rather than composed
+        )]  # fmt: skip
+        problem = generation_problem(self.generation)  # its own checks, by key
+        refuse(rules, problem and f"system.{problem}", prefix="system.")
+        if isinstance(self.generation, dict):  # built in Python rather than composed
             self.generation = GenerationConfig(**self.generation)
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 def ppo_steps_per_batch(cfg: Any) -> int:

@@ -34,6 +34,7 @@ from dpo.data import cache
 from dpo.data.batch import ScoredBatch
 from dpo.maths.logprobs import PairLogps, response_lengths
 from dpo.models.forward import score_pairs
+from dpo.runtime.checks import refuse
 from dpo.runtime.io import atomic_write
 from dpo.runtime.log import get_logger
 
@@ -111,12 +112,9 @@ class CopyConfig:
     sync_alpha: float = 1.0
 
     def __post_init__(self) -> None:
-        problems = [f"reference.{key}={value} must be {rule}" for key, value, ok, rule in (
-            ("sync_every", self.sync_every, self.sync_every >= 0, ">= 0 (0: never)"),
-            ("sync_alpha", self.sync_alpha, not self.sync_every or 0 < self.sync_alpha <= 1, "in (0, 1]"),
-        ) if not ok]  # fmt: skip
-        if problems:
-            raise ValueError("; ".join(problems))
+        refuse((("sync_every", self.sync_every, self.sync_every >= 0, ">= 0 (0: never)"),
+                ("sync_alpha", self.sync_alpha, not self.sync_every or 0 < self.sync_alpha <= 1, "in (0, 1]")),
+               prefix="reference.")  # fmt: skip
 
 
 class FrozenCopy(Reference):

@@ -42,6 +42,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dpo.evaluation.judges.base import Comparison, JudgeError, Template, Verdict
+from dpo.runtime.checks import refuse
 from dpo.runtime.io import jsonl_records
 from dpo.runtime.log import get_logger
 from dpo.runtime.progress import track
@@ -128,23 +129,19 @@ class ApiJudge:
 
         def __post_init__(self) -> None:
             """Every mistake at once, by key; the value of ``api_key_env`` is never echoed (a key typed there)."""
-            problems = []
             url = urlparse(str(self.base_url))
-            if url.scheme not in ("http", "https") or not url.netloc:
-                problems.append(f"judge.base_url={self.base_url!r} needs http:// or https:// and a host")
-            if (self.api_key_env or self.require_key) and not ENV_NAME.match(str(self.api_key_env or "")):
-                problems.append("judge.api_key_env must name an environment variable (letters, digits, _), not hold "
-                                "the key itself; its value is not shown")  # fmt: skip
-            if self.orders not in ("random", "both"):
-                problems.append(f"judge.orders={self.orders!r}: choose random or both")
+            rules = [("base_url", self.base_url, url.scheme in ("http", "https") and bool(url.netloc),
+                      "an http:// or https:// URL with a host"),
+                     ("orders", self.orders, self.orders in ("random", "both"), "random or both")]  # fmt: skip
             for key, low, strict in (("temperature", 0, False), ("max_tokens", 1, False), ("max_concurrency", 1, False),
                                      ("max_requests", 1, False), ("timeout_s", 0, True), ("max_retries", 0, False),
                                      ("backoff_s", 0, False), ("max_run_s", 0, True)):  # fmt: skip
                 value = getattr(self, key)
-                if value < low or (strict and value == low):
-                    problems.append(f"judge.{key}={value} must be {'>' if strict else '>='} {low}")
-            if problems:
-                raise ValueError("; ".join(problems))
+                ok = value > low or (not strict and value == low)
+                rules.append((key, value, ok, f"{'>' if strict else '>='} {low}"))
+            key_ok = not (self.api_key_env or self.require_key) or ENV_NAME.match(str(self.api_key_env or ""))
+            refuse(rules, None if key_ok else "judge.api_key_env must name an environment variable (letters, digits, "
+                   "_), not hold the key itself; its value is not shown", prefix="judge.")  # fmt: skip
 
     def __init__(self, config: Config, template: Template, dry_run: bool = False) -> None:
         self.config, self.template = config, template
