@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from dpo.commands.cli import entry
+from dpo.config.preflight import Estimate, PreflightConfig, estimate, model_shape, stand_ins
 from dpo.config.secrets import redact
 from dpo.config.settings import ConfigError, typed
 from dpo.config.validate import USER_ERRORS, Plan, needs_pairs, validate
@@ -51,6 +52,7 @@ from dpo.runtime.log import get_logger
 from dpo.runtime.run import Resume, RunState, check_run_name, check_same_data, plan_resume
 from dpo.systems import SYSTEMS
 from dpo.systems.base import System
+from dpo.systems.reference import LoraConfig
 
 log = get_logger(__name__)
 WANDB_LOGGERS = ("lightning.pytorch.loggers.WandbLogger", "lightning.pytorch.loggers.wandb.WandbLogger")
@@ -310,9 +312,42 @@ def closing_wandb():
             wandb.finish(exit_code=1 if failed else 0)
 
 
+def preflight(cfg: DictConfig) -> Estimate:
+    """Validate ``cfg``, estimate one step's memory and time per rank, log the table; raise
+    :class:`ConfigError` with the table when the total exceeds the device."""
+    pf = typed(cfg.preflight, PreflightConfig)
+    filled = stand_ins(cfg, pf)
+    validate(cfg)
+    model = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
+    model_config = load_config(model)
+    plan = validate(cfg, model_config, causal_lm_class(model_config))
+    system = SYSTEMS[cfg.system.kind]
+    lora = typed(cfg.reference, LoraConfig) if cfg.reference.kind == "lora" else None
+    shape = model_shape(model_config, classifier=system.classifier, lora=lora)
+    per_example = system.sequences_per_example(cfg) if system.sequences_per_example else 1 + needs_pairs(cfg)
+    result = estimate(cfg, plan, shape, pf, per_example)
+    where = f"{plan.world_size} rank(s), {'FSDP2-sharded' if plan.mesh else 'replicated'}"
+    title = (f"preflight: {type(model_config).__name__} {shape.parameters / 1e9:.2f}B parameters "
+             f"({shape.trainable / 1e9:.3g}B trained), {where}, {plan.precision.precision}, "
+             f"micro-batch {plan.micro_batch_size} x accumulation {plan.accumulate_grad_batches}; "
+             f"step time at {pf.mfu:.0%} of {pf.peak_tflops:g} TFLOPS")  # fmt: skip
+    if filled:
+        title += f"\n  (stand-ins, never read: {', '.join(filled)})"
+    table = result.table(title)
+    if not result.fits:
+        raise ConfigError(f"{table}\nthis config does not fit {pf.device_gb:g} GB per device: shard it (trainer=fsdp), "
+                          "lower data.micro_batch_size, set model.gradient_checkpointing=true, or use "
+                          "reference=precomputed")  # fmt: skip
+    log.info(table)
+    return result
+
+
 @entry("train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers."""
+    """Hydra entry point; returns ``cfg.optimized_metric`` for sweepers (nothing after a preflight)."""
+    if cfg.preflight.enabled:
+        preflight(cfg)
+        return None
     return train(cfg).get(cfg.optimized_metric)
 
 

@@ -43,6 +43,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from dpo.config.preflight import PreflightConfig
 from dpo.data.datamodule import DataConfig
 from dpo.data.sources import bundled_path
 from dpo.evaluation.judges import JUDGES, Template
@@ -88,6 +89,8 @@ class TrainConfig:
         run_group: wandb group; sweeps set it so their runs line up in one dashboard.
         guard: what a non-finite loss or gradient, too-small updates and changed data on resume do.
         log_export: upload the ``hf`` export as a wandb model artifact (with a wandb logger).
+        preflight: estimate memory and step time per rank and refuse what cannot fit, instead of
+            training (:mod:`dpo.config.preflight`).
     """
 
     task_name: str = "train"
@@ -99,6 +102,7 @@ class TrainConfig:
     run_group: str | None = None
     guard: GuardConfig = field(default_factory=GuardConfig)
     log_export: bool = False
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
     # The groups: ours carry their own schema (above), third-party ones are checked by target.
     model: Any = MISSING
     data: Any = MISSING

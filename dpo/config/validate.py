@@ -332,7 +332,8 @@ def precision_plan(cfg: DictConfig) -> PrecisionPlan:
 
     trainer = cfg.trainer
     accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    planning = bool(OmegaConf.select(cfg, "preflight.enabled", default=False))  # for GPUs it need not see
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available() and not planning:
         raise ConfigError(
             f"trainer.accelerator={accelerator} but no CUDA device is visible here; "
             "run on a GPU node, or use trainer.accelerator=cpu (trainer=cpu, ddp_cpu or fsdp_cpu)"

@@ -381,4 +381,5 @@ SPEC = SystemSpec(
     describe=describe, family=family,
     shardable=False,  # its value head and rollouts are not sharded yet
     steps_per_batch=ppo_steps_per_batch, manual_steps=True, checkpoint_extras=("value_head.",),
+    sequences_per_example=lambda cfg: cfg.system.samples_per_prompt,
 )  # fmt: skip

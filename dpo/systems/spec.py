@@ -34,6 +34,8 @@ class SystemSpec:
             clips (``trainer.gradient_clip_val`` reaches the system instead).
         classifier: its model (``policy``) is a one-label sequence classifier, not a causal LM.
         checkpoint_extras: name prefixes of its own modules beside the policy in a checkpoint.
+        sequences_per_example: ``cfg -> int``: sequences one example of a micro-batch becomes in its
+            forward (PPO: ``samples_per_prompt`` rollouts); None: 2 for pairs, 1 otherwise.
     """
 
     config: type
@@ -50,3 +52,4 @@ class SystemSpec:
     manual_steps: bool = False
     classifier: bool = False
     checkpoint_extras: tuple[str, ...] = ()
+    sequences_per_example: Callable[[Any], int] | None = None
