@@ -72,7 +72,7 @@ def one(overrides: list[str], out: str) -> dict:
 
     class Probe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            peak["tokens"] = max(peak.get("tokens", 0), int(batch.input_ids.numel()))
+            peak["tokens"] = max(peak.get("tokens", 0), int(batch["input_ids"].numel()))
 
         def on_train_end(self, trainer, pl_module):
             peak["hwm"] = status_kb("VmHWM")
