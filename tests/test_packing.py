@@ -11,6 +11,7 @@ from dpo.data.packing import pack_pairs
 from dpo.data.sources import PreferenceRow
 from dpo.data.tokenize import PairTokenizer
 from dpo.maths.logprobs import scored_kl, scored_logps, sequence_kl, sequence_logps
+from dpo.maths.tiled import HeadInputs
 from dpo.models.forward import attention_for, scored_logits
 from dpo.models.load import ModelConfig
 
@@ -117,11 +118,16 @@ def test_response_only_head_equals_full_forward_in_separate_layout(tiny_model, b
     torch.testing.assert_close(kl, sequence_kl(full, ref, sep["labels"])[:b], atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("layout", ["separate", "shared_prefix", "padding_free"])
-def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout, checkpointing):
+def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout, checkpointing, tiled, monkeypatch):
     """The response-only head and the packed rows give the full-logit path's gradients, not just its
-    values, also when gradient checkpointing recomputes the attention in backward."""
+    values, also when gradient checkpointing recomputes the attention in backward, and when the
+    log-probs are computed in tiles through the head (tiles of 64 logits: 1 token of this
+    vocabulary at a time; :mod:`dpo.maths.tiled`)."""
+    if tiled:
+        monkeypatch.setattr("dpo.maths.tiled.TILE_ELEMENTS", 64)
     pairs, _ = pairs_for(bpe_tokenizer)
     pad = bpe_tokenizer.pad_token_id
     sep = collate(pairs, pad_id=pad)
@@ -139,7 +145,9 @@ def test_gradients_equal_the_full_forward(tiny_model, bpe_tokenizer, layout, che
     batch = sep if layout == "separate" else pack(pairs, pad, layout, tiny_model)
     if checkpointing:
         tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    logps = scored_logps(scored_logits(tiny_model, batch), batch)
+    scored = scored_logits(tiny_model, batch)
+    assert isinstance(scored, HeadInputs) == tiled
+    logps = scored_logps(scored, batch)
     got = grads((logps.chosen - 0.5 * logps.rejected).sum())
     for k, g in expected.items():
         torch.testing.assert_close(got[k], g, atol=1e-5, rtol=1e-4, msg=k)

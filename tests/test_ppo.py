@@ -99,6 +99,30 @@ def test_ppo_raises_a_token_frequency_reward_and_the_kl_grows_from_zero(tmp_path
         assert f"train/ppo/{key}" in last
 
 
+def test_ppo_through_the_head_in_tiles_follows_the_full_logits(tmp_path, monkeypatch):
+    """Tiles of 48 logits (3 tokens of this 16-token vocabulary; dpo.maths.tiled): the same rollouts
+    and updates as with the full logits, to fp32 rounding (sums over a tile's tokens in another order)."""
+
+    def run() -> list[dict[str, float]]:
+        counter = Counter()
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, callbacks=[counter],
+                             default_root_dir=tmp_path)  # fmt: skip
+        torch.manual_seed(0)
+        trainer.fit(tiny_ppo(), train_dataloaders=prompt_loader(2))
+        return counter.logged
+
+    full = run()
+    monkeypatch.setattr("dpo.maths.tiled.TILE_ELEMENTS", 48)
+    tiled = run()
+    assert len(full) == len(tiled) == 2
+    for a, b in zip(full, tiled, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key not in ("train/tokens_per_s", "train/peak_memory_mb"):
+                assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+
+
 def test_the_evaluation_clock_fires_when_a_batch_steps_past_a_multiple(tmp_path):
     """Each batch makes 4 optimizer steps; every_n_steps=6 fires after steps 8 (past 6) and 12."""
     from dpo.systems.base import optimizer_step_ended

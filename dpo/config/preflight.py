@@ -15,7 +15,8 @@ that is still ``???``), and estimates, per rank:
   stores, less dropout masks, which are off here), or the layer inputs alone with gradient
   checkpointing, plus one layer recomputed;
 - the logits: ``rows x T x V`` in the compute dtype, their fp32 upcast and the fp32 log-softmax
-  kept for backward (:mod:`dpo.maths.logprobs`);
+  kept for backward (:mod:`dpo.maths.logprobs`); or, where those exceed a tile and the model is
+  not sharded, one tile's fp32 logits, probabilities and gradient (:mod:`dpo.maths.tiled`);
 - a fixed reserve (CUDA context, NCCL buffers, allocator fragmentation).
 
 It prints the table, the tokens per optimizer step and a step time at ``preflight.mfu`` of
@@ -29,17 +30,15 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo.config.settings import ConfigError
+from dpo.maths.tiled import is_large, tile_tokens
 from dpo.runtime.checks import refuse
 from dpo.runtime.log import get_logger
-
-if TYPE_CHECKING:
-    from dpo.config.validate import Plan
 
 log = get_logger(__name__)
 ARCHITECTURES = Path(__file__).parent.parent / "models" / "architectures"
@@ -106,11 +105,11 @@ class Estimate:
         return sum(self.parts.values())
 
     def table(self, title: str) -> str:
-        lines = [title] + [f"  {name:<46} {value / GB:8.2f} GB" for name, value in self.parts.items()]
-        lines += [f"  {'total per rank':<46} {self.total / GB:8.2f} GB of {self.device_bytes / GB:.0f} GB"
+        lines = [title] + [f"  {name:<54} {value / GB:8.2f} GB" for name, value in self.parts.items()]
+        lines += [f"  {'total per rank':<54} {self.total / GB:8.2f} GB of {self.device_bytes / GB:.0f} GB"
                   f" ({'fits' if self.fits else 'does NOT fit'})",
-                  f"  {'tokens per optimizer step':<46} {self.tokens_per_step:,} (rows padded to data.max_length)",
-                  f"  {'step time':<46} {self.step_seconds:.2f} s "
+                  f"  {'tokens per optimizer step':<54} {self.tokens_per_step:,} (rows padded to data.max_length)",
+                  f"  {'step time':<54} {self.step_seconds:.2f} s "
                   f"({self.step_flops:.3g} FLOPs)"]  # fmt: skip
         return "\n".join(lines)
 
@@ -157,8 +156,9 @@ def model_shape(config: Any, *, classifier: bool, lora: Any = None) -> Shape:
     return Shape(total, trainable, text.num_hidden_layers, hidden, ffn, 0 if classifier else text.vocab_size)
 
 
-def estimate(cfg: DictConfig, plan: Plan, shape: Shape, pf: PreflightConfig, per_example: int) -> Estimate:
+def estimate(cfg: DictConfig, plan: Any, shape: Shape, pf: PreflightConfig, per_example: int) -> Estimate:
     """Per-rank memory of one training step of ``cfg`` (see the module docstring for the model);
+    ``plan``: its :class:`dpo.config.validate.Plan` (validate imports the schema, which imports this);
     ``per_example``: sequences one example of the micro-batch becomes (2 for a pair)."""
     precision = plan.precision
     sharded = plan.mesh is not None
@@ -184,7 +184,11 @@ def estimate(cfg: DictConfig, plan: Plan, shape: Shape, pf: PreflightConfig, per
     else:
         activations = shape.layers * layer_bytes
     parts[f"activations ({rows} rows x {length} tokens)"] = activations
-    parts["logits (model dtype, fp32 copy, log-softmax)"] = tokens * shape.vocab * (compute + 8)
+    if not sharded and is_large(tokens, shape.vocab):  # dpo.models.forward takes the head in tiles
+        tile = tile_tokens(shape.vocab)
+        parts[f"logits, in tiles of {tile} tokens (fp32, softmax, grad)"] = tile * shape.vocab * 12
+    else:
+        parts["logits (model dtype, fp32 copy, log-softmax)"] = tokens * shape.vocab * (compute + 8)
     parts["reserve (CUDA context, NCCL, fragmentation)"] = pf.reserve_gb * GB
     step_tokens = int(cfg.data.batch_size) * per_example * length
     passes = 6 + (2 if cfg.reference.kind in ("copy", "lora") else 0)

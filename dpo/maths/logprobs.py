@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo.data.batch import CHOSEN, IGNORE_INDEX, REJECTED, ScoredBatch
+from dpo.maths.tiled import HeadInputs, tiled_logps, tiled_token_stats
 
 
 class SequenceLogps(NamedTuple):
@@ -90,6 +91,11 @@ def target_logps(logits: Tensor, targets: Tensor) -> Tensor:
     return -F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
 
 
+def head_logps(logits: Tensor | HeadInputs, targets: Tensor) -> Tensor:
+    """log p(target) per position, fp32, from logits (:func:`target_logps`) or a head's inputs (in tiles)."""
+    return tiled_logps(logits, targets) if isinstance(logits, HeadInputs) else target_logps(logits, targets)
+
+
 def sequence_logps(logits: Tensor, labels: Tensor) -> SequenceLogps:
     """Sum and per-token mean of response-token log-probs for each row.
 
@@ -133,11 +139,15 @@ def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, labels: Tensor)
     return (kl * (labels[:, 1:] != IGNORE_INDEX)).sum(-1)
 
 
-def scored_logps(logits: Tensor, batch: ScoredBatch, *, pairs: bool = True, unlikelihood: bool = False) -> PairLogps:
+def scored_logps(
+    logits: Tensor | HeadInputs, batch: ScoredBatch, *, pairs: bool = True, unlikelihood: bool = False
+) -> PairLogps:
     """Per-pair summed log-probs of the chosen and rejected responses, each (B,).
 
     Args:
-        logits: (R, S, V) at the batch's scored positions (:func:`dpo.models.forward.scored_logits`).
+        logits: (R, S, V) at the batch's scored positions, or the head's inputs there, whose
+            log-probs are then computed in tiles (:mod:`dpo.maths.tiled`;
+            :func:`dpo.models.forward.scored_logits` decides).
         batch: its ``score_tgt`` (R, S) token ids, ``score_seg`` (R, S) segment codes,
             ``score_pair`` (R, S) the pair of each token and ``n_pairs`` (``B``). Rows may hold one
             response (separate layout), one pair or several pairs (the shared-prefix layouts).
@@ -152,7 +162,7 @@ def scored_logps(logits: Tensor, batch: ScoredBatch, *, pairs: bool = True, unli
             f"score_pair {tuple(pair.shape)} disagree on (R, S)"
         )
     n_pairs = batch["n_pairs"]
-    logps = target_logps(logits, tgt)  # (R, S)
+    logps = head_logps(logits, tgt)  # (R, S)
     chosen, rejected = seg == CHOSEN, seg == REJECTED
     c_sum = per_pair(logps * chosen, pair, n_pairs)
     c_tok = per_pair(chosen.to(c_sum.dtype), pair, n_pairs)
@@ -179,9 +189,8 @@ def per_pair(values: Tensor, pair: Tensor, n_pairs: int) -> Tensor:
     return values.new_zeros(n_pairs).index_add(0, pair.reshape(-1), values.reshape(-1))
 
 
-def scored_kl(policy_logits: Tensor, reference_logits: Tensor, batch: ScoredBatch) -> Tensor:
-    """:func:`sequence_kl` on scored logits (R, S, V): the KL summed over each pair's chosen tokens, (B,)."""
-    logp = policy_logits.float().log_softmax(-1)
-    logq = reference_logits.float().log_softmax(-1)
-    kl = (logp.exp() * (logp - logq)).sum(-1)  # (R, S)
+def scored_kl(policy_logits: Tensor | HeadInputs, reference_logits: Tensor | HeadInputs, batch: ScoredBatch) -> Tensor:
+    """:func:`sequence_kl` on scored logits (R, S, V) or heads' inputs (tile by tile): the KL summed
+    over each pair's chosen tokens, (B,). No gradient (a metric)."""
+    kl = tiled_token_stats(policy_logits, reference_logits)["kl"]  # (R, S)
     return per_pair(kl * (batch["score_seg"] == CHOSEN), batch["score_pair"], batch["n_pairs"])

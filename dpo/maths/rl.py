@@ -162,12 +162,6 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
     return 1.0 - var_res / var_r.clamp(min=1e-8)
 
 
-def entropy(logits: Tensor) -> Tensor:
-    """(..., V) logits to (...) entropies of the softmax, in fp32."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 class KLController:
     """The KL coefficient: fixed, or adapted towards a target KL (Ziegler et al. 2019, sec. 2.2).
 

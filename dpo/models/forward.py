@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from dpo.data.batch import Layout, ScoredBatch
 from dpo.maths.logprobs import PairLogps, scored_logps
+from dpo.maths.tiled import HeadInputs, is_large
 from dpo.models.attention import NAME as SEGMENT_ATTENTION
 from dpo.models.attention import Segments, supports_segments
 from dpo.runtime.log import get_logger
@@ -62,8 +63,10 @@ def attention_for(layout: Layout) -> str | None:
     return SEGMENT_ATTENTION if layout == Layout.padding_free else None
 
 
-def scored_logits(model: Any, batch: ScoredBatch) -> Tensor:
-    """Logits only at the batch's scored positions: (R, S, V).
+def scored_logits(model: Any, batch: ScoredBatch) -> Tensor | HeadInputs:
+    """Logits only at the batch's scored positions: (R, S, V); or, where ``R x S x V`` logits exceed
+    one tile (:func:`dpo.maths.tiled.is_large`), the head's inputs there, from which the log-probs
+    are computed tile by tile and the full logits never exist.
 
     Runs the model's backbone once over ``input_ids`` (with the batch's 2D padding mask, the
     shared-prefix layout's 4D mask and position ids, or the padding-free layout's ``segments``),
@@ -89,16 +92,35 @@ def scored_logits(model: Any, batch: ScoredBatch) -> Tensor:
     else:
         hidden = inner.base_model(**inputs).last_hidden_state  # (R, T, H)
         pos = score_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (R, S, H)
-        out = inner.get_output_embeddings()(torch.gather(hidden, 1, pos))  # (R, S, V)
+        head = inner.get_output_embeddings()
+        if _tiles_pay(head, score_pos.numel()):
+            out = HeadInputs(torch.gather(hidden, 1, pos), head.weight, head.bias)
+        else:
+            out = head(torch.gather(hidden, 1, pos))  # (R, S, V)
     if segments is not None:
         _check_segments_used(inner.config, segments)
     return out
 
 
+def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, pos: Tensor) -> tuple[Tensor | HeadInputs, Tensor]:
+    """The next-token logits (N, L, V) at positions ``pos`` (N, L) of each row, or the head's inputs
+    there when those logits exceed a tile (as :func:`scored_logits`), and the last hidden states
+    (N, L, H) there (PPO's value head reads them)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = torch.arange(len(input_ids), device=input_ids.device)[:, None]
+    head = inner.get_output_embeddings()
+    if _plain_head(inner.config) and not _is_fsdp(model) and _tiles_pay(head, pos.numel()):
+        hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[rows, pos]
+        return HeadInputs(hidden, head.weight, head.bias), hidden
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.logits[rows, pos], out.hidden_states[-1][rows, pos]
+
+
 def score_pairs(
     model: nn.Module, batch: ScoredBatch, *, pairs: bool = True, unlikelihood: bool = False
-) -> tuple[PairLogps, Tensor]:
-    """Summed response log-probs of ``model`` on a batch, and the (R, S, V) logits they came from.
+) -> tuple[PairLogps, Tensor | HeadInputs]:
+    """Summed response log-probs of ``model`` on a batch, and the (R, S, V) logits they came from
+    (or the head's inputs, :func:`scored_logits`).
 
     ``pairs`` False: an SFT batch (chosen rows only); ``unlikelihood``: also the rejected
     responses' token-level ``log(1 - p)`` (:func:`dpo.maths.logprobs.scored_logps`).
@@ -116,6 +138,12 @@ def _check_segments_used(config: Any, segments: Segments) -> None:
             f"(attention implementation {config._attn_implementation!r}); this model needs "
             "data.layout=shared_prefix"
         )
+
+
+def _tiles_pay(head: nn.Module, tokens: int) -> bool:
+    """The head is a plain ``nn.Linear`` (not a PEFT-adapted one, whose adapter the tiles would skip)
+    and ``tokens`` of its logits exceed a tile (:func:`dpo.maths.tiled.is_large`)."""
+    return type(head) is nn.Linear and is_large(tokens, head.weight.shape[0])
 
 
 def _is_fsdp(model: Any) -> bool:

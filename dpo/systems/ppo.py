@@ -16,13 +16,12 @@ from torch import Tensor, nn
 
 from dpo.config.settings import ConfigError, typed
 from dpo.data.collate import pad_id_of
-from dpo.maths.logprobs import target_logps
+from dpo.maths.logprobs import head_logps, target_logps
 from dpo.maths.rl import (
     KLController,
     Rollout,
     clipped_policy_loss,
     clipped_value_loss,
-    entropy,
     explained_variance,
     gae,
     masked_mean,
@@ -30,7 +29,9 @@ from dpo.maths.rl import (
     shaped_rewards,
     whiten,
 )
+from dpo.maths.tiled import HeadInputs, tiled_token_stats
 from dpo.models.completions import completion_batch, completion_texts, score_texts
+from dpo.models.forward import logits_at
 from dpo.models.sampling import GenerationConfig, generate, generation_problem
 from dpo.rewards.registry import reward_from_config
 from dpo.runtime.checks import refuse
@@ -199,15 +200,14 @@ class PPOModule(System):
             )
         return rollouts // self.cfg.minibatch_size
 
-    def forward_tokens(self, ids: Tensor, mask: Tensor, pos: Tensor, tgt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Policy log-probs of ``tgt`` (N, L), values (N, L) and the (N, L, V) logits at ``pos``."""
-        out = self.policy(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        rows = torch.arange(len(ids), device=ids.device)[:, None]
-        logits = out.logits[rows, pos].float()  # (N, L, V)
-        hidden = out.hidden_states[-1][rows, pos]  # (N, L, H)
+    def forward_tokens(
+        self, ids: Tensor, mask: Tensor, pos: Tensor, tgt: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor | HeadInputs]:
+        """Policy log-probs of ``tgt`` (N, L), values (N, L) and the (N, L, V) logits at ``pos`` (or
+        the head's inputs there, whose log-probs come in tiles: :func:`dpo.models.forward.logits_at`)."""
+        logits, hidden = logits_at(self.policy, ids, mask, pos)  # hidden: (N, L, H)
         values = self.value_head(hidden.to(self.value_head.weight.dtype)).squeeze(-1).float()
-        logps = target_logps(logits, tgt)
-        return logps, values, logits
+        return head_logps(logits, tgt), values, logits
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[int]]) -> tuple[Rollout, int]:
@@ -279,6 +279,8 @@ class PPOModule(System):
                 idx = idx.to(self.device)
                 m = ro.tok_mask[idx]
                 logps, values, logits = self.forward_tokens(ro.ids[idx], ro.mask[idx], ro.pos[idx], ro.tgt[idx])
+                # before the step: a head's inputs hold the head's weight, which the step changes in place
+                ent = masked_mean(tiled_token_stats(logits)["entropy"], m)
                 pg = clipped_policy_loss(logps * m, ro.logps[idx], ro.advantages[idx], m, self.cfg.clip_range)
                 vf = clipped_value_loss(values * m, ro.values[idx], ro.returns[idx], m, self.cfg.clip_range_value)
                 loss = pg.loss + self.cfg.vf_coef * vf
@@ -294,7 +296,7 @@ class PPOModule(System):
                     step = {
                         "loss": loss.detach(), "policy_loss": pg.loss.detach(), "value_loss": vf.detach(),
                         "clip_frac": pg.clip_frac, "approx_kl": pg.approx_kl, "grad_norm": grad_norm,
-                        "entropy": masked_mean(entropy(logits.detach()), m),
+                        "entropy": ent,
                         "explained_variance": explained_variance(values.detach() * m, ro.returns[idx], m),
                     }  # fmt: skip
                 for k, v in step.items():
