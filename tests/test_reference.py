@@ -84,7 +84,12 @@ def test_lora_reference_is_the_base_model_and_export_merges(tmp_path, tiny_model
     with torch.no_grad():
         base_logits = base(input_ids=ids, attention_mask=mask).logits  # (N, T, V)
         pos = batch["score_pos"].unsqueeze(-1).expand(-1, -1, base_logits.shape[-1])  # (N, S, V)
-        torch.testing.assert_close(module.reference.score(batch, policy)[1], torch.gather(base_logits, 1, pos))
+        from dpo.maths.logprobs import scored_logps
+
+        expected = scored_logps(torch.gather(base_logits, 1, pos), batch)  # the base model's own log-probs
+        got = module.reference.score(batch, policy)
+        torch.testing.assert_close(got.chosen, expected.chosen)
+        torch.testing.assert_close(got.rejected, expected.rejected)
         adapted = policy(input_ids=ids, attention_mask=mask).logits
     assert not torch.allclose(adapted, base(input_ids=ids, attention_mask=mask).logits)
     from dpo.models.export import export_pretrained

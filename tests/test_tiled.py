@@ -71,3 +71,22 @@ def test_under_bf16_autocast_the_tiles_compute_as_the_head_would():
         (g_ref,) = torch.autograd.grad(ref.sum(), [hidden])
     torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(g_ours, g_ref, rtol=1e-2, atol=1e-2 * g_ref.abs().max().item())
+
+
+@pytest.mark.parametrize("as_head", [True, False])
+def test_reference_logps_and_kl_in_one_loop_equal_the_full_distributions(as_head):
+    """The reference's pass also measures KL(policy || reference) (dpo.maths.logprobs.scored_logps'
+    ``against``): its log-probs equal target_logps and its KL the full-vocabulary sum, from head
+    inputs (tiles of 8 tokens) or from logits."""
+    from dpo.maths.tiled import logps_and_kl
+
+    hidden, weight, b, targets = head_and_targets()
+    policy_hidden = hidden.detach() + 0.1 * torch.randn_like(hidden)
+    ref, pol = HeadInputs(hidden.detach(), weight.detach(), b.detach()), HeadInputs(policy_hidden, weight.detach(), b)
+    ref_logits = torch.nn.functional.linear(hidden, weight, b).detach()
+    pol_logits = torch.nn.functional.linear(policy_hidden, weight, b).detach()
+    logps, kl = logps_and_kl(ref, targets, pol, tile=8) if as_head else logps_and_kl(ref_logits, targets, pol_logits)
+    logp, logq = pol_logits.log_softmax(-1), ref_logits.log_softmax(-1)
+    torch.testing.assert_close(logps, target_logps(ref_logits, targets), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl, (logp.exp() * (logp - logq)).sum(-1), rtol=1e-4, atol=1e-5)
+    assert (kl >= -1e-5).all()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo.data.batch import CHOSEN, IGNORE_INDEX, REJECTED, ScoredBatch
-from dpo.maths.tiled import HeadInputs, tiled_logps, tiled_token_stats
+from dpo.maths.tiled import HeadInputs, logps_and_kl, tiled_logps, tiled_token_stats
 
 
 class SequenceLogps(NamedTuple):
@@ -41,6 +41,8 @@ class PairLogps(NamedTuple):
         rejected_tokens: (B,) number of rejected response tokens, float.
         rejected_unlikely: (B,) sum over rejected tokens of log(1 - p(token | prefix)), the
             unlikelihood term (Welleck et al. 2019); None unless the loss asked for it.
+        chosen_kl: (B,) exact KL(policy || these log-probs' model) summed over the chosen tokens
+            (the reference's, scored ``against`` the policy: :func:`scored_logps`); else None.
     """
 
     chosen: Tensor
@@ -48,6 +50,7 @@ class PairLogps(NamedTuple):
     chosen_tokens: Tensor
     rejected_tokens: Tensor
     rejected_unlikely: Tensor | None = None
+    chosen_kl: Tensor | None = None
 
     @property
     def chosen_mean(self) -> Tensor:
@@ -140,7 +143,12 @@ def sequence_kl(policy_logits: Tensor, reference_logits: Tensor, labels: Tensor)
 
 
 def scored_logps(
-    logits: Tensor | HeadInputs, batch: ScoredBatch, *, pairs: bool = True, unlikelihood: bool = False
+    logits: Tensor | HeadInputs,
+    batch: ScoredBatch,
+    *,
+    pairs: bool = True,
+    unlikelihood: bool = False,
+    against: Tensor | HeadInputs | None = None,
 ) -> PairLogps:
     """Per-pair summed log-probs of the chosen and rejected responses, each (B,).
 
@@ -154,6 +162,9 @@ def scored_logps(
         pairs: False for SFT batches (chosen rows only): the rejected fields are then empty (0,).
         unlikelihood: also sum ``log(1 - p)`` over rejected tokens (only the unlikelihood loss
             needs it; :attr:`dpo.maths.losses.LossSpec.needs_unlikelihood`).
+        against: the policy's scored logits (or head inputs) when these are the reference's: the
+            exact KL(policy || reference) over the chosen tokens is then summed into ``chosen_kl``,
+            each tile's reference logits made once for both (no gradient; a metric).
     """
     tgt, seg, pair = batch["score_tgt"], batch["score_seg"], batch["score_pair"]
     if logits.shape[:2] != tgt.shape or not tgt.shape == seg.shape == pair.shape:
@@ -162,20 +173,25 @@ def scored_logps(
             f"score_pair {tuple(pair.shape)} disagree on (R, S)"
         )
     n_pairs = batch["n_pairs"]
-    logps = head_logps(logits, tgt)  # (R, S)
+    kl = None
+    if against is not None:
+        logps, kl = logps_and_kl(logits, tgt, against)  # (R, S) each
+    else:
+        logps = head_logps(logits, tgt)  # (R, S)
     chosen, rejected = seg == CHOSEN, seg == REJECTED
     c_sum = per_pair(logps * chosen, pair, n_pairs)
     c_tok = per_pair(chosen.to(c_sum.dtype), pair, n_pairs)
+    c_kl = None if kl is None else per_pair(kl * chosen, pair, n_pairs)
     if not pairs:
         empty = c_sum[:0]
-        return PairLogps(c_sum, empty, c_tok, empty)
+        return PairLogps(c_sum, empty, c_tok, empty, chosen_kl=c_kl)
     unlikely = None
     if unlikelihood:
         # log(1 - p), with 1 - p floored at 1e-5 as in Welleck et al.'s unlikelihood code.
         log1m = torch.log((1.0 - logps.exp()).clamp(min=1e-5))  # (R, S)
         unlikely = per_pair(log1m * rejected, pair, n_pairs)
     r_sum = per_pair(logps * rejected, pair, n_pairs)
-    return PairLogps(c_sum, r_sum, c_tok, per_pair(rejected.to(c_sum.dtype), pair, n_pairs), unlikely)
+    return PairLogps(c_sum, r_sum, c_tok, per_pair(rejected.to(c_sum.dtype), pair, n_pairs), unlikely, c_kl)
 
 
 def response_lengths(batch: ScoredBatch) -> tuple[Tensor, Tensor]:
@@ -192,5 +208,5 @@ def per_pair(values: Tensor, pair: Tensor, n_pairs: int) -> Tensor:
 def scored_kl(policy_logits: Tensor | HeadInputs, reference_logits: Tensor | HeadInputs, batch: ScoredBatch) -> Tensor:
     """:func:`sequence_kl` on scored logits (R, S, V) or heads' inputs (tile by tile): the KL summed
     over each pair's chosen tokens, (B,). No gradient (a metric)."""
-    kl = tiled_token_stats(policy_logits, reference_logits)["kl"]  # (R, S)
+    kl = tiled_token_stats(policy_logits, reference_logits, want=("kl",))["kl"]  # (R, S)
     return per_pair(kl * (batch["score_seg"] == CHOSEN), batch["score_pair"], batch["n_pairs"])

@@ -106,15 +106,23 @@ class _TiledLogps(torch.autograd.Function):
             for start in range(0, hidden.shape[0], ctx.tile):
                 stop = start + ctx.tile
                 h = hidden[start:stop].to(dtype)
-                logits = F.linear(h, w, None if bias is None else bias.to(dtype)).float()  # (t, V)
-                # d log p(y) / d logits = onehot(y) - softmax; times the incoming gradient per token
-                g = -(logits - lse[start:stop, None]).exp_()
-                g.scatter_add_(1, targets[start:stop, None], torch.ones_like(g[:, :1]))
-                g.mul_(grad[start:stop, None])
+                g = F.linear(h, w, None if bias is None else bias.to(dtype)).float()  # (t, V) the logits again
+                # d log p(y) / d logits = onehot(y) - softmax, times the incoming gradient u of each token;
+                # in place over the tile: -u * exp(logits - lse), then +u at the target
+                u = grad[start:stop, None]
+                g.sub_(lse[start:stop, None]).exp_().mul_(-u)
+                g.scatter_add_(1, targets[start:stop, None], u.to(g.dtype))
+                gc = g.to(dtype)
                 if need_h:
-                    grad_h[start:stop] = (g.to(dtype) @ w).to(hidden.dtype)
+                    if dtype == hidden.dtype:
+                        torch.mm(gc, w, out=grad_h[start:stop])
+                    else:
+                        grad_h[start:stop] = (gc @ w).to(hidden.dtype)
                 if need_w:
-                    grad_w += (g.to(dtype).T @ h).float()
+                    if dtype == torch.float32:
+                        grad_w.addmm_(gc.T, h)
+                    else:
+                        grad_w += (gc.T @ h).float()
                 if need_b:
                     grad_b += g.sum(0)
         return (grad_h, grad_w.to(weight.dtype) if need_w else None,
@@ -132,9 +140,34 @@ def tiled_logps(head: HeadInputs, targets: Tensor, tile: int | None = None) -> T
     return _TiledLogps.apply(hidden, head.weight, head.bias, flat, tile).view(targets.shape)
 
 
+@torch.no_grad()
+def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | HeadInputs, tile: int | None = None
+                 ) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """log p(target) under ``head`` (the reference, q) and the exact KL(p || q) of ``against`` (the
+    policy, p) on the same tokens, fp32, no gradient, each shaped like ``targets``: one loop, each
+    tile's reference logits made once for both. ``KL = sum_v p_v (a_v - b_v) - lse(a) + lse(b)``
+    with ``a``, ``b`` the logits of p and q."""
+    flat = targets.reshape(-1)
+    tile = tile or tile_tokens(head.shape[-1])
+    logps = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    kl = torch.empty_like(logps)
+    for start in range(0, flat.shape[0], tile):
+        stop = start + tile
+        b = _rows(head, start, stop)  # (t, V) reference logits
+        a = _rows(against, start, stop)  # (t, V) policy logits
+        lse_b, lse_a = torch.logsumexp(b, -1), torch.logsumexp(a, -1)
+        logps[start:stop] = b.gather(1, flat[start:stop, None]).squeeze(1) - lse_b
+        p = torch.softmax(a, -1)
+        kl[start:stop] = torch.linalg.vecdot(p, a.sub_(b)) - lse_a + lse_b
+    return logps.view(targets.shape), kl.view(targets.shape)
+
+
 def _rows(x: Tensor | HeadInputs, start: int, stop: int) -> Tensor:
     """fp32 logits of flattened tokens ``start:stop`` of full logits or of a head's inputs."""
-    return x.logits(start, stop) if isinstance(x, HeadInputs) else x.reshape(-1, x.shape[-1])[start:stop].float()
+    if isinstance(x, HeadInputs):
+        return x.logits(start, stop)
+    rows = x.reshape(-1, x.shape[-1])[start:stop]
+    return rows.float() if rows.dtype != torch.float32 else rows.clone()  # callers may write into it
 
 
 def is_large(tokens: int, vocab: int) -> bool:
@@ -143,28 +176,37 @@ def is_large(tokens: int, vocab: int) -> bool:
     return tokens * vocab > TILE_ELEMENTS
 
 
+STATS = ("entropy", "sum_p2", "kl")
+
+
 @torch.no_grad()
 def tiled_token_stats(
-    head: Tensor | HeadInputs, other: Tensor | HeadInputs | None = None, tile: int | None = None
+    head: Tensor | HeadInputs,
+    other: Tensor | HeadInputs | None = None,
+    tile: int | None = None,
+    want: tuple[str, ...] = STATS,
 ) -> dict[str, Tensor]:
     """Per-token statistics of the next-token distribution ``p`` of a head's inputs (or of full
-    (..., V) logits), fp32, no gradient, each shaped like the tokens: ``entropy`` (``-sum p log p``),
-    ``sum_p2`` (``sum p^2``, WPO's weight term) and, with ``other`` (a second head on the same
-    tokens: the reference), ``kl`` = KL(p || q) exactly over the vocabulary. One tile of logits at a
-    time."""
+    (..., V) logits), fp32, no gradient, each shaped like the tokens, those in ``want`` only:
+    ``entropy`` (``-sum p log p``), ``sum_p2`` (``sum p^2``, WPO's weight term) and, with ``other``
+    (a second head on the same tokens: the reference), ``kl`` = KL(p || q) exactly over the
+    vocabulary. One tile of logits at a time."""
+    want = tuple(k for k in want if k != "kl" or other is not None)
+    if unknown := set(want) - set(STATS):
+        raise ValueError(f"unknown statistics {sorted(unknown)}; choose from {STATS}")
     shape = head.shape[:-1]
     m = int(torch.tensor(shape).prod()) if shape else 1
     tile = tile or tile_tokens(head.shape[-1])
     device = head.hidden.device if isinstance(head, HeadInputs) else head.device
-    out = {k: torch.empty(m, dtype=torch.float32, device=device) for k in ("entropy", "sum_p2")}
-    if other is not None:
-        out["kl"] = torch.empty(m, dtype=torch.float32, device=device)
+    out = {k: torch.empty(m, dtype=torch.float32, device=device) for k in want}
     for start in range(0, m, tile):
         logp = _rows(head, start, start + tile).log_softmax(-1)  # (t, V)
         p = logp.exp()
-        out["entropy"][start : start + tile] = -(p * logp).sum(-1)
-        out["sum_p2"][start : start + tile] = (p * p).sum(-1)
-        if other is not None:
+        if "entropy" in out:
+            out["entropy"][start : start + tile] = -(p * logp).sum(-1)
+        if "sum_p2" in out:
+            out["sum_p2"][start : start + tile] = (p * p).sum(-1)
+        if "kl" in out:
             logq = _rows(other, start, start + tile).log_softmax(-1)
             out["kl"][start : start + tile] = (p * (logp - logq)).sum(-1)
     return {k: v.view(shape) for k, v in out.items()}

@@ -12,7 +12,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dpo.data.batch import ScoredBatch
-from dpo.maths.logprobs import scored_kl
 from dpo.maths.losses import check_loss_params, compute_loss, get_loss
 from dpo.models.forward import score_pairs
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
@@ -92,10 +91,11 @@ class DPOModule(System):
         policy, policy_logits = score_pairs(
             self.policy, batch, pairs=spec.needs_pairs, unlikelihood=spec.needs_unlikelihood
         )
-        reference = reference_logits = None
+        reference = None
         if spec.needs_reference:
             with torch.no_grad():
-                reference, reference_logits = self.reference.score(batch, self.policy)
+                against = policy_logits.detach()  # the reference's pass also measures the KL to the policy
+                reference = self.reference.score(batch, self.policy, against=against)
         out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.nll_weight)
         loss = out.losses.mean()
 
@@ -115,9 +115,9 @@ class DPOModule(System):
                 f"{stage}/rewards/accuracy": (out.chosen_rewards > out.rejected_rewards).float().mean(),
                 f"{stage}/rewards/margin": (out.chosen_rewards - out.rejected_rewards).mean(),
             }
-        if reference_logits is not None:
+        if reference is not None and reference.chosen_kl is not None:
             # KL(policy || reference) of next-token distributions along the chosen responses.
-            kl = scored_kl(policy_logits.detach(), reference_logits, batch)
+            kl = reference.chosen_kl
             metrics[f"{stage}/kl/chosen"] = kl.mean()
             metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
         return loss, metrics

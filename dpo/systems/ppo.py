@@ -280,7 +280,7 @@ class PPOModule(System):
                 m = ro.tok_mask[idx]
                 logps, values, logits = self.forward_tokens(ro.ids[idx], ro.mask[idx], ro.pos[idx], ro.tgt[idx])
                 # before the step: a head's inputs hold the head's weight, which the step changes in place
-                ent = masked_mean(tiled_token_stats(logits)["entropy"], m)
+                ent = masked_mean(tiled_token_stats(logits, want=("entropy",))["entropy"], m)
                 pg = clipped_policy_loss(logps * m, ro.logps[idx], ro.advantages[idx], m, self.cfg.clip_range)
                 vf = clipped_value_loss(values * m, ro.values[idx], ro.returns[idx], m, self.cfg.clip_range_value)
                 loss = pg.loss + self.cfg.vf_coef * vf

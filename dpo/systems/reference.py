@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from dpo.data import cache
 from dpo.data.batch import ScoredBatch
 from dpo.maths.logprobs import PairLogps, response_lengths
+from dpo.maths.tiled import HeadInputs
 from dpo.models.forward import score_pairs
 from dpo.runtime.checks import refuse
 from dpo.runtime.io import atomic_write
@@ -60,9 +61,10 @@ class Reference(nn.Module):
         super().__init__()
         self.training = False  # eval from the start: Lightning records and restores each module's mode
 
-    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, Tensor | None]:
-        """The reference's summed log-probs of the batch's pairs, and its scored logits (R, S, V) when
-        a model ran (None otherwise). ``policy`` is the system's policy (LoRA's base lives in it)."""
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
+        """The reference's summed log-probs of the batch's pairs; with ``against`` (the policy's scored
+        logits or head inputs) and a model that runs, also the exact KL(policy || reference) over the
+        chosen tokens (``chosen_kl``). ``policy`` is the system's policy (LoRA's base lives in it)."""
         raise ReferenceUnavailable(f"reference={self.kind} gives no log-probs")
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
@@ -137,8 +139,8 @@ class FrozenCopy(Reference):
     def own_models(self) -> list[nn.Module]:
         return [self.model]
 
-    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, Tensor]:
-        return score_pairs(self.model, batch)
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
+        return score_pairs(self.model, batch, against=against)[0]
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -191,9 +193,9 @@ class LoraReference(Reference):
     runs_sequences = True
     Config = LoraConfig
 
-    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, Tensor]:
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
         with policy.disable_adapter():
-            return score_pairs(policy, batch)
+            return score_pairs(policy, batch, against=against)[0]
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
         with policy.disable_adapter():
@@ -245,12 +247,12 @@ class PrecomputedReference(Reference):
         super().__init__()
         self.batch_size, self.cache_dir, self.identity = batch_size, cache_dir, identity
 
-    def score(self, batch: ScoredBatch, policy: nn.Module) -> tuple[PairLogps, None]:
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
         if "ref_logps" not in batch:
             raise ReferenceUnavailable("reference=precomputed but the batch carries no ref_logps")
         ref = batch["ref_logps"]  # (2B,) [chosen; rejected], for the same rows and response tokens
         b = batch["n_pairs"]
-        return PairLogps(ref[:b], ref[b:], *response_lengths(batch)), None
+        return PairLogps(ref[:b], ref[b:], *response_lengths(batch))
 
     def prepare(self, trainer: Any, module: Any, datamodule: Any) -> None:
         """Attach the initial policy's log-probs to every split: from the cache, or computed by a
