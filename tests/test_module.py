@@ -118,3 +118,31 @@ def test_warmup_schedule():
     assert warmup_schedule(575, 150, 1000, "cosine") == pytest.approx(0.5)
     with pytest.raises(ValueError, match="decay"):
         warmup_schedule(500, 150, 1000, "exp")
+
+
+def test_a_step_through_the_head_in_tiles_equals_the_full_logits(tiny_model, bpe_tokenizer, monkeypatch):
+    """Tiles of 3 tokens (dpo.maths.tiled): the loss, every metric (the exact KL measured in the
+    reference's pass included) and the gradients equal the full logits' to fp32 rounding, after a
+    step has moved the policy away from its reference (so the KL is not trivially 0)."""
+    dm = make_datamodule(bpe_tokenizer)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    module = make_module(tiny_model)
+    with torch.no_grad():
+        for p in module.policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+
+    def step():
+        module.zero_grad()
+        loss, metrics = module.shared_step(batch, "train")
+        loss.backward()
+        return metrics, {k: p.grad.clone() for k, p in module.policy.named_parameters()}
+
+    full_metrics, full_grads = step()
+    monkeypatch.setattr("dpo.maths.tiled.TILE_ELEMENTS", 3 * tiny_model.config.vocab_size)
+    tiled_metrics, tiled_grads = step()
+    assert full_metrics["train/kl/chosen"].item() > 1e-4
+    for key, value in full_metrics.items():
+        torch.testing.assert_close(tiled_metrics[key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for key, grad in full_grads.items():
+        torch.testing.assert_close(tiled_grads[key], grad, rtol=1e-5, atol=1e-6 * grad.abs().max().item(), msg=key)
