@@ -156,7 +156,10 @@ def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | H
         b = _rows(head, start, stop)  # (t, V) reference logits
         a = _rows(against, start, stop)  # (t, V) policy logits
         lse_b, lse_a = torch.logsumexp(b, -1), torch.logsumexp(a, -1)
-        logps[start:stop] = b.gather(1, flat[start:stop, None]).squeeze(1) - lse_b
+        if isinstance(head, HeadInputs):  # as tiled_logps computes the policy's
+            logps[start:stop] = b.gather(1, flat[start:stop, None]).squeeze(1) - lse_b
+        else:  # as target_logps computes the policy's from logits: equal log-probs give a loss of exactly ln 2
+            logps[start:stop] = -F.cross_entropy(b, flat[start:stop], reduction="none")
         p = torch.softmax(a, -1)
         kl[start:stop] = torch.linalg.vecdot(p, a.sub_(b)) - lse_a + lse_b
     return logps.view(targets.shape), kl.view(targets.shape)
