@@ -21,14 +21,14 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_cli(out: Path, *overrides: str) -> dict[str, list[float]]:
+def run_cli(out: Path, *overrides: str, env: dict[str, str] | None = None) -> dict[str, list[float]]:
     """Run `dpo-train` in a subprocess (DDP re-launches it), return metric -> per-row values.
 
     The held-out split has 97 pairs: 2 ranks get 48 and 49, 3 and 4 batches of 16, so the first
     rank runs a stand-in batch; every rank's validation batch count is written to ``<out>/counts``.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", DPO_CACHE_DIR=str(out.parent / "cache"),
-               PYTHONPATH=str(Path(__file__).parent))  # fmt: skip
+               PYTHONPATH=str(Path(__file__).parent), **(env or {}))  # fmt: skip
     overrides = (*overrides, "+callbacks.count._target_=tests_helpers.CountValBatches",
                  f"+callbacks.count.out={out / 'counts'}")  # fmt: skip
     proc = subprocess.run(
@@ -126,6 +126,15 @@ def test_resume_mid_epoch_continues_the_same_trajectory(tmp_path, single):
 
 
 @pytest.mark.slow
+def test_fsdp2_through_the_head_in_tiles_equals_one_process(tmp_path, single):
+    """Tiles of 1000 logits (a few tokens of the tiny vocabulary) under FSDP2: the root's forward
+    keeps no logits, the tiles use the head it gathered, FSDP2 reduce-scatters its gradient."""
+    out = tmp_path / "run"
+    tiled = run_cli(out, "trainer=fsdp_cpu", "data.micro_batch_size=4", *EVERY3, env={"DPO_TILE_ELEMENTS": "1000"})
+    assert any("through the LM head in tiles" in f.read_text() for f in out.glob("*.log"))
+    assert_same_trajectory(tiled, single[1])
+
+
 def test_resume_from_a_sharded_fsdp_checkpoint(tmp_path, fsdp):
     """Resume from the FSDP2 run's step-3 distributed checkpoint (a folder) under FSDP2."""
     ckpt = fsdp[0] / "checkpoints" / "step000003.ckpt"

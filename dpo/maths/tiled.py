@@ -21,14 +21,17 @@ Shapes: ``M`` tokens, ``H`` hidden size, ``V`` vocabulary.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-TILE_ELEMENTS = 1 << 25
-"""Logit entries per tile (32M: 128 MB in fp32): ``V = 128k`` gives 256 tokens per tile."""
+TILE_ELEMENTS = int(os.environ.get("DPO_TILE_ELEMENTS", 1 << 25))
+"""Logit entries per tile (32M: 128 MB in fp32): ``V = 128k`` gives 256 tokens per tile; logits
+larger than one tile are computed in tiles. The environment variable ``DPO_TILE_ELEMENTS`` sets it
+(smaller: leaner steps; the tests set it small to run the tiles on tiny models)."""
 
 
 def tile_tokens(vocab: int) -> int:

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dpo.data.batch import Layout, ScoredBatch
 from dpo.maths.logprobs import PairLogps, scored_logps
-from dpo.maths.tiled import HeadInputs, is_large
+from dpo.maths.tiled import HeadInputs, is_large, tile_tokens
 from dpo.models.attention import NAME as SEGMENT_ATTENTION
 from dpo.models.attention import Segments, supports_segments
 from dpo.runtime.log import get_logger
@@ -73,8 +73,9 @@ def scored_logits(model: Any, batch: ScoredBatch) -> Tensor | HeadInputs:
     gathers the hidden states at ``score_pos`` and applies the LM head there alone, so the head
     and log-softmax never touch prompt positions: the same numbers as the full forward, with less
     work (the head is a large share of a small model's FLOPs). Models whose logits are more than
-    ``head(hidden)`` (soft-capping, a logit scale), and FSDP2-sharded models, take the full
-    forward, then the gather.
+    ``head(hidden)`` (soft-capping, a logit scale) take the full forward, then the gather; so do
+    FSDP2-sharded models, unless tiles pay: then the full forward keeps no logits
+    (``logits_to_keep``) and the tiles run on the head the root's forward gathered.
     """
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: adapters stay active
     mask = batch["attention_mask"]  # (R, T) padding mask, or (R, 1, T, T) bool when packed
@@ -86,13 +87,25 @@ def scored_logits(model: Any, batch: ScoredBatch) -> Tensor | HeadInputs:
     if "segments" in batch:  # padding-free: attention pair by pair (dpo.models.attention)
         segments = inputs["segments"] = Segments(batch["segments"].tolist())
     score_pos = batch["score_pos"]  # (R, S)
-    if not _plain_head(inner.config) or _is_fsdp(model):
+    head = inner.get_output_embeddings()
+    if _is_fsdp(model) and _plain_head(inner.config) and _tiles_pay(head, score_pos.numel()) and _keeps_logits(inner):
+        # FSDP2 gathers the root's parameters (the head's among them) in the root's forward and, for the
+        # root, keeps them gathered until backward (torch 2.13: reshard_after_forward is False for the
+        # root); so the forward runs whole but keeps no logits, and the tiles use the gathered head, whose
+        # gradient FSDP2 reduce-scatters with the rest (tests/test_scale.py: FSDP2 equals one process).
+        hidden = model(**inputs, output_hidden_states=True,
+                       logits_to_keep=torch.zeros(0, dtype=torch.long, device=score_pos.device)).hidden_states[-1]
+        pos = score_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (R, S, H)
+        if type(head.weight).__name__ == "DTensor":
+            raise RuntimeError("the LM head is still sharded after the root's forward (reshard_after_forward "
+                               "set on the root?); set DPO_TILE_ELEMENTS high to take the full logits")  # fmt: skip
+        out = HeadInputs(torch.gather(hidden, 1, pos), head.weight, head.bias)
+    elif not _plain_head(inner.config) or _is_fsdp(model):
         logits = model(**inputs).logits  # (R, T, V)
         out = torch.gather(logits, 1, score_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     else:
         hidden = inner.base_model(**inputs).last_hidden_state  # (R, T, H)
         pos = score_pos.unsqueeze(-1).expand(-1, -1, hidden.shape[-1])  # (R, S, H)
-        head = inner.get_output_embeddings()
         if _tiles_pay(head, score_pos.numel()):
             out = HeadInputs(torch.gather(hidden, 1, pos), head.weight, head.bias)
         else:
@@ -144,8 +157,23 @@ def _check_segments_used(config: Any, segments: Segments) -> None:
 
 def _tiles_pay(head: nn.Module, tokens: int) -> bool:
     """The head is a plain ``nn.Linear`` (not a PEFT-adapted one, whose adapter the tiles would skip)
-    and ``tokens`` of its logits exceed a tile (:func:`dpo.maths.tiled.is_large`)."""
-    return type(head) is nn.Linear and is_large(tokens, head.weight.shape[0])
+    and ``tokens`` of its logits exceed a tile (:func:`dpo.maths.tiled.is_large`). Says so once."""
+    pays = type(head) is nn.Linear and is_large(tokens, head.weight.shape[0])
+    if pays and not _said_tiles:
+        _said_tiles.append(True)
+        log.info(f"log-probs through the LM head in tiles of {tile_tokens(head.weight.shape[0])} tokens "
+                 "(the batch's logits exceed one tile; dpo.maths.tiled)")  # fmt: skip
+    return pays
+
+
+_said_tiles: list[bool] = []  # the tiles are announced once per process
+
+
+def _keeps_logits(model: Any) -> bool:
+    """The model's forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50)."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
 def _is_fsdp(model: Any) -> bool:
