@@ -15,8 +15,8 @@ that is still ``???``), and estimates, per rank:
   stores, less dropout masks, which are off here), or the layer inputs alone with gradient
   checkpointing, plus one layer recomputed;
 - the logits: ``rows x T x V`` in the compute dtype, their fp32 upcast and the fp32 log-softmax
-  kept for backward (:mod:`dpo.maths.logprobs`); or, where those exceed a tile and the model is
-  not sharded, one tile's fp32 logits, probabilities and gradient (:mod:`dpo.maths.tiled`);
+  kept for backward (:mod:`dpo.maths.logprobs`); or, where those exceed a tile, one tile's fp32
+  logits, probabilities and gradient (:mod:`dpo.maths.tiled`);
 - a fixed reserve (CUDA context, NCCL buffers, allocator fragmentation).
 
 It prints the table, the tokens per optimizer step and a step time at ``preflight.mfu`` of
@@ -184,7 +184,7 @@ def estimate(cfg: DictConfig, plan: Any, shape: Shape, pf: PreflightConfig, per_
     else:
         activations = shape.layers * layer_bytes
     parts[f"activations ({rows} rows x {length} tokens)"] = activations
-    if not sharded and is_large(tokens, shape.vocab):  # dpo.models.forward takes the head in tiles
+    if is_large(tokens, shape.vocab):  # dpo.models.forward takes the head in tiles (FSDP2 too)
         tile = tile_tokens(shape.vocab)
         parts[f"logits, in tiles of {tile} tokens (fp32, softmax, grad)"] = tile * shape.vocab * 12
     else:
