@@ -2,8 +2,9 @@
 
 Each case runs `dpo-train` in a fresh process for 3 optimizer steps on the CPU (fp32, one rank)
 and reads the process's peak resident memory during training (VmHWM, reset when training starts,
-read when it ends), less its resident memory after the imports (VmRSS before the config is composed). The estimate is `dpo.config.preflight.estimate` of the same config, with no
-reserve (a CPU has no CUDA context). The error is (estimate - measured) / measured.
+read when it ends), less its resident memory after the imports (VmRSS before the config is
+composed). The estimate is `dpo.config.preflight.estimate` of the same config, with no reserve (a
+CPU has no CUDA context). The error is (estimate - measured) / measured.
 
     python experiments/preflight/check_estimate.py            # every case, the table on stdout
 
