@@ -65,19 +65,46 @@ def test_greedy_tokens_equal_generate_with_rows_ending_at_different_steps(arch, 
     assert len(set(map(len, got))) > 1 and got[0][-1] == eos  # rows did end early, at different steps
 
 
-@ARCHS
-@pytest.mark.parametrize("gen", [GenerationConfig(max_new_tokens=16, temperature=1.0),
-                                 GenerationConfig(max_new_tokens=16, temperature=0.7, top_k=50, top_p=0.9)],
+@pytest.mark.parametrize("gen", [GenerationConfig(max_new_tokens=1, temperature=1.0),
+                                 GenerationConfig(max_new_tokens=1, temperature=0.7, top_k=50, top_p=0.9)],
                          ids=["T1", "T0.7-topk-topp"])  # fmt: skip
-def test_sampled_tokens_equal_generate_with_the_same_seed(arch, gen, bpe_tokenizer):
-    """One multinomial draw over the whole batch per step, as generate draws: the same stream, even
-    after rows have left the batch."""
+def test_sampled_tokens_follow_the_warped_softmax(gen, bpe_tokenizer):
+    """20000 draws of one prompt's first token: each token's frequency is within 5 binomial standard
+    deviations (+1e-4) of its probability under generate's warpers, and no masked token is drawn.
+    The draw is an inverse CDF (dpo.models.sampling._pick), not generate's multinomial, so only the
+    distribution is compared; a 5-sigma bound over 512 tokens fails by chance with probability below
+    1e-3 for any seed, so it holds on any CPU whose rounding moves a draw or two."""
+    from dpo.models.sampling import _warpers
+
+    model = build(GPT2, bpe_tokenizer)
+    prompt = bpe_tokenizer("The film was")["input_ids"]
+    n = 20000
+    torch.manual_seed(0)
+    got = generate(model, [prompt] * n, gen, 0, None, batch_size=n)
+    counts = torch.bincount(torch.tensor([row[0] for row in got]), minlength=model.config.vocab_size).double()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt])).logits[:, -1].float()
+    probs = torch.softmax(_warpers(gen)(None, logits.clone()), -1)[0].double()
+    sigma = (probs * (1 - probs) / n).sqrt()
+    assert ((counts / n - probs).abs() <= 5 * sigma + 1e-4).all()
+    assert counts[probs == 0].sum() == 0 and (probs == 0).any() == (gen.top_k > 0)
+
+
+@ARCHS
+def test_a_rows_draws_do_not_depend_on_when_the_others_end(arch, bpe_tokenizer):
+    """One uniform per row of the batch every step, ended rows included: with an EOS that ends rows at
+    different steps, every row's tokens are its tokens without that EOS, up to where it ends."""
     model = build(arch, bpe_tokenizer)
     prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
-    eos = mid_eos(model, prompts, gen, 0)
-    got, want = same_as_generate(model, prompts, gen, 0, eos)
-    assert got == want
-    assert len(set(map(len, got))) > 1
+    gen = GenerationConfig(max_new_tokens=16, temperature=0.7, top_k=50, top_p=0.9)
+    torch.manual_seed(0)
+    free = generate(model, prompts, gen, 0, None, batch_size=len(prompts))
+    eos = next(t for t in free[0][2:8] if any(t not in row for row in free[1:]))
+    torch.manual_seed(0)
+    got = generate(model, prompts, gen, 0, eos, batch_size=len(prompts))
+    assert len(set(map(len, got))) > 1  # rows did end at different steps
+    for row, row_free in zip(got, free, strict=True):
+        assert row == row_free[: len(row)] and (row[-1] == eos or len(row) == 16)
 
 
 @ARCHS
@@ -125,7 +152,7 @@ def test_a_stop_string_ends_its_row_and_leaves_the_others_as_they_were(bpe_token
 
 def test_a_lora_policy_samples_with_its_adapter_as_generate_does(bpe_tokenizer):
     """A PEFT-wrapped policy (reference=lora): the adapter is active while sampling, the head still
-    runs on the last position only, and the sampled tokens are generate's."""
+    runs on the last position only, and the greedy tokens are generate's."""
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(build(LLAMA, bpe_tokenizer), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -134,12 +161,12 @@ def test_a_lora_policy_samples_with_its_adapter_as_generate_does(bpe_tokenizer):
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     prompts = [bpe_tokenizer(t)["input_ids"] for t in TEXTS]
-    gen = GenerationConfig(max_new_tokens=12, temperature=1.0)
-    got, want = same_as_generate(model, prompts, gen, 0, None)
+    gen = GenerationConfig(max_new_tokens=12, temperature=0)
+    eos = model.config.eos_token_id  # generate stops there whether told or not
+    got, want = same_as_generate(model, prompts, gen, 0, eos)
     assert got == want
     with model.disable_adapter():
-        torch.manual_seed(0)
-        assert generate(model, prompts, gen, 0, None, batch_size=4) != got
+        assert generate(model, prompts, gen, 0, eos, batch_size=4) != got
 
 
 def test_batches_are_decoded_in_order_of_the_prompts(bpe_tokenizer):

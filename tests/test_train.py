@@ -187,13 +187,15 @@ def test_ten_step_tiny_run_reproduces_its_pinned_losses(tmp_path, variant):
 # The other systems' few-step trajectories (issue 24), recorded on 2026-12-07 at 3ccfa27 before the
 # system-object refactor: PPO's per-iteration loss, reward, exact KL and value loss over 3 iterations
 # (24 optimizer steps), and the reward model's per-step loss and held-out metrics over 10 steps.
+# PPO's were pinned again on 2026-12-07 when the decode loop's draw became an inverse CDF (issue 25:
+# the same distribution, other draws; before: loss -0.0999297, -0.1099738, -0.1041144).
 PINNED_SYSTEMS = {
     "ppo": (["system=ppo", "trainer.max_steps=24", "data.batch_size=8", "data.micro_batch_size=8",
              "system.minibatch_size=4"], {
-        "train/loss": [-0.0999297, -0.1099738, -0.1041144],
-        "train/ppo/reward": [0.1839125, 0.1129375, 0.185375],
-        "train/ppo/kl": [0.0, 0.422582, 0.6824477],
-        "train/ppo/value_loss": [0.0151435, 0.0449649, 0.0135811],
+        "train/loss": [-0.1021436, -0.1165951, -0.1044427],
+        "train/ppo/reward": [0.0657125, 0.2236, 0.142],
+        "train/ppo/kl": [0.0, 0.5119049, 0.9600223],
+        "train/ppo/value_loss": [0.0202791, 0.0391924, 0.019547],
     }, {}),
     "reward_model": (["system=reward_model", "callbacks.samples=null", "trainer.max_steps=10", "data.batch_size=16",
                       "data.micro_batch_size=16"], {

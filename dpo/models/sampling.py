@@ -209,10 +209,10 @@ def sample_completions(
 
     Our own decode loop over the model's forward and a ``DynamicCache`` (Hugging Face ``generate``
     is the reference it is tested against): a row that ends (EOS or a stop string) leaves the
-    batch, so later steps run on the rows still going. What is drawn is ``generate``'s: the same
-    temperature, top-k and top-p warpers, and at every step one ``torch.multinomial`` draw over all
-    rows of the batch (ended rows hold a placeholder), so with the same seed and batch a prompt
-    draws the same random numbers as under ``generate``. Only the configured sampling applies, never
+    batch, so later steps run on the rows still going. What is drawn follows ``generate``'s
+    distribution: the same temperature, top-k and top-p warpers, then an inverse-CDF draw
+    (:func:`_pick`; greedy decoding gives ``generate``'s tokens, sampled decoding its distribution,
+    not its draws). Only the configured sampling applies, never
     defaults stored with the model (``generation_config.json``).
     """
     if gen.stop and tokenizer is None:
@@ -305,14 +305,18 @@ def _decode(
 
 
 def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going: Tensor, n: int, pad_id: int) -> Tensor:
-    """Next token of each cache row: greedy without ``warp``, else one multinomial draw over all ``n``
-    rows of the batch, as ``generate`` draws (rows not going get a placeholder; their draws are unused)."""
+    """Next token of each cache row: greedy without ``warp``, else an inverse-CDF draw from the warped
+    softmax: one uniform per row of the batch (``n`` every step, rows that ended included, so a row's
+    draws never depend on when the others end), the first token whose cumulative probability exceeds
+    it. One ``rand`` and one ``cumsum`` instead of ``torch.multinomial`` (which cost a fifth of a
+    batch-64 step on a CPU); the distribution is the same, the draws differ from ``generate``'s."""
     if warp is None:
         return logits.argmax(-1)
     probs = torch.softmax(warp(None, logits.clone()) if warp else logits, -1)  # (R, V); logits stay raw
-    if len(rows) == n and bool(going.all()):
-        return torch.multinomial(probs, 1)[:, 0]
-    full = torch.zeros(n, probs.shape[-1], device=probs.device, dtype=probs.dtype)
-    full[:, pad_id] = 1.0
-    full[rows[going]] = probs[going]
-    return torch.multinomial(full, 1)[rows, 0]
+    u = torch.rand(n, device=probs.device, dtype=probs.dtype)[rows]  # (R,) this row's uniform of the step
+    cdf = probs.cumsum(-1)  # (R, V)
+    total = cdf[:, -1:]
+    # below the total: u * total rounds to the total when u is within 2**-24 of 1, which would pass the
+    # last token with probability > 0 and land on a masked one
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
