@@ -9,7 +9,8 @@ CPU has no CUDA context). The error is (estimate - measured) / measured.
     python experiments/preflight/check_estimate.py            # every case, the table on stdout
 
 What a CPU peak holds that the estimate does not: the tokenizer, data and Python objects (tens of
-MB), glibc's arenas keeping freed blocks, and the reference forward's transient logits. What the
+MB), and the reference forward's transient logits; glibc is told to hand freed blocks of 128 KB or
+more back at once (MALLOC_MMAP_THRESHOLD_), so the resident size follows what is allocated. What the
 preflight holds that a run may not reach: every row padded to data.max_length (the bundled reviews
 are shorter). So the table gives the estimate twice: as the preflight prints it (the bound), and
 at the length the run's largest batch had (the formula's own error).
@@ -103,7 +104,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             code = f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); " \
                    f"import check_estimate as c; print('RESULT', json.dumps(c.one({overrides!r}, {out!r})))"
-            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            # glibc returns a freed block of 128 KB or more to the system at once, so the resident size
+            # follows what is allocated (by default freed arenas stay resident: loading's garbage counted)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         line = next((x for x in run.stdout.splitlines() if x.startswith("RESULT ")), None)
         if line is None:
             sys.exit(f"{name} failed:\n{run.stderr[-3000:]}")
