@@ -131,13 +131,23 @@ def packed_matmul_seconds(model, batch: int, reps: int = 5) -> float:
     return (time.perf_counter() - start) / reps
 
 
-def draw_seconds(batch: int, vocab: int, reps: int = 10) -> float:
-    """Seconds of one step's draw alone: softmax and ``torch.multinomial`` over ``batch`` x ``vocab``."""
+def draw_seconds(batch: int, vocab: int, reps: int = 10, multinomial: bool = False) -> float:
+    """Seconds of one step's draw alone over ``batch`` x ``vocab``: ours (softmax, then the inverse-CDF
+    draw of ``dpo.models.sampling._pick``) or ``generate``'s (softmax and ``torch.multinomial``)."""
+    from dpo.models.sampling import _pick
+
     logits = torch.randn(batch, vocab)
-    torch.multinomial(torch.softmax(logits, -1), 1)
+    rows, going = torch.arange(batch), torch.ones(batch, dtype=torch.bool)
+
+    def draw():
+        if multinomial:
+            return torch.multinomial(torch.softmax(logits, -1), 1)
+        return _pick(logits, [], rows, going, batch, 0)
+
+    draw()
     start = time.perf_counter()
     for _ in range(reps):
-        torch.multinomial(torch.softmax(logits, -1), 1)
+        draw()
     return (time.perf_counter() - start) / reps
 
 
