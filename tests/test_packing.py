@@ -10,7 +10,7 @@ from dpo.data.collate import collate
 from dpo.data.packing import pack_pairs
 from dpo.data.sources import PreferenceRow
 from dpo.data.tokenize import PairTokenizer
-from dpo.maths.logprobs import scored_kl, scored_logps, sequence_kl, sequence_logps
+from dpo.maths.logprobs import scored_logps, sequence_kl, sequence_logps
 from dpo.maths.tiled import HeadInputs
 from dpo.models.forward import attention_for, scored_logits
 from dpo.models.load import ModelConfig
@@ -61,7 +61,7 @@ def test_packed_logps_equal_separate_layout(tiny_model, bpe_tokenizer, attn, sid
     assert logits.shape[1] == (sum(responses) if layout == "padding_free" else max(responses))
     if layout == "padding_free":  # one row, not one token of padding
         assert packed["input_ids"].shape == (1, sum(len(p.prompt_ids) for p in pairs) + sum(responses))
-    assert scored_kl(logits, logits, packed).abs().max() == 0
+    assert scored_logps(logits, packed, against=logits).chosen_kl.abs().max() == 0
     assert sequence_kl(sep_logits, ref_logits, sep["labels"]).shape == (2 * b,)
 
 
@@ -114,7 +114,7 @@ def test_response_only_head_equals_full_forward_in_separate_layout(tiny_model, b
         assert logps.rejected.shape == logps.rejected_tokens.shape == (0,)
     # The KL on scored positions equals the full-logit KL (ref logits gathered at the same places).
     pos = sep["score_pos"].unsqueeze(-1).expand(-1, -1, full.shape[-1])
-    kl = scored_kl(logits, torch.gather(ref, 1, pos), sep)
+    kl = scored_logps(torch.gather(ref, 1, pos), sep, pairs=pairs, against=logits).chosen_kl  # reference's pass
     torch.testing.assert_close(kl, sequence_kl(full, ref, sep["labels"])[:b], atol=1e-4, rtol=1e-5)
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo.data.batch import CHOSEN, IGNORE_INDEX, REJECTED, ScoredBatch
-from dpo.maths.tiled import HeadInputs, logps_and_kl, tiled_logps, tiled_token_stats
+from dpo.maths.tiled import HeadInputs, logps_and_kl, tiled_logps
 
 
 class SequenceLogps(NamedTuple):
@@ -203,10 +203,3 @@ def response_lengths(batch: ScoredBatch) -> tuple[Tensor, Tensor]:
 def per_pair(values: Tensor, pair: Tensor, n_pairs: int) -> Tensor:
     """Sum (R, S) per-token ``values`` into (B,) by each token's pair index."""
     return values.new_zeros(n_pairs).index_add(0, pair.reshape(-1), values.reshape(-1))
-
-
-def scored_kl(policy_logits: Tensor | HeadInputs, reference_logits: Tensor | HeadInputs, batch: ScoredBatch) -> Tensor:
-    """:func:`sequence_kl` on scored logits (R, S, V) or heads' inputs (tile by tile): the KL summed
-    over each pair's chosen tokens, (B,). No gradient (a metric)."""
-    kl = tiled_token_stats(policy_logits, reference_logits, want=("kl",))["kl"]  # (R, S)
-    return per_pair(kl * (batch["score_seg"] == CHOSEN), batch["score_pair"], batch["n_pairs"])

@@ -164,7 +164,7 @@ def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | H
         else:  # as target_logps computes the policy's from logits: equal log-probs give a loss of exactly ln 2
             logps[start:stop] = -F.cross_entropy(b, flat[start:stop], reduction="none")
         p = torch.softmax(a, -1)
-        kl[start:stop] = torch.linalg.vecdot(p, a.sub_(b)) - lse_a + lse_b
+        kl[start:stop] = torch.linalg.vecdot(p, a - b) - lse_a + lse_b
     return logps.view(targets.shape), kl.view(targets.shape)
 
 
@@ -172,8 +172,7 @@ def _rows(x: Tensor | HeadInputs, start: int, stop: int) -> Tensor:
     """fp32 logits of flattened tokens ``start:stop`` of full logits or of a head's inputs."""
     if isinstance(x, HeadInputs):
         return x.logits(start, stop)
-    rows = x.reshape(-1, x.shape[-1])[start:stop]
-    return rows.float() if rows.dtype != torch.float32 else rows.clone()  # callers may write into it
+    return x.reshape(-1, x.shape[-1])[start:stop].float()
 
 
 def is_large(tokens: int, vocab: int) -> bool:

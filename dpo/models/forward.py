@@ -7,6 +7,8 @@ maths on the resulting logits is :mod:`dpo.maths.logprobs`'.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 import torch
@@ -88,7 +90,8 @@ def scored_logits(model: Any, batch: ScoredBatch) -> Tensor | HeadInputs:
         segments = inputs["segments"] = Segments(batch["segments"].tolist())
     score_pos = batch["score_pos"]  # (R, S)
     head = inner.get_output_embeddings()
-    if _is_fsdp(model) and _plain_head(inner.config) and _tiles_pay(head, score_pos.numel()) and _keeps_logits(inner):
+    fsdp = _is_fsdp(model)
+    if fsdp and _plain_head(inner.config) and _tiles_pay(head, score_pos.numel()) and takes_logits_to_keep(inner):
         # FSDP2 gathers the root's parameters (the head's among them) in the root's forward and, for the
         # root, keeps them gathered until backward (torch 2.13: reshard_after_forward is False for the
         # root); so the forward runs whole but keeps no logits, and the tiles use the gathered head, whose
@@ -100,7 +103,7 @@ def scored_logits(model: Any, batch: ScoredBatch) -> Tensor | HeadInputs:
             raise RuntimeError("the LM head is still sharded after the root's forward (reshard_after_forward "
                                "set on the root?); set DPO_TILE_ELEMENTS high to take the full logits")  # fmt: skip
         out = HeadInputs(torch.gather(hidden, 1, pos), head.weight, head.bias)
-    elif not _plain_head(inner.config) or _is_fsdp(model):
+    elif not _plain_head(inner.config) or fsdp:
         logits = model(**inputs).logits  # (R, T, V)
         out = torch.gather(logits, 1, score_pos.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
     else:
@@ -159,20 +162,20 @@ def _tiles_pay(head: nn.Module, tokens: int) -> bool:
     """The head is a plain ``nn.Linear`` (not a PEFT-adapted one, whose adapter the tiles would skip)
     and ``tokens`` of its logits exceed a tile (:func:`dpo.maths.tiled.is_large`). Says so once."""
     pays = type(head) is nn.Linear and is_large(tokens, head.weight.shape[0])
-    if pays and not _said_tiles:
-        _said_tiles.append(True)
-        log.info(f"log-probs through the LM head in tiles of {tile_tokens(head.weight.shape[0])} tokens "
-                 "(the batch's logits exceed one tile; dpo.maths.tiled)")  # fmt: skip
+    if pays:
+        _announce_tiles(tile_tokens(head.weight.shape[0]))
     return pays
 
 
-_said_tiles: list[bool] = []  # the tiles are announced once per process
+@functools.cache
+def _announce_tiles(tile: int) -> None:
+    log.info(f"log-probs through the LM head in tiles of {tile} tokens (the batch's logits exceed one tile; "
+             "dpo.maths.tiled)")  # fmt: skip
 
 
-def _keeps_logits(model: Any) -> bool:
-    """The model's forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50)."""
-    import inspect
-
+def takes_logits_to_keep(model: Any) -> bool:
+    """The model's forward takes ``logits_to_keep`` (transformers' causal LMs since 4.50): the decode
+    loop asks for the last position's logits only, the tiles under FSDP2 for none."""
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 

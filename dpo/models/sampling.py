@@ -7,7 +7,6 @@ Shapes: ``N`` sequences, ``P`` prompt tokens (left-padded), ``L`` generated toke
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from transformers.generation import (
 )
 
 from dpo.data.collate import pad_id_of
+from dpo.models.forward import takes_logits_to_keep
 from dpo.runtime.checks import refuse
 from dpo.runtime.distributed import rank_share
 from dpo.runtime.progress import track
@@ -268,7 +268,7 @@ def _decode(
     """
     n = ids.shape[0]
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(inner.forward).parameters else {}
+    keep_last = {"logits_to_keep": 1} if takes_logits_to_keep(inner) else {}
     cache = DynamicCache(config=inner.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding shifts each row's positions
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
