@@ -90,3 +90,10 @@ def test_reference_logps_and_kl_in_one_loop_equal_the_full_distributions(as_head
     torch.testing.assert_close(logps, target_logps(ref_logits, targets), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(kl, (logp.exp() * (logp - logq)).sum(-1), rtol=1e-4, atol=1e-5)
     assert (kl >= -1e-5).all()
+    # only where asked (the chosen tokens): the same values there, 0 elsewhere
+    where = torch.rand(targets.shape) < 0.5
+    where.view(-1)[:8] = False  # a whole tile with nothing asked
+    args = (ref, targets, pol) if as_head else (ref_logits, targets, pol_logits)
+    logps_there, kl_there = logps_and_kl(*args, where=where, tile=8)
+    torch.testing.assert_close(logps_there, logps, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(kl_there, torch.where(where, kl, 0.0), rtol=1e-5, atol=1e-6)

@@ -175,7 +175,7 @@ def scored_logps(
     n_pairs = batch["n_pairs"]
     kl = None
     if against is not None:
-        logps, kl = logps_and_kl(logits, tgt, against)  # (R, S) each
+        logps, kl = logps_and_kl(logits, tgt, against, where=seg == CHOSEN)  # (R, S) each
     else:
         logps = head_logps(logits, tgt)  # (R, S)
     chosen, rejected = seg == CHOSEN, seg == REJECTED

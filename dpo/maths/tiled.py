@@ -79,21 +79,58 @@ def _tile_logits(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)).float()
 
 
+class _Scratch:
+    """One (tile, V) fp32 buffer (and one in the compute dtype when that is not fp32) that every
+    tile of a loop writes its logits into: a loop allocates them once instead of once per tile (on
+    a CPU a fresh tile-sized tensor is page-faulted in on first touch, which cost more than the
+    tile's matmul)."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, count: int = 1):
+        self.fp32 = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(count)]
+        self.low = None if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
+        self.dtype = dtype
+
+    def logits(self, hidden: Tensor, weight: Tensor, bias: Tensor | None, slot: int = 0) -> Tensor:
+        """fp32 (m, V) logits of ``hidden`` (m, H) in buffer ``slot``: the head's matmul in the compute dtype."""
+        m, out = hidden.shape[0], self.fp32[slot][: hidden.shape[0]]
+        with torch.autocast(hidden.device.type, enabled=False):
+            h, w = hidden.to(self.dtype), weight.to(self.dtype)
+            target = out if self.low is None else self.low[:m]
+            if bias is None:
+                torch.mm(h, w.T, out=target)
+            else:  # as F.linear: the bias added inside the product, rounded once
+                torch.addmm(bias.to(self.dtype), h, w.T, out=target)
+            if self.low is not None:
+                out.copy_(target)
+        return out
+
+
+def _lse_in_place(logits: Tensor) -> Tensor:
+    """log-sum-exp of each row of fp32 ``logits`` (t, V), max-shifted as ``torch.logsumexp``; the
+    rows are overwritten with ``exp(logits - max)``."""
+    top = logits.amax(-1, keepdim=True)  # (t, 1)
+    top.masked_fill_(~torch.isfinite(top), 0.0)  # rows of -inf (or inf) as torch.logsumexp treats them
+    total = logits.sub_(top).exp_().sum(-1)
+    return total.log_().add_(top[:, 0])
+
+
 class _TiledLogps(torch.autograd.Function):
     """log p(target) per token from hidden states and the head, tile by tile, forward and backward."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, tile: int) -> Tensor:
         m = hidden.shape[0]
+        dtype = _compute_dtype(hidden)
         logps = torch.empty(m, dtype=torch.float32, device=hidden.device)
         lse = torch.empty_like(logps)
+        scratch = _Scratch(min(tile, m), weight.shape[0], dtype, hidden.device)
         for start in range(0, m, tile):
-            logits = _tile_logits(hidden[start : start + tile], weight, bias)  # (t, V) fp32
-            lse[start : start + tile] = torch.logsumexp(logits, -1)
+            logits = scratch.logits(hidden[start : start + tile], weight, bias)  # (t, V) fp32
             chosen = logits.gather(1, targets[start : start + tile, None]).squeeze(1)
+            lse[start : start + tile] = _lse_in_place(logits)
             logps[start : start + tile] = chosen - lse[start : start + tile]
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.tile, ctx.dtype = tile, _compute_dtype(hidden)
+        ctx.tile, ctx.dtype = tile, dtype
         return logps
 
     @staticmethod
@@ -104,18 +141,23 @@ class _TiledLogps(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        scratch = _Scratch(min(ctx.tile, hidden.shape[0]), weight.shape[0], dtype, hidden.device)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             for start in range(0, hidden.shape[0], ctx.tile):
                 stop = start + ctx.tile
                 h = hidden[start:stop].to(dtype)
-                g = F.linear(h, w, None if bias is None else bias.to(dtype)).float()  # (t, V) the logits again
+                g = scratch.logits(h, w, bias)  # (t, V) the logits again
                 # d log p(y) / d logits = onehot(y) - softmax, times the incoming gradient u of each token;
                 # in place over the tile: -u * exp(logits - lse), then +u at the target
                 u = grad[start:stop, None]
                 g.sub_(lse[start:stop, None]).exp_().mul_(-u)
                 g.scatter_add_(1, targets[start:stop, None], u.to(g.dtype))
-                gc = g.to(dtype)
+                if scratch.low is None:
+                    gc = g
+                else:
+                    gc = scratch.low[: g.shape[0]]
+                    gc.copy_(g)
                 if need_h:
                     if dtype == hidden.dtype:
                         torch.mm(gc, w, out=grad_h[start:stop])
@@ -144,35 +186,71 @@ def tiled_logps(head: HeadInputs, targets: Tensor, tile: int | None = None) -> T
 
 
 @torch.no_grad()
-def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | HeadInputs, tile: int | None = None
-                 ) -> tuple[Tensor, Tensor]:  # fmt: skip
+def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | HeadInputs, where: Tensor | None = None,
+                 tile: int | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """log p(target) under ``head`` (the reference, q) and the exact KL(p || q) of ``against`` (the
     policy, p) on the same tokens, fp32, no gradient, each shaped like ``targets``: one loop, each
     tile's reference logits made once for both. ``KL = sum_v p_v (a_v - b_v) - lse(a) + lse(b)``
-    with ``a``, ``b`` the logits of p and q."""
+    with ``a``, ``b`` the logits of p and q. ``where`` (bool, shaped like ``targets``): measure the
+    KL only there (0 elsewhere), so the policy's logits are made only for those tokens."""
     flat = targets.reshape(-1)
-    tile = tile or tile_tokens(head.shape[-1])
-    logps = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
-    kl = torch.empty_like(logps)
-    for start in range(0, flat.shape[0], tile):
-        stop = start + tile
-        b = _rows(head, start, stop)  # (t, V) reference logits
-        a = _rows(against, start, stop)  # (t, V) policy logits
-        lse_b, lse_a = torch.logsumexp(b, -1), torch.logsumexp(a, -1)
+    m, vocab = flat.shape[0], head.shape[-1]
+    tile = tile or tile_tokens(vocab)
+    wanted = None if where is None else where.reshape(-1)
+    logps = torch.empty(m, dtype=torch.float32, device=flat.device)
+    kl = torch.zeros_like(logps)
+    source = head if isinstance(head, HeadInputs) else against if isinstance(against, HeadInputs) else None
+    dtype = _compute_dtype(source.hidden) if source is not None else torch.float32
+    scratch = _Scratch(min(tile, m), vocab, dtype, flat.device, count=3)  # reference, policy, work
+    for start in range(0, m, tile):
+        stop = min(start + tile, m)
+        b = _rows(head, start, stop, scratch if isinstance(head, HeadInputs) else None)  # (t, V) reference logits
+        work = scratch.fp32[2][: stop - start]
+        top = b.amax(-1, keepdim=True)
+        lse_b = torch.sub(b, top, out=work).exp_().sum(-1).log_().add_(top[:, 0])
         if isinstance(head, HeadInputs):  # as tiled_logps computes the policy's
             logps[start:stop] = b.gather(1, flat[start:stop, None]).squeeze(1) - lse_b
         else:  # as target_logps computes the policy's from logits: equal log-probs give a loss of exactly ln 2
             logps[start:stop] = -F.cross_entropy(b, flat[start:stop], reduction="none")
-        p = torch.softmax(a, -1)
-        kl[start:stop] = torch.linalg.vecdot(p, a - b) - lse_a + lse_b
+        rows = None if wanted is None else wanted[start:stop].nonzero()[:, 0]
+        if rows is not None and rows.numel() == 0:
+            continue
+        a = _rows(against, start, stop, scratch, 1, rows)  # (k, V) policy logits of the wanted tokens
+        diff = work[: a.shape[0]]
+        if rows is None:
+            torch.sub(b, a, out=diff)
+        else:
+            torch.index_select(b, 0, rows, out=diff).sub_(a)  # b - a
+            lse_b = lse_b[rows]
+        lse_a = _lse_in_place(a)  # a now holds exp(a - max), its sum exp(lse_a - max)
+        total = a.sum(-1)
+        # sum_v p_v (a_v - b_v) = -(exp(a - max) . (b - a)) / sum exp(a - max), a batched dot (no (k, V) product)
+        mean_diff = torch.bmm(a[:, None, :], diff[:, :, None])[:, 0, 0] / total
+        values = -mean_diff - lse_a + lse_b
+        if rows is None:
+            kl[start:stop] = values
+        else:
+            kl[start:stop].index_copy_(0, rows, values)
     return logps.view(targets.shape), kl.view(targets.shape)
 
 
-def _rows(x: Tensor | HeadInputs, start: int, stop: int) -> Tensor:
-    """fp32 logits of flattened tokens ``start:stop`` of full logits or of a head's inputs."""
+def _rows(x: Tensor | HeadInputs, start: int, stop: int, scratch: _Scratch | None = None, slot: int = 0,
+          rows: Tensor | None = None) -> Tensor:  # fmt: skip
+    """fp32 logits of flattened tokens ``start:stop`` (of those ``rows`` among them) of full logits
+    or of a head's inputs; into ``scratch``'s buffer ``slot`` when given (a copy: the caller may
+    overwrite it), else full logits' own rows where they are fp32 already."""
     if isinstance(x, HeadInputs):
-        return x.logits(start, stop)
-    return x.reshape(-1, x.shape[-1])[start:stop].float()
+        hidden = x.hidden.reshape(-1, x.hidden.shape[-1])[start:stop]
+        hidden = hidden if rows is None else hidden[rows]
+        if scratch is None:
+            return _tile_logits(hidden, x.weight, x.bias)
+        return scratch.logits(hidden, x.weight, x.bias, slot)
+    flat = x.reshape(-1, x.shape[-1])[start:stop]
+    flat = flat if rows is None else flat[rows]
+    if scratch is None:
+        return flat.float()
+    out = scratch.fp32[slot][: flat.shape[0]]
+    return out.copy_(flat)
 
 
 def is_large(tokens: int, vocab: int) -> bool:
