@@ -206,3 +206,37 @@ def test_synced_ranks_run_the_same_number_of_forward_passes(bpe_tokenizer):
     counts = mp.Manager().dict()
     mp.spawn(_synced_worker, args=(2, "29533", bpe_tokenizer, counts), nprocs=2)
     assert counts[0] == (10, 1) and counts[1] == (10, 10)
+
+
+@ARCHS
+def test_packed_weights_compute_the_layers_products_and_are_restored(arch, bpe_tokenizer):
+    """While decoding on a CPU, every nn.Linear (GPT-2: Conv1D) multiplies with its weight packed for oneDNN
+    (dpo.models.packed): the logits equal the plain layers' to float rounding (1e-5 relative:
+    another kernel's summation order over 32-64 products), and the layers are plain again after."""
+    from dpo.models.packed import _is_linear, packed_linears
+
+    model = build(arch, bpe_tokenizer)
+    ids, mask = left_pad([bpe_tokenizer(t)["input_ids"] for t in TEXTS], 0)
+    linears = [m for m in model.modules() if _is_linear(m)]
+    assert len(linears) >= 2 * 4 + 1, "each block's attention and MLP, and the head"
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+        with packed_linears(model, len(TEXTS)) as packed:
+            assert packed and all("forward" in vars(m) for m in linears)
+            got = model(input_ids=ids, attention_mask=mask).logits
+        assert not any("forward" in vars(m) for m in linears)
+        again = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(again, want)
+
+
+def test_packing_stays_off_under_autocast_and_for_other_dtypes(bpe_tokenizer):
+    """Under autocast nn.Linear multiplies in the autocast dtype and the packed product would not;
+    fp16 weights have no packed CPU kernel here: both decode with the plain layers."""
+    from dpo.models.packed import packed_linears
+
+    model = build(GPT2, bpe_tokenizer)
+    with torch.autocast("cpu", dtype=torch.bfloat16), packed_linears(model, 4) as packed:
+        assert not packed
+    with packed_linears(model.half(), 4) as packed:
+        assert not packed

