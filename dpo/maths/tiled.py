@@ -7,8 +7,10 @@ tile by tile (``tile_tokens(V)`` tokens at a time): each tile's logits are made 
 states and the head's weight, reduced to one log-sum-exp and one target logit per token, and
 dropped. Backward recomputes each tile's logits and softmax from the saved hidden states, weight
 and log-sum-exps (the gradient of ``log p(y)`` with respect to the logits is ``onehot(y) - p``), so
-the peak holds one tile's logits instead of all of them. The same idea as TRL 1.16's fused LM
-head (``trl/trainer/utils.py``) and Liger's fused linear cross-entropy.
+the peak holds one tile's logits instead of all of them. Every tile of a loop is written into
+one buffer allocated once (:class:`_Scratch`), and the softmax work is done in place there. The
+same idea as TRL 1.16's fused LM head (``trl/trainer/utils.py``) and Liger's fused linear
+cross-entropy.
 
 Numbers: each tile's logits are the same matmul as the head's on those rows, then a fp32
 log-softmax, so per-token log-probs agree with :func:`dpo.maths.logprobs.target_logps` of the full
