@@ -154,7 +154,7 @@ class ClassifierReward:
 def hf_classifier(
     pretrained: str,
     positive_label: str | int = "POSITIVE",
-    output: str = "logit",
+    output: str = "prob",
     batch_size: int = 32,
     max_length: int = 512,
     device: str = "auto",
@@ -167,8 +167,10 @@ def hf_classifier(
     Args:
         pretrained: hub id or local directory (paper: ``siebert/sentiment-roberta-large-english``).
         positive_label: the positive class's name in ``config.id2label`` or its index.
-        output: ``logit`` (the positive logit), ``prob`` (softmax probability) or ``margin``
-            (positive logit minus the largest other logit).
+        output: ``prob`` (the softmax probability of the positive class: the paper's IMDB reward,
+            whose Fig. 2 axis runs between about 0.4 and 1), ``logit`` (the positive logit; pairs
+            ranked by it are not ranked as by the probability) or ``margin`` (positive logit minus
+            the largest other logit).
         device: ``auto``: built on the CPU and placed by its user (the evaluation callback puts it
             on its rank's device; ``dpo-score`` on the GPU if there is one); or a device name.
         token: hub token for a gated model; give it as ``${oc.env:HF_TOKEN}``, never literally
