@@ -126,6 +126,11 @@ def shrink(cfg: DictConfig, exported_tiny: str | None = None) -> DictConfig:
         if source.path is not None and not Path(source.path).is_dir():
             source.path = str(FIXTURES / FIXTURE_FOR_FORMAT[source.format])
             source.name = source.data_dir = None
+        evaluation = (cfg.get("callbacks") or {}).get("reward_eval")
+        if evaluation is not None and evaluation.get("prompt_source") is not None:  # IMDB's test split: the fixture
+            prompts = evaluation.prompt_source
+            if prompts.path is not None and not Path(prompts.path).is_dir():
+                prompts.path = str(FIXTURES / FIXTURE_FOR_FORMAT[prompts.format])
         if cfg.get("reward") is not None and cfg.reward.name == "hf_classifier":  # the paper's RoBERTa: a hub model
             cfg.reward = OmegaConf.structured(reward_schema("vader"))
         cfg.trainer.accelerator = "cpu"

@@ -80,3 +80,53 @@ def test_reward_kl_eval_logs_reward_and_exact_kl(tmp_path, loss):
     assert len(samples) == 6 and all(s["kl"] >= 0 for s in samples)
     logged = list(csv.DictReader((tmp_path / "csv" / "metrics.csv").open()))
     assert sum(1 for r in logged if r.get("eval/kl")) == 3
+
+
+def test_evaluation_prompts_come_from_a_data_source_when_one_is_given(tmp_path, bpe_tokenizer):
+    """callbacks.reward_eval.prompt_source (experiment=imdb_dpo: IMDB's test split, 2-8 token
+    prefixes, as the authors evaluated): the evaluation samples those prompts, read when the
+    callback is built and tokenized as the pairs' prompts, not the held-out pairs' prompts."""
+    from conftest import FIXTURES
+    from dpo.data.formats import load_rows
+    from dpo.data.sources import SourceSpec
+    from dpo.evaluation.reward_kl import RewardKLEval
+    from dpo.runtime.io import DataError
+
+    options = {"prefix_unit": "tokens", "prefix_min_words": 2, "prefix_max_words": 8, "seed": 0, "strip_html": True}
+    source = {"format": "imdb", "path": str(FIXTURES / "imdb"), "splits": {"test": "test"}, "options": options}
+    callback = RewardKLEval(str(tmp_path), {"name": "vader"}, n_prompts=2, prompt_source=source,
+                            tokenizer=bpe_tokenizer)  # fmt: skip
+    rows, _ = load_rows(SourceSpec(**source), "test", tokenizer=bpe_tokenizer)
+    assert callback.prompt_texts == list(dict.fromkeys(r.prompt for r in rows))[:2]
+    with pytest.raises(DataError, match=r"prompt_split='validation': prompt_source.splits has \['test'\]"):
+        RewardKLEval(str(tmp_path), {"name": "vader"}, prompt_source=source, prompt_split="validation",
+                     tokenizer=bpe_tokenizer)  # fmt: skip
+
+    cfg = shrink(compose_config([*FAST, "callbacks=reward_eval", "trainer.max_steps=1",
+                                 "callbacks.reward_eval.n_prompts=2",
+                                 "callbacks.reward_eval.generation.max_new_tokens=3",
+                                 "callbacks.reward_eval.prompt_source=" + json.dumps(source).replace('"', ""),
+                                 "callbacks.reward_eval.prompt_split=test"], tmp_path))  # fmt: skip
+    train(cfg)
+    samples = [json.loads(x) for x in (tmp_path / "eval" / "step000000.jsonl").read_text().splitlines()]
+    reviews = [" ".join((r.prompt + r.chosen).split()) for r in load_rows(SourceSpec(**{**source, "options": {}}),
+                                                                          "test")[0]]  # fmt: skip
+    prompts = {" ".join(s["prompt"].split()) for s in samples}
+    assert len(prompts) == 2 and all(any(r.startswith(p) for r in reviews) for p in prompts), prompts
+
+
+def test_the_paper_scale_imdb_experiments_score_the_classifier_probability(tmp_path):
+    """The paper's IMDB reward is the classifier's probability of the positive class (Fig. 2's axis
+    runs from about 0.4 to 1): the evaluation's reward, PPO-GT's and dpo-score's hf_classifier."""
+    from hydra import compose, initialize_config_dir
+
+    from conftest import CONF_DIR
+
+    for name in ("imdb_dpo", "imdb_baselines", "imdb_ppo_gt"):
+        cfg = compose_config([f"experiment={name}"], tmp_path)
+        assert cfg.callbacks.reward_eval.reward.output == "prob", name
+        assert cfg.reward.output == "prob", name
+    assert compose_config(["experiment=imdb_ppo_gt"], tmp_path).system.reward is None  # PPO-GT: the reward group
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        score = compose("score", overrides=["reward=hf_classifier"])
+    assert score.reward.output == "prob"

@@ -82,6 +82,25 @@ def test_imdb_prefixes_are_2_to_8_words_and_deterministic():
     assert [r.prompt for r in other] != [r.prompt for r in rows]
 
 
+def test_imdb_token_prefixes_are_2_to_8_tokens_of_the_tokenizer(bpe_tokenizer):
+    """prefix_unit=tokens (the paper's App. C.1: prefixes of 2-8 tokens): the prompt is the first k
+    tokens of the review's encoding, decoded; prompt + response give the review back."""
+    rows, report = load_rows(spec("imdb", "imdb", prefix_unit="tokens"), "train", tokenizer=bpe_tokenizer)
+    assert len(rows) >= 3
+    for row in rows:
+        k = len(bpe_tokenizer(row.prompt, add_special_tokens=False)["input_ids"])
+        assert 2 <= k <= 8, row.prompt
+        assert not row.prompt.endswith(" ") and row.chosen.strip() and "<br" not in row.chosen
+    words, _ = load_rows(spec("imdb", "imdb"), "train")
+    for row, whole in zip(rows, words, strict=True):  # the same reviews, cut elsewhere
+        assert (row.prompt + row.chosen).split() == (whole.prompt + whole.chosen).split()
+    assert [r.prompt for r in rows] != [r.prompt for r in words]
+    with pytest.raises(DataError, match="prefix_unit=tokens needs the tokenizer"):
+        load_rows(spec("imdb", "imdb", prefix_unit="tokens"), "train")
+    with pytest.raises(DataError, match="prefix_unit must be words or tokens"):
+        load_rows(spec("imdb", "imdb", prefix_unit="chars"), "train")
+
+
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -105,3 +105,45 @@ def test_best_of_n_writes_the_picked_completions_for_dpo_eval(tmp_path):
         ("best_of_2", "P1", "b", 0.7), ("best_of_2", "P2", "d", 0.7),
         ("best_of_3", "P1", "b", 0.7), ("best_of_3", "P2", "d", 0.7),
     ]  # fmt: skip
+
+
+def test_a_monitored_checkpoint_callback_keeps_measures_and_exports_the_best(tmp_path):
+    """callbacks.model_checkpoint.monitor (imdb_rm: val/rm/accuracy, max; App. C.1 keeps the best
+    validation checkpoint): the summary's held-out metrics and the hf export are the best
+    checkpoint's, not the last's. Monitoring val/loss with mode=max makes the best the first
+    validation's (the loss falls as it trains), so best and last differ."""
+    from safetensors.torch import load_file
+
+    overrides = [*FAST, "system=reward_model", "callbacks.samples=null", "trainer.max_steps=12",
+                 "data.batch_size=16", "data.micro_batch_size=16", "data.source.max_rows=null",
+                 "trainer.val_check_interval=4", "trainer.limit_val_batches=2", "trainer.check_val_every_n_epoch=null",
+                 "callbacks.model_checkpoint.monitor=val/loss", "callbacks.model_checkpoint.mode=max",
+                 "callbacks.model_checkpoint.save_top_k=1"]  # fmt: skip
+    cfg = compose_config(overrides, tmp_path)
+    after = train(cfg)
+    checkpoints = tmp_path / "checkpoints"
+    best = sorted(p for p in checkpoints.glob("step*.ckpt"))
+    assert [p.name for p in best] == ["step000004.ckpt"], list(checkpoints.iterdir())
+    saved = torch.load(best[0], map_location="cpu", weights_only=True)
+    recorded = [v["best_model_score"] for v in saved["callbacks"].values() if "best_model_score" in v]
+    assert after["val/loss"] == pytest.approx(float(recorded[0]), abs=1e-6)  # measured on the best weights
+    exported = load_file(next((tmp_path / "hf").glob("*.safetensors")))
+    last_ckpt = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last_ckpt["global_step"] == 12  # last.ckpt follows training, not the last improvement (resume)
+    last = last_ckpt["state_dict"]
+    state = saved["state_dict"]
+    name = next(k for k in exported if k.endswith("score.weight"))
+    trained = next(v for k, v in state.items() if k.endswith("score.weight"))
+    assert torch.equal(exported[name], trained) and not torch.equal(exported[name], next(
+        v for k, v in last.items() if k.endswith("score.weight")))
+    summary = (tmp_path / "hf" / "README.md").read_text()
+    assert "best by val/loss, exported: " in summary
+
+
+def test_a_monitor_that_keeps_nothing_is_refused_before_weights_load(tmp_path):
+    from dpo.config.settings import ConfigError
+
+    cfg = compose_config([*FAST, "system=reward_model", "callbacks.samples=null",
+                          "callbacks.model_checkpoint.monitor=val/rm/accuracy"], tmp_path)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"monitor=val/rm/accuracy keeps nothing with save_top_k=0"):
+        build(cfg, begin(cfg))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -27,9 +28,10 @@ from dpo.runtime.log import get_logger
 log = get_logger(__name__)
 
 
-def load_prompts(cfg: DictConfig) -> list[str]:
+def load_prompts(cfg: DictConfig, tokenizer: Any = None) -> list[str]:
     """Prompts from ``prompts.file`` (JSONL with ``prompts.field``, or text, one per line) or from
-    the unique prompts of ``data``'s ``prompts.split``; at most ``prompts.max_prompts``."""
+    the unique prompts of ``data``'s ``prompts.split`` (``tokenizer``: the model's, for formats that
+    cut with it, e.g. IMDB's token prefixes); at most ``prompts.max_prompts``."""
     p = cfg.prompts
     if p.file:
         prompts = read_prompts(p.file, p.field)
@@ -37,7 +39,8 @@ def load_prompts(cfg: DictConfig) -> list[str]:
         from dpo.data.formats import load_rows
         from dpo.data.sources import SourceSpec
 
-        rows, _ = load_rows(typed(cfg.data.source, SourceSpec), p.split, on_bad_row=cfg.data.on_bad_row)
+        rows, _ = load_rows(typed(cfg.data.source, SourceSpec), p.split, on_bad_row=cfg.data.on_bad_row,
+                            tokenizer=tokenizer)  # fmt: skip
         prompts = list(dict.fromkeys(r.prompt for r in rows))
     else:
         raise ConfigError("set prompts.file, or a data config (data=imdb) to take prompts from")
@@ -54,10 +57,10 @@ def sample(cfg: DictConfig) -> Path:
     require_keys(cfg, ["model.pretrained", "n", "batch_size", "output", "generation.max_new_tokens"])
     check_ranges(cfg, SampleConfig)  # every range at once (n, batch_size, max_prompts, generation), before any load
     gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
-    prompts = load_prompts(cfg)
     m = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
     tokenizer = load_tokenizer(m.tokenizer.pretrained or m.pretrained, revision=m.revision,
                                trust_remote_code=m.trust_remote_code)  # fmt: skip
+    prompts = load_prompts(cfg, tokenizer)
     model = load_policy(m)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)

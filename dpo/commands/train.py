@@ -14,7 +14,7 @@ import shlex
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
@@ -100,7 +101,8 @@ def train(cfg: DictConfig, extra_callbacks: list[pl.Callback] | None = None) -> 
             state.before = held_out_metrics(trainer, module, datamodule)
             record(trainer, state, out)
         trainer.fit(module, datamodule=datamodule, ckpt_path=start.resume.ckpt_path)
-        state.after = held_out_metrics(trainer, module, datamodule)
+        best = best_checkpoint(trainer)  # model_checkpoint.monitor: its best weights are measured and exported
+        state.after = held_out_metrics(trainer, module, datamodule, ckpt_path=best)
         export_dir = export_pretrained(module.policy, run.tokenizer, out / "hf", write=trainer.is_global_zero)
         if cfg.log_export and export_dir is not None:
             log_export(trainer, export_dir, f"{cfg.task_name}-{state.id}-hf")
@@ -169,7 +171,9 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     check_extension(cfg, len(datamodule.datasets["train"]), resumed_step)
     if rank_zero_only.rank == 0:
         start.state.save(Path(cfg.paths.output_dir))
-    callbacks = instantiate_all(cfg.callbacks) + list(extra_callbacks or [])
+    with_tokenizer = {"dpo.evaluation.reward_kl.RewardKLEval": {"tokenizer": tokenizer}}  # prompts from a data source
+    callbacks = instantiate_all(cfg.callbacks, with_tokenizer) + list(extra_callbacks or [])
+    check_monitor(callbacks)
     module = SYSTEMS[kind].build(cfg, start, tokenizer)
     clip = None if SYSTEMS[kind].manual_steps else cfg.trainer.get("gradient_clip_val")  # PPO clips in its own steps
     loggers = instantiate_loggers(cfg.logger, start.state.id, resumed_step)
@@ -259,21 +263,43 @@ def build_tokenizer(cfg: DictConfig, model: ModelConfig) -> Any:
     corpus = None
     if source is None:
         spec = typed(cfg.data.source, SourceSpec)
-        if get_format(spec.format).needs_tokenizer:
-            raise ConfigError(
-                f"data format {spec.format!r} renders with a pretrained tokenizer's chat template; "
-                "set model.tokenizer.pretrained"
-            )
+        fmt = get_format(spec.format)
+        if fmt.needs_tokenizer(spec.options):
+            if fmt.corpus_options is None:
+                raise ConfigError(
+                    f"data format {spec.format!r} renders with a pretrained tokenizer's chat template; "
+                    "set model.tokenizer.pretrained"
+                )
+            spec = replace(spec, options={**spec.options, **fmt.corpus_options})  # the same texts, cut without it
         rows, _ = load_rows(spec, "train", on_bad_row=cfg.data.on_bad_row)
         corpus = [t for r in rows for t in (r.prompt, r.chosen, r.rejected) if t]
     return load_tokenizer(source, revision=model.revision, trust_remote_code=model.trust_remote_code,
                           corpus=corpus, bpe_vocab_size=model.tokenizer.bpe_vocab_size)  # fmt: skip
 
 
-def held_out_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any) -> dict[str, float]:
-    """The validation metrics of ``module`` now."""
-    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+def held_out_metrics(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, ckpt_path: str | None = None
+                     ) -> dict[str, float]:  # fmt: skip
+    """The validation metrics of ``module`` now (``ckpt_path``: after loading that checkpoint's weights)."""
+    results = trainer.validate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
     return {k: float(v) for k, v in (results[0] if results else {}).items()}
+
+
+def best_checkpoint(trainer: pl.Trainer) -> str | None:
+    """The best checkpoint by the checkpoint callback's ``monitor`` (None without one), announced."""
+    cb = trainer.checkpoint_callback
+    if cb is None or cb.monitor is None or not cb.best_model_path:
+        return None
+    log.info(f"the best checkpoint by {cb.monitor} ({cb.mode}: {float(cb.best_model_score):.4g}) is measured and "
+             f"exported: {cb.best_model_path}")  # fmt: skip
+    return cb.best_model_path
+
+
+def check_monitor(callbacks: list[pl.Callback]) -> None:
+    """A monitored checkpoint callback must keep at least one checkpoint besides last.ckpt."""
+    for cb in callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.monitor is not None and cb.save_top_k == 0:
+            raise ConfigError(f"callbacks.model_checkpoint.monitor={cb.monitor} keeps nothing with save_top_k=0; "
+                              "set callbacks.model_checkpoint.save_top_k=1 to keep (and export) the best")  # fmt: skip
 
 
 def summarize(cfg: DictConfig, run: Run, export_dir: Path | None, seconds: float) -> RunSummary:
@@ -286,10 +312,19 @@ def summarize(cfg: DictConfig, run: Run, export_dir: Path | None, seconds: float
         title=SYSTEMS[cfg.system.kind].describe(cfg), steps=trainer.global_step, seconds=seconds,
         held_out=(len(datamodule.datasets["val"]), described), before=state.before, after=state.after,
         sections=reports([*trainer.callbacks, run.module]), data_stats=datamodule.stats,
-        checkpoint=trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else None,
+        checkpoint=checkpoint_line(trainer.checkpoint_callback),
         export=export_dir, out_dir=Path(cfg.paths.output_dir),
         logs="config.yaml, run.json, csv/metrics.csv" + (", wandb/" if "wandb" in cfg.logger else ""),
     )  # fmt: skip
+
+
+def checkpoint_line(cb: ModelCheckpoint | None) -> str | None:
+    """The summary's checkpoint line: last.ckpt, and the best one where a metric is monitored."""
+    if cb is None:
+        return None
+    if cb.monitor is None or not cb.best_model_path:
+        return cb.last_model_path
+    return f"{cb.last_model_path} (best by {cb.monitor}, exported: {cb.best_model_path})"
 
 
 def _sanitize_wandb_env() -> None:

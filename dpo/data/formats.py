@@ -16,8 +16,8 @@ Prompt formats (exactly what the model sees; ``data.source.options`` can change 
   ``" " + summary``.
 * ``shp``: ``"\\n\\nHuman: " + history + "\\n\\nAssistant:"``, responses ``" " + comment``, as in the
   official DPO repo.
-* ``imdb``: the first 2-8 words of a review (``prefix_min_words``..``prefix_max_words``) as the
-  prompt, the rest of the review as the response.
+* ``imdb``: the first 2-8 words (or tokens: ``prefix_unit``) of a review
+  (``prefix_min_words``..``prefix_max_words``) as the prompt, the rest of the review as the response.
 * ``chat``: messages rendered with the tokenizer's chat template (HH-style ``Human:``/``Assistant:``
   text when it has none); the response is the rendered text after the rendered prompt.
 * ``fields``: plain strings from configurable fields, used as they are.
@@ -190,20 +190,42 @@ def parse_imdb(
     *,
     prefix_min_words: int = 2,
     prefix_max_words: int = 8,
+    prefix_unit: str = "words",
     seed: int = 0,
     strip_html: bool = True,
+    tokenizer: Any = None,
 ) -> list[PreferenceRow]:
-    """IMDB reviews for SFT: a 2-8 word prefix (deterministic per review) and the rest of the review.
+    """IMDB reviews: a prefix of 2-8 words or tokens (its length deterministic per review) as the
+    prompt and the rest of the review as the response.
 
-    The paper samples prefixes of 2-8 tokens; words are used here so the split does not depend on
-    the tokenizer (and the tokenized cache stays valid across tokenizers).
+    ``prefix_unit``: ``words`` (whitespace words; the split does not depend on the tokenizer) or
+    ``tokens`` (the paper's App. C.1: "prefixes of length 2-8 tokens"; the prompt is the decoded
+    first k tokens of the tokenizer's encoding of the review, the response the decoded rest).
+    ``prefix_min_words``/``prefix_max_words`` bound k in that unit.
     """
+    if prefix_unit not in ("words", "tokens"):
+        raise DataError(f"data.source.options.prefix_unit must be words or tokens, got {prefix_unit!r}")
+    if not 1 <= prefix_min_words <= prefix_max_words:
+        raise DataError(f"data.source.options: need 1 <= prefix_min_words <= prefix_max_words, got "
+                        f"{prefix_min_words} and {prefix_max_words}")  # fmt: skip
     text = _text(record, "text")
     if strip_html:
         text = re.sub(r"<br\s*/?>", " ", text)
-    words = text.split()
     span = prefix_max_words - prefix_min_words + 1
     k = prefix_min_words + zlib.crc32(f"{seed}:{text}".encode()) % span
+    if prefix_unit == "tokens":
+        if tokenizer is None:
+            raise DataError("data.source.options.prefix_unit=tokens needs the tokenizer")
+        ids = tokenizer(" ".join(text.split()), add_special_tokens=False)["input_ids"]
+        if len(ids) <= k:
+            raise Filtered("too_short", f"review has {len(ids)} tokens, the prefix needs more than {k}")
+        head, rest = tokenizer.decode(ids[:k]), tokenizer.decode(ids[k:])
+        prompt = head.rstrip()  # trailing whitespace goes with the response
+        response = head[len(prompt) :] + rest
+        if not prompt.strip() or not response.strip():
+            raise Filtered("too_short", f"the first {k} tokens or the rest decode to whitespace")
+        return [_row(prompt, response, None, where)]
+    words = text.split()
     if len(words) <= k:
         raise Filtered("too_short", f"review has {len(words)} words, the prefix needs more than {k}")
     return [_row(" ".join(words[:k]), " " + " ".join(words[k:]), None, where)]
@@ -283,12 +305,16 @@ class Format:
     Attributes:
         parse: ``(record, where, **options) -> list[PreferenceRow]``.
         has_pairs: whether rows carry a rejected response, given the options.
-        needs_tokenizer: the parser renders with the tokenizer (chat templates).
+        needs_tokenizer: whether, given the options, the parser needs the tokenizer (chat templates;
+            IMDB's token prefixes); it is then passed as ``tokenizer``.
+        corpus_options: options under which it needs none, for reading the corpus a BPE tokenizer
+            is trained on (the same texts, cut otherwise); None: no such options (chat templates).
     """
 
     parse: Callable[..., list[PreferenceRow]]
     has_pairs: Callable[[dict[str, Any]], bool]
-    needs_tokenizer: bool = False
+    needs_tokenizer: Callable[[dict[str, Any]], bool] = lambda options: False
+    corpus_options: dict[str, Any] | None = field(default_factory=dict)
 
 
 def _always(options: dict[str, Any]) -> bool:
@@ -306,8 +332,9 @@ FORMATS: dict[str, Format] = {
     "tldr_flat": Format(parse_tldr_flat, _always),
     "tldr_sft": Format(parse_tldr_sft, _never),
     "shp": Format(parse_shp, _always),
-    "imdb": Format(parse_imdb, _never),
-    "chat": Format(parse_chat, _always, needs_tokenizer=True),
+    "imdb": Format(parse_imdb, _never, needs_tokenizer=lambda o: o.get("prefix_unit", "words") == "tokens",
+                   corpus_options={"prefix_unit": "words"}),
+    "chat": Format(parse_chat, _always, needs_tokenizer=_always, corpus_options=None),
 }
 
 
@@ -341,7 +368,7 @@ def load_rows(
         raise DataError(f"data.on_bad_row must be error or skip, got {on_bad_row!r}")
     fmt = get_format(spec.format)
     options = dict(spec.options)
-    if fmt.needs_tokenizer:
+    if fmt.needs_tokenizer(options):
         options["tokenizer"] = tokenizer
     report, rows = LoadReport(), []
     for where, record in iter_records(spec, split):

@@ -151,6 +151,14 @@ class PairTokenizer:
         keep = n - len(head)
         return head + (body[-keep:] if self.truncation_side == TruncationSide.keep_end else body[:keep])
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """A prompt's ids as a row's would start (BOS where the tokenizer adds one), cut to
+        ``max_prompt_length`` on the configured side: prompts sampled from outside the pairs."""
+        ids = self._encode(text)
+        if self.bos is not None and (not ids or ids[0] != self.bos):
+            ids = [self.bos] + ids
+        return self._truncate_prompt(ids)
+
     def __call__(self, row: PreferenceRow) -> TokenizedPair:
         """Tokenize one row, updating :attr:`stats`. Raises DataError naming the row."""
         prompt = self._encode(row.prompt)

@@ -8,15 +8,17 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from dpo.data.collate import pad_id_of
+from dpo.data.tokenize import PairTokenizer
 from dpo.models.completions import completion_batch, completion_kl, completion_texts, score_texts
 from dpo.models.sampling import GenerationConfig, check_counts, sample_rank_share
 from dpo.report.summary import change
 from dpo.report.wandb_logging import log_frontier, log_samples
 from dpo.rewards.registry import reward_from_config
 from dpo.runtime.distributed import gather_rows
-from dpo.runtime.io import append_jsonl, read_jsonl, write_jsonl
+from dpo.runtime.io import DataError, append_jsonl, read_jsonl, write_jsonl
 from dpo.runtime.log import get_logger
 from dpo.systems.base import optimizer_step_ended
 
@@ -58,6 +60,12 @@ class RewardKLEval(pl.Callback):
         include_prompt: score prompt + completion (True) or the completion alone.
         at_start: evaluate before the first step too.
         seed: sampling seed (the same prompts and seed at every evaluation).
+        prompt_source: where the prompts come from instead of the held-out pairs: a data source
+            config as ``data.source`` (e.g. IMDB's test split with token prefixes, as the paper's
+            authors evaluated), its ``prompt_split`` read when the callback is built (before any
+            weights load); the first ``n_prompts`` distinct prompts, tokenized as the pairs' prompts.
+        prompt_split: the split of ``prompt_source`` to read.
+        tokenizer: the run's tokenizer (``dpo-train`` passes it): IMDB's token prefixes are cut with it.
         log_samples: also send each evaluation's samples to wandb as a table (the run folder
             always has them); the frontier table goes to wandb whenever a WandbLogger is on.
     """
@@ -75,6 +83,9 @@ class RewardKLEval(pl.Callback):
         at_start: bool = True,
         seed: int = 0,
         log_samples: bool = False,
+        prompt_source: dict[str, Any] | None = None,
+        prompt_split: str = "test",
+        tokenizer: Any = None,
     ) -> None:
         check_counts(every_n_steps=(every_n_steps, 0), n_prompts=(n_prompts, 1),
                      samples_per_prompt=(samples_per_prompt, 1), batch_size=(batch_size, 1))  # fmt: skip
@@ -92,6 +103,9 @@ class RewardKLEval(pl.Callback):
         self.history: list[dict[str, float]] = []
         self.reward_name = reward["name"]
         self.reward = reward_from_config(reward)
+        self.prompt_texts = None
+        if prompt_source is not None:
+            self.prompt_texts = source_prompts(prompt_source, prompt_split, n_prompts, tokenizer)
         self._reference: Any = None  # what samples are measured against (set up once, in setup)
         self._set_up = False
         self._done: set[int] = set()
@@ -127,6 +141,9 @@ class RewardKLEval(pl.Callback):
         self.evaluate(trainer, pl_module)
 
     def _prompts(self, trainer: pl.Trainer) -> list[list[int]]:
+        if self.prompt_texts is not None:
+            tokenize = PairTokenizer(trainer.datamodule.tokenizer, *trainer.datamodule.lengths)
+            return [tokenize.prompt_ids(text) for text in self.prompt_texts]
         seen: dict[tuple[int, ...], None] = {}
         for item in trainer.datamodule.datasets["val"].items:
             seen.setdefault(tuple(item.prompt_ids), None)
@@ -204,3 +221,25 @@ class RewardKLEval(pl.Callback):
         if self.log_samples:
             log_samples(trainer, step, rows)
         return result
+
+
+def source_prompts(source: dict[str, Any], split: str, n: int, tokenizer: Any) -> list[str]:
+    """The first ``n`` distinct prompts of ``split`` of a data ``source`` config (``data.source``'s
+    keys), read with the run's tokenizer (IMDB's token prefixes are cut with it)."""
+    from dpo.data.formats import load_rows
+    from dpo.data.sources import SourceSpec
+
+    if isinstance(source, DictConfig):
+        source = OmegaConf.to_container(source, resolve=True)
+    try:
+        spec = SourceSpec(**source)
+    except TypeError as e:
+        raise ValueError(f"prompt_source: {e}") from None
+    if split not in spec.splits:
+        raise DataError(f"callbacks.reward_eval.prompt_split={split!r}: prompt_source.splits has {sorted(spec.splits)}")
+    rows, _ = load_rows(spec, split, tokenizer=tokenizer)
+    prompts = list(dict.fromkeys(r.prompt for r in rows))[:n]
+    if not prompts:
+        raise DataError(f"callbacks.reward_eval.prompt_source: split {split!r} of {spec.path or spec.splits} "
+                        "has no prompts")  # fmt: skip
+    return prompts

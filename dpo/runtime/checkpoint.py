@@ -77,6 +77,16 @@ class AtomicCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("dpo.runtime.checkpoint.swap")
         self._last_checkpoint_saved = filepath
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """As ModelCheckpoint's, and with a ``monitor``, last.ckpt also when the metric did not
+        improve: Lightning then writes it only with a new best, so a resumed run (or the end of
+        training) would go back to the last improvement."""
+        super().on_validation_end(trainer, pl_module)
+        if (self.save_last and self.monitor is not None and self._last_global_step_saved != trainer.global_step
+                and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):  # fmt: skip
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
 
 class PreemptionCheckpoint(pl.Callback):
     """Inside a submitit job, save a checkpoint before the job is requeued (see module docstring).
