@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 
 from conftest import FAST, compose_config
@@ -157,6 +158,36 @@ def test_ppo_config_checks_fail_before_any_weights_load(tmp_path):
         validate(compose_config([*FAST, "system=reward_model"], tmp_path))
 
 
+@pytest.mark.parametrize("mode", ["scale", "standardize"])
+def test_normalised_rewards_are_what_the_advantages_see(mode, monkeypatch):
+    """system.reward_norm: the shaped rewards get the score divided by the running std (and centred
+    by the running mean); the logged reward and Rollout.scores stay raw; the statistics are
+    checkpointed so a resumed run normalises as the uninterrupted one would."""
+    import dpo.systems.ppo as ppo_module
+
+    seen: list[Tensor] = []
+    original = ppo_module.shaped_rewards
+
+    def spy(scores, *args):
+        seen.append(scores.clone())
+        return original(scores, *args)
+
+    monkeypatch.setattr(ppo_module, "shaped_rewards", spy)
+    module = tiny_ppo(reward_norm=mode)
+    prompts = [[2, 3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13]] * 2
+    first, _ = module.rollout(prompts)
+    second, _ = module.rollout(prompts)
+    raw = torch.cat([first.scores, second.scores]).double()
+    mean, std = raw.mean().float(), raw.std(unbiased=False).float()
+    want = second.scores - mean if mode == "standardize" else second.scores
+    torch.testing.assert_close(seen[1], want / std, rtol=1e-5, atol=1e-6)
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    resumed = tiny_ppo(reward_norm=mode)
+    resumed.on_load_checkpoint(checkpoint)
+    assert resumed.norm.state_dict() == module.norm.state_dict() and resumed.norm.count == 16
+
+
 def test_ppo_and_reward_model_settings_out_of_range_are_refused_together_by_key(tmp_path):
     """Issue 23: clip_range, vf_coef or clip_range_value with the wrong sign trained to the end, and
     trainer.max_steps=1 silently trained a whole PPO iteration (4 optimizer steps here)."""
@@ -167,8 +198,9 @@ def test_ppo_and_reward_model_settings_out_of_range_are_refused_together_by_key(
 
     with pytest.raises(ConfigError) as error:
         validate(cfg("system.clip_range=-1", "system.vf_coef=-0.1", "system.clip_range_value=0", "system.lam=2",
-                     "system.generation.temperature=-1"))  # fmt: skip
+                     "system.generation.temperature=-1", "system.reward_norm=zscore"))  # fmt: skip
     for part in ("system.clip_range=-1.0 must be > 0", "system.vf_coef=-0.1 must be >= 0",
+                 "system.reward_norm='zscore' must be none | scale | standardize",
                  "system.clip_range_value=0.0 must be > 0", "system.lam=2.0 must be in [0, 1]", "temperature >= 0"):
         assert part in str(error.value)
     with pytest.raises(ConfigError, match=r"system=ppo makes 4 optimizer steps per batch; trainer.max_steps=1 would"):

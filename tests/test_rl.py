@@ -121,3 +121,40 @@ def test_adaptive_kl_controller_moves_towards_the_target():
     assert ctl.coef == pytest.approx(0.102 * 0.98)
     with pytest.raises(ValueError):
         KLController(0.1, target=0.0)
+
+
+@pytest.mark.parametrize("mode", ["scale", "standardize"])
+def test_reward_normalizer_uses_the_moments_of_every_score_so_far(mode):
+    """Merged batch by batch, the running mean and (population) variance equal those of all the
+    scores at once; the scores are divided by that std, and centred by that mean when standardised."""
+    from dpo.maths.rl import RewardNormalizer
+
+    torch.manual_seed(0)
+    batches = [torch.randn(n) * s + m for n, s, m in ((5, 1.0, 0.0), (1, 1.0, 3.0), (12, 4.0, -2.0))]
+    norm = RewardNormalizer(mode)
+    for b in batches:
+        norm.update(b.mean().item(), b.var(unbiased=False).item(), len(b))
+    every = torch.cat(batches).double()
+    assert norm.count == len(every)
+    assert norm.mean == pytest.approx(every.mean().item(), rel=1e-6)
+    assert norm.var == pytest.approx(every.var(unbiased=False).item(), rel=1e-6)
+    x = torch.tensor([0.5, -1.0, 2.0])
+    want = (x - every.mean().float()) if mode == "standardize" else x
+    torch.testing.assert_close(norm(x), want / every.std(unbiased=False).float(), rtol=1e-5, atol=1e-6)
+    restored = RewardNormalizer(mode)
+    restored.load_state_dict(norm.state_dict())
+    torch.testing.assert_close(restored(x), norm(x))
+
+
+def test_reward_normalizer_leaves_scores_alone_without_spread_or_mode():
+    from dpo.maths.rl import RewardNormalizer
+
+    x = torch.tensor([1.0, 2.0])
+    none = RewardNormalizer("none")
+    none.update(5.0, 9.0, 10)
+    assert torch.equal(none(x), x)
+    flat = RewardNormalizer("scale")
+    flat.update(3.0, 0.0, 4)  # every score so far equal: std 0 divides by 1
+    assert torch.equal(flat(x), x)
+    with pytest.raises(ValueError, match="reward_norm must be one of"):
+        RewardNormalizer("zscore")

@@ -8,6 +8,7 @@ tokens. :class:`dpo.systems.ppo.PPOModule` calls these in the order they are def
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -182,3 +183,43 @@ class KLController:
             return
         error = min(max(kl / self.target - 1.0, -0.2), 0.2)
         self.coef *= 1.0 + error * n / self.horizon
+
+
+class RewardNormalizer:
+    """Rewards normalised by running statistics of every score seen so far (the authors' tuned
+    PPO-GT used normalised rewards, per their OpenReview rebuttal; TRL's PPO had the same two
+    options: ``use_score_scaling`` and ``use_score_norm``).
+
+    ``mode``: ``none`` (scores as they are), ``scale`` (``score / std``) or ``standardize``
+    (``(score - mean) / std``), with ``mean`` and ``std`` (population) of all scores so far,
+    this batch's included, merged batch by batch (Chan et al.'s parallel update). A ``std`` of 0
+    (every score so far equal) divides by 1.
+    """
+
+    MODES = ("none", "scale", "standardize")
+
+    def __init__(self, mode: str = "none") -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"reward_norm must be one of {self.MODES}, got {mode!r}")
+        self.mode, self.mean, self.var, self.count = mode, 0.0, 0.0, 0
+
+    def update(self, mean: float, var: float, n: int) -> None:
+        """Merge a batch of ``n`` scores with mean ``mean`` and population variance ``var``."""
+        if n <= 0:
+            return
+        total = self.count + n
+        delta = mean - self.mean
+        m2 = self.var * self.count + var * n + delta**2 * self.count * n / total
+        self.mean, self.var, self.count = self.mean + delta * n / total, m2 / total, total
+
+    def __call__(self, scores: Tensor) -> Tensor:
+        if self.mode == "none":
+            return scores
+        std = math.sqrt(self.var) if self.var > 0 else 1.0
+        return (scores - self.mean) / std if self.mode == "standardize" else scores / std
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])

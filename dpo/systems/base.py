@@ -309,8 +309,9 @@ class System(LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if k not in shown}, **kwargs)
 
     def sum_over_ranks(self, t: Tensor) -> Tensor:
-        """``t`` summed over every rank (itself on one)."""
-        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+        """``t`` summed over every rank (itself on one, or outside a Trainer)."""
+        trainer = self._trainer
+        return trainer.strategy.reduce(t, reduce_op="sum") if trainer is not None and trainer.world_size > 1 else t
 
     def global_moments(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and variance of the masked ``values`` over every rank's rows (e.g. advantages to whiten)."""

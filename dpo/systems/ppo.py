@@ -19,6 +19,7 @@ from dpo.data.collate import pad_id_of
 from dpo.maths.logprobs import head_logps, target_logps
 from dpo.maths.rl import (
     KLController,
+    RewardNormalizer,
     Rollout,
     clipped_policy_loss,
     clipped_value_loss,
@@ -59,6 +60,8 @@ class PPOConfig:
         kl_coef: the KL penalty's coefficient (initial value when adaptive).
         kl_target: adapt the coefficient towards this sequence KL (nats); null: fixed.
         kl_horizon: the adaptive controller's horizon, in rollouts.
+        reward_norm: ``none``, ``scale`` or ``standardize`` the scores by running statistics of
+            every score so far (:class:`dpo.maths.rl.RewardNormalizer`); the logged reward stays raw.
         gamma, lam: GAE's discount and lambda.
         clip_range: PPO's ratio clip epsilon.
         clip_range_value: clip of the value's move from its rollout-time estimate.
@@ -75,6 +78,7 @@ class PPOConfig:
     kl_coef: float = 0.2
     kl_target: float | None = None
     kl_horizon: int = 10000
+    reward_norm: str = "none"
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2
@@ -90,6 +94,7 @@ class PPOConfig:
             ("kl_coef", self.kl_coef >= 0, ">= 0"),
             ("kl_target", self.kl_target is None or self.kl_target > 0, "> 0 or null"),
             ("kl_horizon", self.kl_horizon >= 1, ">= 1"),
+            ("reward_norm", self.reward_norm in RewardNormalizer.MODES, " | ".join(RewardNormalizer.MODES)),
             ("gamma", 0 < self.gamma <= 1, "in (0, 1]"),
             ("lam", 0 <= self.lam <= 1, "in [0, 1]"),
             ("clip_range", self.clip_range > 0, "> 0"),
@@ -180,6 +185,7 @@ class PPOModule(System):
         self.gen = cfg.generation
         self.gen.kwargs()
         self.kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.norm = RewardNormalizer(cfg.reward_norm)
         self.max_grad_norm = max_grad_norm
         self.sharded = sharded
         self.generated_tokens = 0  # rollout tokens over all ranks (the cost the frontier table reports)
@@ -230,7 +236,10 @@ class PPOModule(System):
         rows = torch.arange(len(ids), device=ids.device)[:, None]
         ref_logps = target_logps(ref_logits[rows, pos], tgt)
         self.policy.train(was_training)
-        rewards = shaped_rewards(scores, logps * tok_mask, ref_logps * tok_mask, tok_mask, self.kl.coef)
+        if self.norm.mode != "none":  # running statistics over every rank's scores
+            mean, var = self.global_moments(scores, torch.ones_like(scores))
+            self.norm.update(float(mean), float(var), int(self.sum_over_ranks(torch.tensor(float(len(scores)))).item()))
+        rewards = shaped_rewards(self.norm(scores), logps * tok_mask, ref_logps * tok_mask, tok_mask, self.kl.coef)
         advantages, returns = gae(rewards, values, tok_mask, self.cfg.gamma, self.cfg.lam)
         mean, var = self.global_moments(advantages, tok_mask)
         advantages = whiten(advantages, tok_mask, mean, var)
@@ -323,7 +332,7 @@ class PPOModule(System):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["dpo_ppo"] = {"kl_coef": self.kl.coef, "generated_tokens": self.generated_tokens,
-                                 "rollouts": self.rollouts}  # fmt: skip
+                                 "rollouts": self.rollouts, "reward_norm": self.norm.state_dict()}  # fmt: skip
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
@@ -331,6 +340,8 @@ class PPOModule(System):
         self.kl.coef = float(saved.get("kl_coef", self.kl.coef))
         self.generated_tokens = int(saved.get("generated_tokens", 0))
         self.rollouts = int(saved.get("rollouts", 0))
+        if "reward_norm" in saved:
+            self.norm.load_state_dict(saved["reward_norm"])
 
 
 def ppo_reward(cfg: DictConfig) -> DictConfig:
