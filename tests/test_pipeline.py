@@ -175,6 +175,41 @@ def test_frontier_collects_a_fake_two_run_sweep_and_best_of_n(tmp_path):
     assert len(points) == 5 and "DPO b=0.1" in proc.stdout
 
 
+def test_runs_that_differ_only_in_their_seed_are_one_frontier_point_with_bars_over_seeds(tmp_path):
+    """`-m seed=0,1,2` of one setting: dpo-report and experiments/imdb/frontier.py draw their mean,
+    with the standard error over seeds (reward and KL) beside the per-sample one; a run of another
+    setting (loss.beta) stays its own point even with another seed."""
+    import yaml
+
+    from dpo.report.figures import frontier_points, over_seeds
+
+    sweep = tmp_path / "multirun"
+    jobs = [(seed, 0.1, 0.2 + 0.1 * seed, 1.0 + seed) for seed in (0, 1, 2)] + [(5, 1.0, 0.9, 4.0)]
+    for i, (seed, beta, reward, kl) in enumerate(jobs):
+        run = sweep / str(i)
+        (run / "eval").mkdir(parents=True)
+        (run / ".hydra").mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "loss": {"name": "dpo", "beta": beta}}))
+        (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["experiment=imdb_mini", f"seed={seed}",
+                                                                       f"loss.beta={beta}"]))  # fmt: skip
+        (run / "eval" / "eval.jsonl").write_text(json.dumps({"step": 8, "reward": reward, "kl": kl}) + "\n")
+        samples = [{"reward": reward + d} for d in (-0.1, 0.1)]  # per-sample s.e. 0.1 each
+        (run / "eval" / "step000008.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    points = over_seeds(frontier_points([sweep]))
+    by_label = {p["label"]: p for p in points}
+    assert sorted(by_label) == ["DPO b=0.1", "DPO b=1"]
+    seeded = by_label["DPO b=0.1"]
+    assert seeded["seeds"] == 3 and seeded["seed"] == [0, 1, 2]
+    assert seeded["reward"] == pytest.approx(0.3) and seeded["kl"] == pytest.approx(2.0)
+    assert seeded["reward_se_seeds"] == pytest.approx(0.1 / 3**0.5)  # the s.e. of 0.2, 0.3, 0.4
+    assert seeded["kl_se_seeds"] == pytest.approx(1 / 3**0.5)
+    assert seeded["reward_se"] == pytest.approx(3**0.5 * 0.1 / 3)
+    assert by_label["DPO b=1"]["seeds"] == 1 and by_label["DPO b=1"]["reward"] == 0.9
+    from dpo.commands.report_figures import report
+
+    assert (tmp_path / "fig" / "frontier.png") in report([sweep], tmp_path / "fig")
+
+
 @pytest.mark.parametrize("name", ["sample", "score", "pair", "best_of_n"])
 def test_pipeline_configs_compose_and_name_their_required_inputs(tmp_path, name):
     from hydra import compose, initialize_config_dir
@@ -190,7 +225,8 @@ def test_pipeline_configs_compose_and_name_their_required_inputs(tmp_path, name)
 
 
 def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
-    """`dpo-sample data=imdb`: the prompts are the 2-8 word review prefixes of the data set."""
+    """`dpo-sample data=imdb`: the prompts are the 2-8 token review prefixes of the data set (the
+    paper's App. C.1), cut with the model's tokenizer."""
     from hydra import compose, initialize_config_dir
 
     from conftest import FIXTURES
@@ -203,8 +239,12 @@ def test_sample_takes_imdb_prefixes_from_a_data_config(tmp_path, exported_tiny):
                  "generation.max_new_tokens=4"]  # fmt: skip
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("sample", overrides=overrides)
-    prompts = load_prompts(cfg)
-    assert len(prompts) == 3 and all(2 <= len(p.split()) <= 8 for p in prompts)
+    from dpo.models.load import load_tokenizer
+
+    tokenizer = load_tokenizer(exported_tiny)
+    prompts = load_prompts(cfg, tokenizer)
+    assert len(prompts) == 3
+    assert all(2 <= len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= 8 for p in prompts), prompts
     rows = read_jsonl(sample(cfg), {"prompt": str, "completions": list})
     assert [r["prompt"] for r in rows] == prompts and all(len(r["completions"]) == 2 for r in rows)
 

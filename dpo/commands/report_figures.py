@@ -7,7 +7,8 @@ One PNG per figure family, each run a line (labelled by its overrides): ``reward
 accuracy, margin, chosen and rejected rewards, train and validation), ``loss.png``, ``kl.png`` (KL to
 the reference per token and per sequence, and of sampled completions), ``health.png`` (gradient
 norm before clipping, tokens per second, peak memory), ``frontier.png`` (reward
-against KL of every evaluation: the IMDB figure) and ``win_rate.png`` (``dpo-eval`` results against
+against KL of every evaluation: the IMDB figure; runs that differ only in their seed are one point
+with error bars over seeds) and ``win_rate.png`` (``dpo-eval`` results against
 temperature), each drawn only if some folder holds its data. The dashboard (``dpo-dashboard``) shows
 the same panels in wandb.
 """
@@ -26,6 +27,7 @@ from dpo.report.figures import (
     find_train_runs,
     find_win_rates,
     frontier_points,
+    over_seeds,
     plot_curves,
     plot_frontier,
     plot_win_rates,
@@ -43,8 +45,8 @@ def report(roots: list[Path], out: Path, title: str = "") -> list[Path]:
     for family in CURVES:
         if runs and (path := plot_curves(runs, family, out / f"{family}.png")) is not None:
             written.append(path)
-    if points := frontier_points(roots):
-        written.append(plot_frontier(points, out / "frontier.png", title or "reward against KL"))
+    if points := frontier_points(roots):  # runs that differ only in their seed: one point, bars over seeds
+        written.append(plot_frontier(over_seeds(points), out / "frontier.png", title or "reward against KL"))
     if rows := find_win_rates(roots):
         written.append(plot_win_rates(rows, out / "win_rate.png", title or "win rate against temperature"))
     return written

@@ -243,8 +243,50 @@ def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
                     continue
                 points.append({"family": family, "label": label, "step": step, "kl": row["kl"],
                                "reward": row["reward"], "reward_se": standard_error(samples),
-                               "source": str(path)})  # fmt: skip
+                               "seed": _seed_of(path), "setting": _setting_of(path), "source": str(path)})  # fmt: skip
     return points
+
+
+def _setting_of(eval_path: Path) -> str | None:
+    """What a training run's command line set besides its seed (Hydra's overrides), if it kept them."""
+    overrides = overrides_of(eval_path.parent.parent)
+    return None if overrides is None else " ".join(sorted(o for o in overrides if not o.startswith("seed=")))
+
+
+def _seed_of(eval_path: Path) -> int | None:
+    """The seed of the run an ``eval.jsonl`` belongs to (its ``config.yaml``), if it has one."""
+    config = eval_path.parent.parent / "config.yaml"
+    if not config.is_file():
+        return None
+    seed = (yaml.safe_load(config.read_text()) or {}).get("seed")
+    return seed if isinstance(seed, int) else None
+
+
+def over_seeds(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One point per setting (family, label, step and the overrides besides ``seed``): the points of
+    runs that differ only in their seed (``-m seed=0,1,...``) become their mean, with ``seeds`` (how many),
+    ``reward_se_seeds`` and ``kl_se_seeds`` (standard errors of the mean over seeds) and
+    ``reward_se`` (the per-sample one of that mean: ``sqrt(sum se_i^2) / n``, where every seed's is
+    known). A setting with one seed keeps its point, with ``seeds`` 1."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for p in points:
+        groups.setdefault((p["family"], p["label"], p["step"], p.get("setting")), []).append(p)
+    out = []
+    for group in groups.values():
+        if len(group) == 1 or len({p.get("seed") for p in group}) < len(group):  # not seeds of one setting
+            out += [{**p, "seeds": 1} for p in group]
+            continue
+        n = len(group)
+        se = [p.get("reward_se") for p in group]
+        out.append({
+            **{k: group[0].get(k) for k in ("family", "label", "step", "setting")},
+            "kl": sum(p["kl"] for p in group) / n, "reward": sum(p["reward"] for p in group) / n,
+            "reward_se": math.sqrt(sum(x * x for x in se)) / n if None not in se else None,
+            "reward_se_seeds": standard_error([p["reward"] for p in group]),
+            "kl_se_seeds": standard_error([p["kl"] for p in group]),
+            "seeds": n, "seed": sorted(p["seed"] for p in group), "source": [p["source"] for p in group],
+        })  # fmt: skip
+    return out
 
 
 def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -258,6 +300,10 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> P
         bars = [p for p in mine if p.get("reward_se") is not None]
         ax.errorbar([p["kl"] for p in bars], [p["reward"] for p in bars], yerr=[p["reward_se"] for p in bars],
                     fmt="none", ecolor=colour, elinewidth=0.8, alpha=0.5)  # fmt: skip
+        seeded = [p for p in mine if p.get("reward_se_seeds") is not None]  # over seeds: capped, both axes
+        ax.errorbar([p["kl"] for p in seeded], [p["reward"] for p in seeded],
+                    yerr=[p["reward_se_seeds"] for p in seeded], xerr=[p["kl_se_seeds"] for p in seeded],
+                    fmt="none", ecolor=colour, elinewidth=1.2, capsize=3, alpha=0.9)  # fmt: skip
         if family == "Best-of-N":
             mine = sorted(mine, key=lambda p: p["kl"])
             ax.plot([p["kl"] for p in mine], [p["reward"] for p in mine], c=colour, lw=1, alpha=0.6)
@@ -265,7 +311,8 @@ def plot_frontier(points: Sequence[dict[str, Any]], path: Path, title: str) -> P
                 ax.annotate(f"N={p['step']}", (p["kl"], p["reward"]), fontsize=6, xytext=(3, -8),
                             textcoords="offset points")  # fmt: skip
     ax.set_xlabel("KL(policy || reference), sequence level (nats)")
-    ax.set_ylabel("ground-truth reward (held-out prompts; bars: standard error)")
+    ax.set_ylabel("ground-truth reward (held-out prompts)")
+    ax.text(0.01, 0.01, "bars: standard error over samples; capped: over seeds", transform=ax.transAxes, fontsize=6)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
