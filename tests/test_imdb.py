@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from conftest import FAST, compose_config, shrink
 
@@ -68,3 +68,84 @@ def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
     costs = out.with_name("frontier_costs.md").read_text()
     ppo_row = next(line for line in costs.splitlines() if line.startswith("| PPO-GT kl=0.2 |"))
     assert int(ppo_row.split("|")[-2]) > 0  # PPO-GT's rollout tokens, counted exactly
+
+
+@pytest.mark.slow
+def test_the_paper_scale_imdb_stages_run_end_to_end_on_stand_ins(tmp_path, exported_tiny, bpe_tokenizer):
+    """Issue 26: every stage of the paper-scale IMDB configs, as composed, on the IMDB fixture and
+    tiny stand-ins (the model for gpt2-large, a tiny local classifier for the RoBERTa): SFT on
+    2-8 token prefixes; dpo-sample of the train split's prefixes; dpo-score with the classifier's
+    probability; dpo-pair; the reward model keeping its best validation checkpoint; DPO evaluated
+    on the test split's prefixes; PPO-GT with the adaptive target-KL controller and normalised
+    rewards; PPO against the reward model."""
+    import torch
+    from hydra import compose, initialize_config_dir
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from conftest import FIXTURES
+    from dpo.commands.cli import CONF_DIR
+    from dpo.commands.pair import pair
+    from dpo.commands.sample import sample
+    from dpo.commands.score import score
+    from dpo.commands.train import train
+    from dpo.runtime.io import read_jsonl
+
+    torch.manual_seed(0)
+    clf = tmp_path / "clf"
+    config = GPT2Config(vocab_size=len(bpe_tokenizer), n_layer=1, n_embd=32, n_head=2, n_positions=256, num_labels=2,
+                        id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1},
+                        pad_token_id=bpe_tokenizer.pad_token_id)  # fmt: skip
+    GPT2ForSequenceClassification(config).save_pretrained(clf)
+    bpe_tokenizer.save_pretrained(clf)
+    classifier = {"reward.pretrained": str(clf), "reward.max_length": 128, "reward.device": "cpu"}
+
+    def stage(name: str, *overrides: str) -> Path:
+        out = tmp_path / name
+        cfg = shrink(compose_config([*FAST, f"experiment={name}", *overrides], out), exported_tiny)
+        composed = compose_config([f"experiment={name}"], out).reward
+        with open_dict(cfg):
+            if composed is not None and composed.name == "hf_classifier":  # shrink swapped it for VADER; the stand-in
+                cfg.reward = composed
+                for key, value in classifier.items():
+                    OmegaConf.update(cfg, key, value)
+                if cfg.callbacks.get("reward_eval") is not None:
+                    cfg.callbacks.reward_eval.reward = cfg.reward
+        train(cfg)
+        return out
+
+    sft = stage("imdb_sft", "trainer.max_steps=2")
+    assert (sft / "hf").is_dir()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("sample", overrides=[
+            "data=imdb", f"data.source.path={FIXTURES / 'imdb'}", f"model.pretrained={sft / 'hf'}", "n=4",
+            "generation.max_new_tokens=6", f"output={tmp_path / 'samples.jsonl'}", f"paths.output_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    samples = sample(cfg)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("score", overrides=[
+            f"input={samples}", f"output={tmp_path / 'scored.jsonl'}", "reward=hf_classifier",
+            f"paths.output_dir={tmp_path}", *(f"{k}={v}" for k, v in classifier.items())])  # fmt: skip
+    assert cfg.reward.output == "prob"
+    scored = read_jsonl(score(cfg), {"rewards": list})
+    assert all(0 <= r <= 1 for row in scored for r in row["rewards"])  # probabilities
+    pairs = pair(OmegaConf.create({"input": str(tmp_path / "scored.jsonl"), "output_dir": str(tmp_path / "pairs"),
+                                   "min_margin": 0.0, "ties": "random", "val_fraction": 0.34, "seed": 0}))  # fmt: skip
+    data = [f"data.source.splits.train={pairs / 'train.jsonl'}", f"data.source.splits.val={pairs / 'val.jsonl'}",
+            f"model.pretrained={sft / 'hf'}"]  # fmt: skip
+    rm = stage("imdb_rm", *data, "trainer.max_steps=4", "trainer.max_epochs=null", "trainer.val_check_interval=2",
+               "trainer.check_val_every_n_epoch=null")  # fmt: skip
+    assert list((rm / "checkpoints").glob("step*.ckpt")), "the best checkpoint by val/rm/accuracy is kept"
+    evaluation = ["callbacks.reward_eval.n_prompts=2", "callbacks.reward_eval.generation.max_new_tokens=4"]
+    dpo = stage("imdb_dpo", *data, *evaluation, "trainer.max_steps=2")
+    evaluated = read_jsonl(dpo / "eval" / "step000000.jsonl", {"prompt": str, "reward": float})
+    assert all(0 < r["reward"] < 1 for r in evaluated)  # the stand-in classifier's probabilities (VADER gives 0s)
+    from dpo.data.formats import load_rows
+    from dpo.data.sources import SourceSpec
+
+    fixture = SourceSpec("imdb", {"test": "test"}, str(FIXTURES / "imdb"))
+    test_reviews = [" ".join((r.prompt + r.chosen).split()) for r in load_rows(fixture, "test")[0]]
+    assert all(any(t.startswith(" ".join(r["prompt"].split())) for t in test_reviews) for r in evaluated)
+    ppo = ["system.minibatch_size=2", "system.ppo_epochs=1", "system.generation.max_new_tokens=4",
+           "data.micro_batch_size=2", "data.batch_size=2", "trainer.max_steps=2", *evaluation]  # fmt: skip
+    stage("imdb_ppo_gt", *data, *ppo, "system.reward_norm=standardize")
+    stage("imdb_ppo", *data, *ppo, f"system.reward.path={rm / 'hf'}")
