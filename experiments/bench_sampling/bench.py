@@ -12,7 +12,8 @@ weight and the KV cache once, so tokens/s <= memory bandwidth / bytes read per s
 a large tensor copy); at batch >= 16 the matmuls dominate, so tokens/s <= GEMM FLOP/s / (2 x
 parameters) per token (attention FLOPs are small at these lengths and left out, so the bound is a
 ceiling). "matmuls tok/s" is the rate of a step that did nothing but its matrix products at this
-batch with our kernels (oneDNN-packed weights, :mod:`dpo.models.packed`, where ours packs them) (each weight read from memory once, as in a real step); "same rows" is
+batch with our kernels (oneDNN-packed weights, :mod:`dpo.models.packed`, where ours packs them;
+each weight read from memory once, as in a real step); "same rows" is
 the share of rows whose tokens equal plain generate's (same seed). Timing: one warm-up call each,
 then ``--reps`` rounds of plain then ours; medians, and the median of the per-round ratios.
 
