@@ -57,10 +57,12 @@ def sample(cfg: DictConfig) -> Path:
     require_keys(cfg, ["model.pretrained", "n", "batch_size", "output", "generation.max_new_tokens"])
     check_ranges(cfg, SampleConfig)  # every range at once (n, batch_size, max_prompts, generation), before any load
     gen = GenerationConfig(**OmegaConf.to_container(cfg.generation, resolve=True))
+    prompts = load_prompts(cfg) if cfg.prompts.file else None  # a file's mistakes before anything loads
     m = resolve(typed(cfg.model, ModelConfig), cfg.paths.cache_dir)
     tokenizer = load_tokenizer(m.tokenizer.pretrained or m.pretrained, revision=m.revision,
                                trust_remote_code=m.trust_remote_code)  # fmt: skip
-    prompts = load_prompts(cfg, tokenizer)
+    if prompts is None:  # from a data config, which may cut prompts with the tokenizer (IMDB's token prefixes)
+        prompts = load_prompts(cfg, tokenizer)
     model = load_policy(m)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
