@@ -94,10 +94,13 @@ def test_evaluation_prompts_come_from_a_data_source_when_one_is_given(tmp_path, 
 
     options = {"prefix_unit": "tokens", "prefix_min_words": 2, "prefix_max_words": 8, "seed": 0, "strip_html": True}
     source = {"format": "imdb", "path": str(FIXTURES / "imdb"), "splits": {"test": "test"}, "options": options}
-    callback = RewardKLEval(str(tmp_path), {"name": "vader"}, n_prompts=2, prompt_source=source,
+    callback = RewardKLEval(str(tmp_path), {"name": "vader"}, n_prompts=1, prompt_source=source,
                             tokenizer=bpe_tokenizer)  # fmt: skip
     rows, _ = load_rows(SourceSpec(**source), "test", tokenizer=bpe_tokenizer)
-    assert callback.prompt_texts == list(dict.fromkeys(r.prompt for r in rows))[:2]
+    every = list(dict.fromkeys(r.prompt for r in rows))
+    assert len(every) == 2 and len(callback.prompt_texts) == 1 and set(callback.prompt_texts) <= set(every)
+    again = RewardKLEval(str(tmp_path), {"name": "vader"}, n_prompts=1, prompt_source=source, tokenizer=bpe_tokenizer)
+    assert again.prompt_texts == callback.prompt_texts  # the same draw for the same seed
     with pytest.raises(DataError, match=r"prompt_split='validation': prompt_source.splits has \['test'\]"):
         RewardKLEval(str(tmp_path), {"name": "vader"}, prompt_source=source, prompt_split="validation",
                      tokenizer=bpe_tokenizer)  # fmt: skip
@@ -130,3 +133,20 @@ def test_the_paper_scale_imdb_experiments_score_the_classifier_probability(tmp_p
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         score = compose("score", overrides=["reward=hf_classifier"])
     assert score.reward.output == "prob"
+
+
+def test_evaluation_prompts_from_a_sorted_split_are_a_seeded_draw_not_its_head(tmp_path):
+    """IMDB's test split holds its negative reviews first: the first n prompts would all be
+    negative openings. source_prompts draws n at random with the callback's seed instead."""
+    from dpo.evaluation.reward_kl import source_prompts
+    from dpo.runtime.io import write_jsonl
+
+    rows = [{"prompt": f"{kind} opening {i}", "chosen": " more", "rejected": " less"}
+            for kind in ("negative", "positive") for i in range(20)]  # fmt: skip
+    write_jsonl(tmp_path / "test.jsonl", rows)
+    source = {"format": "fields", "path": None, "splits": {"test": str(tmp_path / "test.jsonl")}, "options": {}}
+    drawn = source_prompts(source, "test", 10, None, seed=0)
+    assert len(set(drawn)) == 10 and {p.split()[0] for p in drawn} == {"negative", "positive"}
+    assert source_prompts(source, "test", 10, None, seed=0) == drawn
+    assert source_prompts(source, "test", 10, None, seed=1) != drawn
+    assert source_prompts(source, "test", 50, None) == [r["prompt"] for r in rows]  # all of them, in file order

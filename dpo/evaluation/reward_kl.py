@@ -3,6 +3,7 @@ experiment's evaluation, and the frontier's points)."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,8 @@ class RewardKLEval(pl.Callback):
         prompt_source: where the prompts come from instead of the held-out pairs: a data source
             config as ``data.source`` (e.g. IMDB's test split with token prefixes, as the paper's
             authors evaluated), its ``prompt_split`` read when the callback is built (before any
-            weights load); the first ``n_prompts`` distinct prompts, tokenized as the pairs' prompts.
+            weights load); ``n_prompts`` distinct prompts drawn with ``seed`` (a split may be
+            sorted: IMDB's test split holds its negative reviews first), tokenized as the pairs'.
         prompt_split: the split of ``prompt_source`` to read.
         tokenizer: the run's tokenizer (``dpo-train`` passes it): IMDB's token prefixes are cut with it.
         log_samples: also send each evaluation's samples to wandb as a table (the run folder
@@ -105,7 +107,7 @@ class RewardKLEval(pl.Callback):
         self.reward = reward_from_config(reward)
         self.prompt_texts = None
         if prompt_source is not None:
-            self.prompt_texts = source_prompts(prompt_source, prompt_split, n_prompts, tokenizer)
+            self.prompt_texts = source_prompts(prompt_source, prompt_split, n_prompts, tokenizer, seed)
         self._reference: Any = None  # what samples are measured against (set up once, in setup)
         self._set_up = False
         self._done: set[int] = set()
@@ -223,9 +225,10 @@ class RewardKLEval(pl.Callback):
         return result
 
 
-def source_prompts(source: dict[str, Any], split: str, n: int, tokenizer: Any) -> list[str]:
-    """The first ``n`` distinct prompts of ``split`` of a data ``source`` config (``data.source``'s
-    keys), read with the run's tokenizer (IMDB's token prefixes are cut with it)."""
+def source_prompts(source: dict[str, Any], split: str, n: int, tokenizer: Any, seed: int = 0) -> list[str]:
+    """``n`` distinct prompts of ``split`` of a data ``source`` config (``data.source``'s keys), drawn
+    at random with ``seed`` (in file order when the split has no more), read with the run's
+    tokenizer (IMDB's token prefixes are cut with it)."""
     from dpo.data.formats import load_rows
     from dpo.data.sources import SourceSpec
 
@@ -238,7 +241,9 @@ def source_prompts(source: dict[str, Any], split: str, n: int, tokenizer: Any) -
     if split not in spec.splits:
         raise DataError(f"callbacks.reward_eval.prompt_split={split!r}: prompt_source.splits has {sorted(spec.splits)}")
     rows, _ = load_rows(spec, split, tokenizer=tokenizer)
-    prompts = list(dict.fromkeys(r.prompt for r in rows))[:n]
+    prompts = list(dict.fromkeys(r.prompt for r in rows))
+    if len(prompts) > n:
+        prompts = [prompts[i] for i in sorted(random.Random(seed).sample(range(len(prompts)), n))]
     if not prompts:
         raise DataError(f"callbacks.reward_eval.prompt_source: split {split!r} of {spec.path or spec.splits} "
                         "has no prompts")  # fmt: skip
