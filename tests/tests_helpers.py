@@ -98,10 +98,18 @@ def wandb_records(run_dir: Path) -> list[Any]:
     return out
 
 
-def wandb_logged(run_dir: Path) -> dict[str, Any]:
+def wandb_logged(run_dir: Path, wait_s: float = 20.0) -> dict[str, Any]:
     """What an offline wandb run recorded: ``name``, ``group``, ``config`` keys, and the keys of
-    every history row (tables appear as ``<key>._type`` and friends)."""
+    every history row (tables appear as ``<key>._type`` and friends). wandb's service writes the
+    file on its own; under load its records can land after the command returned (a CI run once read
+    none), so this reads again for up to ``wait_s`` until the run's record is there."""
+    import time
+
+    deadline = time.monotonic() + wait_s
     records = wandb_records(run_dir)
+    while not any(r.WhichOneof("record_type") == "run" for r in records) and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = wandb_records(run_dir)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     config = {i.key for r in records if r.WhichOneof("record_type") == "config" for i in r.config.update}
     config |= {i.key for i in run.config.update}
