@@ -107,12 +107,12 @@ class _Scratch:
         return out
 
 
-def _lse_in_place(logits: Tensor) -> Tensor:
-    """log-sum-exp of each row of fp32 ``logits`` (t, V), max-shifted as ``torch.logsumexp``; the
-    rows are overwritten with ``exp(logits - max)``."""
+def _lse_in_place(logits: Tensor, out: Tensor | None = None) -> Tensor:
+    """log-sum-exp of each row of fp32 ``logits`` (t, V), max-shifted as ``torch.logsumexp``;
+    ``exp(logits - max)`` is written into ``out`` (same shape), or over ``logits`` without it."""
     top = logits.amax(-1, keepdim=True)  # (t, 1)
     top.masked_fill_(~torch.isfinite(top), 0.0)  # rows of -inf (or inf) as torch.logsumexp treats them
-    total = logits.sub_(top).exp_().sum(-1)
+    total = torch.sub(logits, top, out=logits if out is None else out).exp_().sum(-1)
     return total.log_().add_(top[:, 0])
 
 
@@ -208,8 +208,7 @@ def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | H
         stop = min(start + tile, m)
         b = _rows(head, start, stop, scratch if isinstance(head, HeadInputs) else None)  # (t, V) reference logits
         work = scratch.fp32[2][: stop - start]
-        top = b.amax(-1, keepdim=True)
-        lse_b = torch.sub(b, top, out=work).exp_().sum(-1).log_().add_(top[:, 0])
+        lse_b = _lse_in_place(b, out=work)  # b stays: the KL needs it
         if isinstance(head, HeadInputs):  # as tiled_logps computes the policy's
             logps[start:stop] = b.gather(1, flat[start:stop, None]).squeeze(1) - lse_b
         else:  # as target_logps computes the policy's from logits: equal log-probs give a loss of exactly ln 2

@@ -4,7 +4,8 @@ A decode step on a CPU is mostly matrix products of a few rows against every wei
 ``nn.Linear`` reads each weight in its stored layout every step; oneDNN runs the same products
 faster on weights reordered once into its blocked layout (what inductor's freezing does on a CPU).
 While weights stay fixed (sampling), :func:`packed_linears` reorders every ``nn.Linear`` (and
-GPT-2's ``Conv1D``) weight of a model once and routes its forward through oneDNN; leaving the block restores the layers.
+GPT-2's ``Conv1D``) weight of a model once and routes its forward through oneDNN; leaving the
+block restores the layers.
 
 Where it applies: fp32 or bf16 weights on the CPU, plain tensors (not FSDP2's DTensor shards),
 outside autocast (under autocast ``nn.Linear`` multiplies in the autocast dtype; the packed product
@@ -46,11 +47,11 @@ def _packable(model: nn.Module) -> list[nn.Module]:
 
 @contextmanager
 def packed_linears(model: nn.Module, rows: int) -> Iterator[bool]:
-    """Within the block, every ``nn.Linear`` (and GPT-2's ``Conv1D``) of ``model`` multiplies with its weight packed for
-    oneDNN (``rows``: the expected rows per product, a layout hint). Yields whether it did (see the
-    module docstring for where it applies)."""
+    """Within the block, every ``nn.Linear`` (and GPT-2's ``Conv1D``) of ``model`` multiplies with
+    its weight packed for oneDNN (``rows``: the expected rows per product, a layout hint). Yields
+    whether it did (see the module docstring for where it applies)."""
     layers = _packable(model)
-    patched: list[nn.Linear] = []
+    patched: list[nn.Module] = []
     try:
         for layer in layers:
             weight = layer.weight.detach() if isinstance(layer, nn.Linear) else layer.weight.detach().T.contiguous()

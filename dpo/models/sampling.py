@@ -309,8 +309,7 @@ def _decode(
             rows, going, mask, position, picked = rows[keep], going[keep], mask[keep], position[keep], picked[keep]
         position = position + 1
         logits = model(input_ids=picked[:, None], attention_mask=mask[:, : width + step + 1], position_ids=position,
-                       cache=cache,
-                       use_cache=True, **keep_last).logits[:, -1].float()  # fmt: skip
+                       cache=cache, use_cache=True, **keep_last).logits[:, -1].float()  # fmt: skip
     return tokens, logps
 
 

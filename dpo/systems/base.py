@@ -309,18 +309,18 @@ class System(LightningModule):
         self.log_dict({k: v for k, v in metrics.items() if k not in shown}, **kwargs)
 
     def sum_over_ranks(self, t: Tensor) -> Tensor:
-        """``t`` summed over every rank (itself on one, or outside a Trainer)."""
-        trainer = self._trainer
-        return trainer.strategy.reduce(t, reduce_op="sum") if trainer is not None and trainer.world_size > 1 else t
+        """``t`` summed over every rank (itself on one)."""
+        return self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
 
-    def global_moments(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Mean and variance of the masked ``values`` over every rank's rows (e.g. advantages to whiten)."""
+    def global_moments(self, values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, variance and count of the masked ``values`` over every rank's rows (e.g. advantages
+        to whiten, scores to normalise), in one reduction."""
         stats = torch.stack([(values * mask).sum(), (values**2 * mask).sum(), mask.sum()])
         trainer = self._trainer  # None outside a Trainer (a rollout on its own)
         if trainer is not None and trainer.world_size > 1:
             stats = trainer.strategy.reduce(stats, reduce_op="sum")
         mean = stats[0] / stats[2].clamp(min=1)
-        return mean, (stats[1] / stats[2].clamp(min=1) - mean**2).clamp(min=0)
+        return mean, (stats[1] / stats[2].clamp(min=1) - mean**2).clamp(min=0), stats[2]
 
     def log_at_step(self, metrics: dict[str, Tensor], bar: tuple[str, ...]) -> None:
         """Log the metrics of a batch that made several optimizer steps (PPO's iteration), averaged

@@ -237,11 +237,11 @@ class PPOModule(System):
         ref_logps = target_logps(ref_logits[rows, pos], tgt)
         self.policy.train(was_training)
         if self.norm.mode != "none":  # running statistics over every rank's scores
-            mean, var = self.global_moments(scores, torch.ones_like(scores))
-            self.norm.update(float(mean), float(var), int(self.sum_over_ranks(torch.tensor(float(len(scores)))).item()))
+            mean, var, count = self.global_moments(scores, torch.ones_like(scores))
+            self.norm.update(float(mean), float(var), int(count.item()))
         rewards = shaped_rewards(self.norm(scores), logps * tok_mask, ref_logps * tok_mask, tok_mask, self.kl.coef)
         advantages, returns = gae(rewards, values, tok_mask, self.cfg.gamma, self.cfg.lam)
-        mean, var = self.global_moments(advantages, tok_mask)
+        mean, var, _ = self.global_moments(advantages, tok_mask)
         advantages = whiten(advantages, tok_mask, mean, var)
         out = Rollout(ids, mask, pos, tgt, tok_mask, scores, logps * tok_mask, ref_logps * tok_mask,
                       values * tok_mask, advantages, returns)  # fmt: skip
