@@ -67,13 +67,15 @@ def run(cfg: DictConfig) -> Path:
     if picks_out and any("completions" not in r or "prompt" not in r for r in rows):
         raise ConfigError(f"completions={picks_out}: {cfg.input} rows need 'prompt' and 'completions' to pick from")
     temperature = samples_temperature(cfg.input) if picks_out else None
+    seed = samples_seed(cfg.input)  # kept on each row: Best-of-N files of several seeds average into one point
     out, picked = [], []
     for n in track(cfg.ns, "best-of-n"):
         mean, picks = best_of_n([r["rewards"] for r in rows], n)
         picked += [{"policy": f"best_of_{n}", "temperature": temperature, "prompt": r["prompt"],
                     "completion": r["completions"][j]} for r, j in zip(rows, picks, strict=True)]  # fmt: skip
         out.append(
-            {"method": "best_of_n", "n": n, "step": 0, "reward": mean, "kl": best_of_n_kl(n), "n_prompts": len(rows)}
+            {"method": "best_of_n", "n": n, "step": 0, "reward": mean, "kl": best_of_n_kl(n), "n_prompts": len(rows),
+             "seed": seed}
         )
         log.info(f"best-of-{n}: reward {mean:.4f}, KL {best_of_n_kl(n):.3f}")
     if picks_out:
@@ -90,6 +92,14 @@ def samples_temperature(scored: str) -> float:
     if "temperature" not in generation:
         raise ConfigError(f"completions=: {meta} doesn't say the samples' temperature (dpo-score writes it)")
     return float(generation["temperature"])
+
+
+def samples_seed(scored: str) -> int | None:
+    """The seed dpo-sample drew a scored samples file with (from the metadata dpo-score kept); None
+    when the metadata is not there."""
+    meta = Path(f"{scored}.meta.json")
+    seed = ((json.loads(meta.read_text()) if meta.is_file() else {}).get("samples_meta") or {}).get("seed")
+    return seed if isinstance(seed, int) else None
 
 
 @entry("best_of_n")

@@ -233,9 +233,11 @@ def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
     for root in roots:
         for path in sorted(Path(root).rglob("eval.jsonl")):
             for row in _jsonl(path, {"kl": (int, float), "reward": (int, float)}):
+                seed = _seed_of(path)
                 if row.get("method") == "best_of_n":
                     family, label, step = "Best-of-N", "Best-of-N", row["n"]
                     samples = _best_of_n_rewards(path, row["n"])
+                    seed = row.get("seed") if isinstance(row.get("seed"), int) else None  # dpo-sample's
                 elif (path.parent.parent / "config.yaml").is_file():
                     (family, label), step = method_of(path.parent.parent), row["step"]
                     samples = _sample_rewards(path.parent, row["step"])
@@ -243,7 +245,7 @@ def frontier_points(roots: Sequence[Path]) -> list[dict[str, Any]]:
                     continue
                 points.append({"family": family, "label": label, "step": step, "kl": row["kl"],
                                "reward": row["reward"], "reward_se": standard_error(samples),
-                               "seed": _seed_of(path), "setting": _setting_of(path), "source": str(path)})  # fmt: skip
+                               "seed": seed, "setting": _setting_of(path), "source": str(path)})  # fmt: skip
     return points
 
 
