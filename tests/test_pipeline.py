@@ -18,7 +18,7 @@ from dpo.config.settings import ConfigError
 from dpo.maths.logprobs import sequence_kl
 from dpo.models.completions import completion_batch, completion_kl
 from dpo.models.sampling import cut_at_eos
-from dpo.runtime.io import read_jsonl
+from dpo.runtime.io import read_jsonl, write_jsonl
 
 
 def test_pairs_respect_margin_and_ties():
@@ -208,6 +208,34 @@ def test_runs_that_differ_only_in_their_seed_are_one_frontier_point_with_bars_ov
     from dpo.commands.report_figures import report
 
     assert (tmp_path / "fig" / "frontier.png") in report([sweep], tmp_path / "fig")
+
+
+def test_best_of_n_of_two_sampling_seeds_is_one_frontier_point_with_bars_over_seeds(tmp_path):
+    """dpo-best-of-n keeps the seed dpo-sample drew with (from the scored file's metadata) on each
+    row, so the miniature's Best-of-N at seeds 0 and 1 averages into one point per N; a file
+    without that metadata has no seed and stays its own point."""
+    from omegaconf import OmegaConf
+
+    from dpo.commands.best_of_n import run
+    from dpo.report.figures import frontier_points, over_seeds
+
+    rewards = {0: [[0.1, 0.5], [0.3, -0.1]], 1: [[0.4, 0.2], [0.0, 0.2]]}
+    for seed, rows in rewards.items():
+        folder = tmp_path / "bon" / f"seed{seed}"
+        scored = write_jsonl(folder / "scored.jsonl", [{"prompt": f"P{i}", "completions": ["a", "b"], "rewards": r}
+                                                                  for i, r in enumerate(rows)])
+        (folder / "scored.jsonl.meta.json").write_text(json.dumps({"samples_meta": {"seed": seed}}))
+        run(OmegaConf.create({"input": str(scored), "ns": [1, 2], "output": str(folder / "eval.jsonl")}))
+        assert {r["seed"] for r in read_jsonl(folder / "eval.jsonl", {"seed": int})} == {seed}
+    points = {p["step"]: p for p in over_seeds(frontier_points([tmp_path / "bon"]))}
+    assert sorted(points) == [1, 2] and points[2]["seeds"] == 2 and points[2]["seed"] == [0, 1]
+    assert points[1]["reward"] == pytest.approx((0.2 + 0.2) / 2)  # seed 0: (0.1 + 0.3) / 2; seed 1: (0.4 + 0) / 2
+    assert points[2]["reward"] == pytest.approx((0.4 + 0.3) / 2)  # best of 2: (0.5 + 0.3) / 2, (0.4 + 0.2) / 2
+    assert points[2]["reward_se_seeds"] == pytest.approx(0.05)
+    (tmp_path / "bon" / "seed1" / "scored.jsonl.meta.json").unlink()
+    run(OmegaConf.create({"input": str(tmp_path / "bon" / "seed1" / "scored.jsonl"), "ns": [1, 2],
+                          "output": str(tmp_path / "bon" / "seed1" / "eval.jsonl")}))  # fmt: skip
+    assert all(p["seeds"] == 1 for p in over_seeds(frontier_points([tmp_path / "bon"])))
 
 
 @pytest.mark.parametrize("name", ["sample", "score", "pair", "best_of_n"])

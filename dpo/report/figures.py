@@ -275,7 +275,8 @@ def over_seeds(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((p["family"], p["label"], p["step"], p.get("setting")), []).append(p)
     out = []
     for group in groups.values():
-        if len(group) == 1 or len({p.get("seed") for p in group}) < len(group):  # not seeds of one setting
+        seeds = [p.get("seed") for p in group]
+        if len(group) == 1 or None in seeds or len(set(seeds)) < len(group):  # not seeds of one setting
             out += [{**p, "seeds": 1} for p in group]
             continue
         n = len(group)
