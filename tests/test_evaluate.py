@@ -467,6 +467,9 @@ def test_prompts_come_from_data_or_a_file_and_the_chosen_baseline_needs_data(tmp
 @pytest.mark.parametrize(("data", "template", "stop", "max_new_tokens"), [
     ("tldr_sft", "summary", [], 128),
     ("hh", "dialogue", ["\n\nHuman:"], 256),
+    ("tldr_sft", "paper_summary_c", [], 128),
+    ("tldr_sft", "paper_summary_s", [], 128),
+    ("hh", "paper_dialogue", ["\n\nHuman:"], 256),
 ])  # fmt: skip
 def test_the_paper_evaluations_compose_with_their_data_sets_sampling_settings(tmp_path, data, template, stop,
                                                                              max_new_tokens):  # fmt: skip
@@ -495,3 +498,28 @@ def test_a_malformed_completions_file_is_one_error_naming_its_row(tmp_path):
     with pytest.raises(ConfigError, match=r"completions\.jsonl:2: 'temperature' should be"):
         evaluate(cfg)
     assert not (tmp_path / "out" / "judgments.jsonl").exists()
+
+
+@pytest.mark.parametrize(("template", "cue", "asks"), [
+    ("paper_summary_s", "Preferred:", "most important points in the given forum post?"),
+    ("paper_summary_c", "Preferred:", "A good summary is both precise and concise."),
+    ("paper_dialogue", "More helpful:", "For the following query to a chatbot, which response is more helpful?"),
+])  # fmt: skip
+def test_the_paper_judge_prompts_fill_in_and_read_the_verdict_line_they_ask_for(template, cue, asks):
+    """conf/template/paper_*: App. C.2's prompts word for word. The answer's format line ("Preferred:"
+    for TL;DR, "More helpful:" for dialogue) is what the verdict is read from; the format line the
+    prompt itself shows is not taken for an answer."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"template={template}"])
+    t = Template(**OmegaConf.to_container(cfg.template, resolve=True))
+    assert t.name == template and t.verdict_cue == cue
+    (message,) = t.messages(Comparison(prompt=" POST TEXT ", a="first answer", b="second answer"))
+    text = message["content"]
+    assert asks in text and "POST TEXT\n" in text and "first answer" in text and "second answer" in text
+    assert text.index("first answer") < text.index("second answer") and "{" not in text.replace('{"', "")
+    assert text.rstrip().endswith(f'{cue} <"A" or "B">')
+    assert t.parse(f"Comparison: B is shorter and keeps the point.\n{cue} B") == "B"
+    assert t.parse(f'Comparison: A covers more.\n{cue} "A"') == "A"
+    assert t.parse(f'{cue} <"A" or "B">') is None  # the prompt's own format line is no verdict

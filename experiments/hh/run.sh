@@ -6,11 +6,15 @@
 # training job and an OpenAI-compatible judge with its key in $OPENAI_API_KEY.
 set -euo pipefail
 out=outputs
+# The judge: the paper used gpt-4-0314, which is no longer served. Name a dated snapshot your endpoint
+# serves (JUDGE_MODEL=...); absolute win rates drift with the judge, so compare policies judged by one
+# model and report which. The prompt is the paper's App. C.2 wording (conf/template/paper_*.yaml).
+judge_model=${JUDGE_MODEL:-gpt-4.1-2025-04-14}
 dpo-train experiment=hh_sft run_name=sft
 sft=$out/hh_sft/runs/sft/hf
 dpo-train experiment=hh_dpo model.pretrained=$sft run_name=dpo
 # Single-turn test dialogues; answers stop at the next "\n\nHuman:" (data=hh's response.stop).
-common=(data=hh data.source.options.single_turn=true template=dialogue judge=api judge.model=gpt-4-0314
+common=(data=hh data.source.options.single_turn=true template=paper_dialogue judge=api "judge.model=$judge_model"
         n_prompts=256 "temperatures=[0.25,0.5,0.75,1.0]"
         "policies={preferred_ft: $sft, dpo: $out/hh_dpo/runs/dpo/hf, pythia: EleutherAI/pythia-2.8b}")
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates

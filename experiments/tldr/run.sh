@@ -6,6 +6,10 @@
 # `-m`) to submit through submitit; every stage resumes if requeued (run_name keeps its folder).
 set -euo pipefail
 out=outputs
+# The judge: the paper used gpt-4-0314, which is no longer served. Name a dated snapshot your endpoint
+# serves (JUDGE_MODEL=...); absolute win rates drift with the judge, so compare policies judged by one
+# model and report which. The prompt is the paper's App. C.2 wording (conf/template/paper_*.yaml).
+judge_model=${JUDGE_MODEL:-gpt-4.1-2025-04-14}
 # 1. SFT GPT-J 6B on the reference summaries (or skip and use CarperAI/openai_summarize_tldr_sft).
 dpo-train experiment=tldr_sft run_name=sft
 sft=$out/tldr_sft/runs/sft/hf
@@ -13,8 +17,8 @@ sft=$out/tldr_sft/runs/sft/hf
 dpo-train experiment=tldr_dpo model.pretrained=$sft run_name=dpo
 dpo-train experiment=tldr_dpo model.pretrained=$sft loss=sft run_name=preferred_ft task_name=tldr_pft
 # 3. Win rates against the reference summaries (CarperAI/openai_summarize_tldr, its test split),
-#    256 prompts, T in {0, .25, .5, .75, 1}, GPT-4 judge with the summary template. Dry run first:
-common=(data=tldr_sft data.source.splits.val=test template=summary judge=api judge.model=gpt-4-0314
+#    256 prompts, T in {0, .25, .5, .75, 1}, the judge with the paper's prompt (C). Dry run first:
+common=(data=tldr_sft data.source.splits.val=test template=paper_summary_c judge=api "judge.model=$judge_model"
         n_prompts=256 "policies={sft: $sft, dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf}")
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates
 dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates
