@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -113,17 +114,18 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.server.mode in MISBEHAVIOUR:
             return MISBEHAVIOUR[self.server.mode](self)
-        user = body["messages"][-1]["content"]
-        a = user.split("Continuation A:\n", 1)[1].split("\n\nContinuation B:", 1)[0]
-        b = user.split("Continuation B:\n", 1)[1].split("\n\nWhich", 1)[0]
+        user = body["messages"][-1]["content"]  # ours (Continuation) or the paper's templates (Summary, Response)
+        a, b = re.search(r"(?:Continuation|Summary|Response) A:\n(.*?)\n\n(?:Continuation|Summary|Response) B:\n"
+                         r"(.*?)\n\n(?:Which|FIRST)", user, re.S).groups()  # fmt: skip
+        cue = "More helpful:" if "More helpful:" in user else "Preferred:"
         if "weird" in a + b or self.server.mode == "weird":
             content = "Both have their charm."
         elif self.server.mode == "u2028":
             content = "A is warmer\u2028about the film.\nPreferred: A"
         elif a.startswith("good") or b.startswith("bad"):
-            content = "A is warmer about the film.\nPreferred: A"
+            content = f"A is warmer about the film.\n{cue} A"
         else:
-            content = "B is warmer about the film.\nPreferred: B"
+            content = f"B is warmer about the film.\n{cue} B"
         data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -523,3 +525,82 @@ def test_the_paper_judge_prompts_fill_in_and_read_the_verdict_line_they_ask_for(
     assert t.parse(f"Comparison: B is shorter and keeps the point.\n{cue} B") == "B"
     assert t.parse(f'Comparison: A covers more.\n{cue} "A"') == "A"
     assert t.parse(f'{cue} <"A" or "B">') is None  # the prompt's own format line is no verdict
+
+
+# --- judge-human agreement (agreement=true) --------------------------------------------------------
+
+
+def test_agreement_with_labels_and_between_labels_by_hand():
+    """Comparison 0 (labels x, x, y), judged in both orders: the judge picks x twice: 2/3 with each
+    judgment, so 2/3; its labels agree in 1 of 3 pairs. Comparison 1 (label y): one tie, 1/2.
+    Comparison 2 (label x): unreadable, left out of the judge's n but its labels (one) never counted
+    for human-human. Mean over comparisons: (2/3 + 1/2) / 2; s.e. |2/3 - 1/2| / 2."""
+    from dpo.evaluation.agreement import agreement, group_labelled, human_agreement, judge_score
+
+    rows = [("p0", "x", "y"), ("p0", "x", "y"), ("p0", "y", "x"), ("p1", "b", "a"), ("p2", "s", "t"), ("p3", "z", "z")]
+    c0, c1, c2 = group_labelled(rows)  # p3's equal responses carry no preference
+    assert (c0.x, c0.y, c0.labels) == ("x", "y", ("x", "x", "y")) and c1.labels == ("b",) and c2.labels == ("s",)
+    assert human_agreement(c0.labels) == pytest.approx(1 / 3) and human_agreement(c1.labels) is None
+    assert judge_score("x", c0.labels) == pytest.approx(2 / 3) and judge_score(None, c0.labels) == 0.5
+    # (comparison, verdict, x shown first): A with x first and B with x second both pick x
+    result = agreement([(c0, "A", True), (c0, "B", False), (c1, "tie", True), (c2, None, False)])
+    assert result.n == 2 and result.judgments == 3 and result.parse_failures == 1 and result.ties == 1
+    assert result.judge_human == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert result.judge_human_se == pytest.approx(abs(2 / 3 - 1 / 2) / 2)  # sd (ddof 1) of two / sqrt(2)
+    assert result.human_human == pytest.approx(1 / 3) and result.n_multi == 1 and math.isnan(result.human_human_se)
+    assert result.position_bias == pytest.approx(1 / 2)  # A won one of the two decided judgments
+    flipped = agreement([(c0, "B", True), (c0, "A", False)])  # picks y both times: 1/3
+    assert flipped.judge_human == pytest.approx(1 / 3)
+
+
+def test_dpo_eval_agreement_judges_labelled_comparisons_and_reports_both_agreements(tmp_path):
+    """agreement=true on a JSONL of labelled pairs with the VADER judge: comparison 1 has two labels
+    that disagree (human-human 0) and comparison 2 three that agree; VADER picks the positive text,
+    which the labels name in comparisons 0 and 2 and half of 1's: agreement (1 + 1/2 + 1) / 3.
+    Nothing is judged when the config is wrong."""
+    pos, neg = "I loved this wonderful, brilliant film.", "I hated this awful, boring film."
+    good, bad = "A great and happy story.", "A terrible, sad mess."
+    rows = [{"prompt": "Review:", "chosen": pos, "rejected": neg},
+            {"prompt": "Another:", "chosen": good, "rejected": bad}, {"prompt": "Another:", "chosen": bad,
+                                                                    "rejected": good},
+            *[{"prompt": "Third:", "chosen": pos, "rejected": bad}] * 3]  # fmt: skip
+    data = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    common = ["data=local", f"data.source.splits.train={data}", f"data.source.splits.val={data}", "agreement=true",
+              "judge=reward", "reward@judge.reward=vader", "judge.orders=both", "template=positive"]  # fmt: skip
+    out = tmp_path / "out"
+    result = evaluate(compose_eval(common, out))
+    (row,) = read_jsonl(result, {"judge_human": float})
+    assert row["n"] == 3 and row["comparisons"] == 3 and row["n_multi"] == 2 and row["judgments"] == 6
+    assert row["judge_human"] == pytest.approx((1 + 0.5 + 1) / 3)
+    assert row["human_human"] == pytest.approx((0 + 1) / 2) and row["position_bias"] == pytest.approx(0.5)
+    assert row["template"] == "positive" and "judge-human agreement" in (out / "agreement.md").read_text()
+    assert len(read_jsonl(out / "judgments.jsonl", {"labels": list, "verdict": str})) == 6
+    with pytest.raises(ConfigError, match="agreement=true judges a data config's labelled comparisons"):
+        evaluate(compose_eval([*common, "policies={a: x}"], tmp_path / "refused"))
+    assert not (tmp_path / "refused" / "judgments.jsonl").exists()
+
+
+@pytest.mark.parametrize("template", ["paper_summary_c", "paper_dialogue"])
+def test_api_judge_agreement_with_the_paper_prompts_against_a_local_server(tmp_path, server, monkeypatch, template):
+    """The scripted server prefers the text starting "good", answering in the template's own verdict
+    line. Labels: comparisons 0-2 name the good text, comparison 3 the bad one (judge-human 3/4);
+    comparison 0 has a second, disagreeing label (its agreement 1/2; human-human 0). A dry run counts
+    the requests; the run pays for each comparison once, then the cache serves a rerun."""
+    monkeypatch.setenv("TEST_JUDGE_KEY", KEY)
+    rows = [{"prompt": f"post {i}", "chosen": f"good summary {i}", "rejected": f"bad summary {i}"} for i in range(3)]
+    rows += [{"prompt": "post 0", "chosen": "bad summary 0", "rejected": "good summary 0"},
+             {"prompt": "post 3", "chosen": "bad summary 3", "rejected": "good summary 3"}]  # fmt: skip
+    data = write_jsonl(tmp_path / "labelled.jsonl", rows)
+    overrides = ["data=local", f"data.source.splits.train={data}", f"data.source.splits.val={data}",
+                 "agreement=true", f"template={template}", "judge=api", f"judge.base_url={server.url}",
+                 "judge.model=scripted", "judge.api_key_env=TEST_JUDGE_KEY", "judge.backoff_s=0.01"]  # fmt: skip
+    cache = tmp_path / "cache"
+    evaluate(compose_eval([*overrides, "dry_run=true"], tmp_path / "dry", cache))
+    assert server.requests == [] and not (tmp_path / "dry" / "agreement.jsonl").exists()
+    (row,) = read_jsonl(evaluate(compose_eval(overrides, tmp_path / "one", cache)), {"judge_human": float})
+    assert len(server.requests) == 4 and row["n"] == 4 and row["parse_failures"] == 0
+    assert row["judge_human"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
+    assert row["human_human"] == 0.0 and row["n_multi"] == 1 and row["template"] == template
+    assert row["judge"]["model"] == "scripted"
+    evaluate(compose_eval(overrides, tmp_path / "two", cache))
+    assert len(server.requests) == 4  # served from the cache

@@ -4,6 +4,7 @@
     dpo-eval data=hh template=dialogue judge=api policies='{sft: ..., dpo: ...}' baseline=chosen
     dpo-eval ... completions=<completions.jsonl>     # judge given completions (e.g. Best-of-N picks)
     dpo-eval ... dry_run=true                        # sample, count the judge's requests, stop
+    dpo-eval data=tldr template=paper_summary_c judge=api agreement=true   # the judge against human labels
 
 The paper's protocol (Sec. 6.2, App. C.2): for held-out prompts (a seeded choice of ``n_prompts``),
 each policy samples one completion at each temperature; a judge compares it with the baseline's
@@ -17,6 +18,14 @@ texts, order, the judge's raw output, verdict), ``results.jsonl`` and ``results.
 temperature: win rate, standard error, n, parse failures, skipped prompts, position bias),
 ``win_rate.png``; with ``wandb=true`` the table and plot go to wandb as well. The definitions are in
 :mod:`dpo.evaluation.win_rate`.
+
+``agreement=true`` judges the data's own labelled comparisons instead (no policies): the ``split``'s
+rows, those of one prompt and one pair of responses grouped into one comparison with several labels,
+a seeded choice of ``n_prompts`` of them; it writes ``judgments.jsonl``, ``agreement.jsonl`` and
+``agreement.md``: the judge's agreement with the human labels, the humans' agreement with each other
+where a comparison has several labels, the position bias, with standard errors
+(:mod:`dpo.evaluation.agreement`). Sweep ``-m template=paper_summary_s,paper_summary_c`` for one row
+per template.
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from dpo.commands.cli import entry
 from dpo.config.schema import EvalConfig
 from dpo.config.secrets import redact
 from dpo.config.settings import ConfigError, check_ranges, require_keys, typed
+from dpo.evaluation.agreement import Labelled, agreement, group_labelled
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
 from dpo.evaluation.judges.base import JudgeError
@@ -86,11 +96,15 @@ def check(cfg: DictConfig) -> None:
     """The config's mistakes, before any model loads."""
     require_keys(cfg, ["judge.kind", "template.user", "paths.output_dir"])
     check_ranges(cfg, EvalConfig)  # temperatures, n_prompts, batch_size, dtype: every range at once
-    if (cfg.data is None) == (cfg.prompts_file is None):
+    if cfg.agreement:
+        if cfg.data is None or cfg.prompts_file is not None or cfg.policies or cfg.completions:
+            raise ConfigError("agreement=true judges a data config's labelled comparisons: set data=... and its "
+                              "split, without prompts_file, policies or completions")  # fmt: skip
+    elif (cfg.data is None) == (cfg.prompts_file is None):
         raise ConfigError("dpo-eval: give prompts through a data config (data=hh) or prompts_file, not both")
     if cfg.baseline == CHOSEN and cfg.data is None:
         raise ConfigError("baseline=chosen takes the data's preferred responses: set data=..., or a policy as baseline")
-    if not cfg.policies and not cfg.completions:
+    if not cfg.agreement and not cfg.policies and not cfg.completions:
         raise ConfigError("dpo-eval: set policies (name: model folder or hub id) or completions (a JSONL)")
     if cfg.policies is not None and (
         not isinstance(cfg.policies, DictConfig) or not all(isinstance(v, str) for v in cfg.policies.values())
@@ -237,13 +251,15 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], figure: Path) -> N
 
 
 def evaluate(cfg: DictConfig) -> Path:
-    """Run the evaluation; returns ``results.jsonl``."""
+    """Run the evaluation; returns ``results.jsonl`` (``agreement.jsonl`` with ``agreement=true``)."""
     check(cfg)
     started = time.time()
     out = Path(cfg.paths.output_dir)
     if cfg.judge.kind == "api":  # the key's presence is checked before any sampling
         typed_judge = typed(cfg.judge, JUDGES["api"].Config)
         api = ApiJudge(typed_judge, typed(cfg.template, Template), dry_run=cfg.dry_run)
+    if cfg.agreement:
+        return judge_agreement(cfg, out, api if cfg.judge.kind == "api" else None, started)
     prompts, texts = prompts_and_completions(cfg, out)
     planned, skipped = plan(cfg, prompts, texts, cfg.judge.orders)
     comparisons = [x.comparison() for x in planned]
@@ -320,6 +336,73 @@ def win_rate_rows(baseline: str, planned: list[Planned], verdicts: list[Any], sk
             "skipped_prompts": n_skipped, "ties": w.ties, "position_bias": w.position_bias, "judge": judge,
         })  # fmt: skip
     return rows
+
+
+def labelled_comparisons(cfg: DictConfig) -> list[Labelled]:
+    """A seeded choice of ``n_prompts`` labelled comparisons of the data's ``split`` (in their order
+    there): rows of one prompt and one pair of responses are one comparison, each row a label."""
+    from dpo.data.formats import load_rows
+    from dpo.data.sources import SourceSpec
+
+    rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row)
+    found = group_labelled((r.prompt, r.chosen, r.rejected) for r in rows)
+    if not found:
+        raise ConfigError(f"agreement=true: split {cfg.split!r} of data {cfg.data.source.path} has no comparison "
+                          "of two different responses")  # fmt: skip
+    keep = sorted(random.Random(cfg.seed).sample(range(len(found)), min(cfg.n_prompts, len(found))))
+    multi = sum(len(found[i].labels) > 1 for i in keep)
+    log.info(f"{len(keep)} of {len(found)} labelled comparisons of split {cfg.split!r} chosen (seed {cfg.seed}); "
+             f"{multi} with several labels")  # fmt: skip
+    return [found[i] for i in keep]
+
+
+def agreement_table(rows: list[dict[str, Any]]) -> str:
+    """``agreement.md``: one row per template (and judge)."""
+    head = ("| template | judge | judge-human agreement | s.e. | n | human-human agreement | s.e. | n (several "
+            "labels) | A won | parse failures | ties |\n|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    return head + "".join(
+        f"| {r['template']} | {r['judge'].get('kind')} {r['judge'].get('model') or ''} | {r['judge_human']:.3f} | "
+        f"{r['judge_human_se']:.3f} | {r['n']} | {r['human_human']:.3f} | {r['human_human_se']:.3f} | "
+        f"{r['n_multi']} | {r['position_bias']:.2f} | {r['parse_failures']} | {r['ties']} |\n"
+        for r in rows
+    )
+
+
+def judge_agreement(cfg: DictConfig, out: Path, api: ApiJudge | None, started: float) -> Path:
+    """``agreement=true``: the judge on the data's labelled comparisons, against their labels."""
+    chosen = labelled_comparisons(cfg)
+    planned: list[tuple[Labelled, bool]] = []
+    for c in chosen:
+        if cfg.judge.orders == "both":
+            planned += [(c, True), (c, False)]
+        else:  # drawn per comparison from the seed, as for win rates
+            planned.append((c, random.Random(f"{cfg.seed}:agreement:{c.index}").random() < 0.5))
+    comparisons = [Comparison(c.prompt, *((c.x, c.y) if x_first else (c.y, c.x))) for c, x_first in planned]
+    if cfg.dry_run:
+        needed = api.uncached(comparisons) if api is not None else len(comparisons)
+        log.info(f"dry run: {len(comparisons)} comparisons, {needed} judge requests to send; nothing judged")
+        return out / "agreement.jsonl"
+    template = typed(cfg.template, Template)
+    judge: Judge = api if api is not None else build_judge(
+        typed(cfg.judge, JUDGES[cfg.judge.kind].Config), template, cfg.paths.cache_dir
+    )  # fmt: skip
+    verdicts = judge.judge(comparisons)
+    write_jsonl(out / "judgments.jsonl", [
+        {"index": c.index, "prompt": c.prompt, "x": c.x, "y": c.y, "labels": list(c.labels),
+         "order": "x_first" if x_first else "y_first", "a": cmp.a, "b": cmp.b, "raw": v.raw, "verdict": v.winner}
+        for (c, x_first), cmp, v in zip(planned, comparisons, verdicts, strict=True)
+    ])  # fmt: skip
+    result = agreement((c, v.winner, x_first) for (c, x_first), v in zip(planned, verdicts, strict=True))
+    if result.n == 0:
+        raise JudgeError(f"no usable judgment: every answer was unreadable (each is in {out / 'judgments.jsonl'})")
+    row = {"template": template.name, "judge": judge.describe(), "split": cfg.split, "comparisons": len(chosen),
+           **{k: getattr(result, k) for k in ("judge_human", "judge_human_se", "n", "human_human", "human_human_se",
+                                               "n_multi", "judgments", "parse_failures", "ties")},
+           "position_bias": result.position_bias, "seconds": round(time.time() - started, 1)}  # fmt: skip
+    path = write_jsonl(out / "agreement.jsonl", [row])
+    (out / "agreement.md").write_text(agreement_table([row]), encoding="utf-8")
+    log.info("agreement with the labels:\n%s", agreement_table([row]))
+    return path
 
 
 @entry("eval")

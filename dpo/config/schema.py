@@ -140,6 +140,9 @@ class EvalConfig:
         generation: sampling settings besides the temperature; ``max_new_tokens`` and ``stop``
             default to the data config's ``response``.
         dry_run: sample (or read) the completions, count the judge requests a run would send, stop.
+        agreement: judge the data's own labelled comparisons (``split``; ``n_prompts`` of them) and
+            report the judge's agreement with the labels and the labels' with each other, instead
+            of win rates (:mod:`dpo.evaluation.agreement`); no policies.
         wandb: log the results table and plot to wandb (``WANDB_MODE`` decides online/offline).
         wandb_project: the wandb project.
     """
@@ -158,6 +161,7 @@ class EvalConfig:
     batch_size: int = 16
     generation: SweepGeneration = field(default_factory=lambda: SweepGeneration())
     dry_run: bool = False
+    agreement: bool = False
     wandb: bool = False
     wandb_project: str = "dpo"
     data: Any = None
