@@ -472,6 +472,8 @@ def test_prompts_come_from_data_or_a_file_and_the_chosen_baseline_needs_data(tmp
     ("tldr_sft", "paper_summary_c", [], 128),
     ("tldr_sft", "paper_summary_s", [], 128),
     ("hh", "paper_dialogue", ["\n\nHuman:"], 256),
+    ("cnn_dailymail", "paper_summary_c", [], 128),
+    ("tldr_cnndm", "paper_summary_c", [], 128),
 ])  # fmt: skip
 def test_the_paper_evaluations_compose_with_their_data_sets_sampling_settings(tmp_path, data, template, stop,
                                                                              max_new_tokens):  # fmt: skip

@@ -60,6 +60,24 @@ def test_three_tldr_sources_give_the_same_prompt_and_responses():
     assert sft[0].rejected is None and sft[1].prompt.endswith("\nTL;DR:") and len(sft[1].prompt) > 5000
 
 
+def test_cnn_dailymail_articles_come_in_the_tldr_prompt_format():
+    """The paper's out-of-distribution test (Sec. 6.3): the comparisons' news rows (data=tldr_cnndm;
+    Reddit rows filtered and counted) and the CNN/DailyMail test articles with their highlights
+    (data=cnn_dailymail), each article as the POST of the TL;DR template."""
+    rows, report = load_rows(spec("tldr_articles", "tldr", subreddit="news"), "train", on_bad_row="skip")
+    assert len(rows) == 1 and report.filtered == {"not_an_article": 3}
+    assert rows[0].prompt == TLDR_TEMPLATE.format(subreddit="news", title="", post="A news article.")
+    assert (rows[0].chosen, rows[0].rejected) == (" more news", " news")  # choice 1
+    cnn = spec("cnn_dailymail", "cnn_dailymail", ("test", "test"))
+    with pytest.raises(DataError, match=r"cnn_dailymail/test.jsonl:3: field 'article' is empty"):
+        load_rows(cnn, "train")
+    rows, report = load_rows(cnn, "train", on_bad_row="skip")
+    assert len(rows) == 2 and report.skipped == {"empty_text": 1}
+    assert rows[0].prompt.startswith("SUBREDDIT: r/news\nTITLE: \nPOST: LONDON, England (CNN) -- A cat")
+    assert rows[0].prompt.endswith("on a ladder.\nTL;DR:") and rows[0].rejected is None
+    assert rows[0].chosen == " Cat rescued from a tree in London . Firefighters spent two hours on a ladder ."
+
+
 def test_shp_keeps_pairs_above_the_score_ratio_with_the_preferred_first():
     rows, report = load_rows(spec("shp", "shp"), "train")
     assert report.filtered == {"score_ratio_below_min": 1} and len(rows) == 3

@@ -150,6 +150,44 @@ def parse_tldr(record: Any, where: str, *, template: str = TLDR_TEMPLATE) -> lis
     return [_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)]
 
 
+ARTICLE_SUBREDDIT = "news"
+"""The ``SUBREDDIT`` a news article gets in the TL;DR prompt format (the CNN/DailyMail test)."""
+
+
+def parse_tldr_articles(
+    record: Any, where: str, *, template: str = TLDR_TEMPLATE, subreddit: str = ARTICLE_SUBREDDIT
+) -> list[PreferenceRow]:
+    """The CNN/DailyMail rows of ``openai/summarize_from_feedback`` comparisons (``info.article``;
+    the validation split holds them), in the TL;DR prompt format: the article as the post, its
+    title (empty where there is none) and ``subreddit``; Reddit rows are filtered (counted)."""
+    info = _get(record, "info")
+    if not isinstance(info, dict):
+        raise BadRow("not_an_object", "field 'info' must be an object")
+    article = info.get("article")
+    if not isinstance(article, str) or not article.strip():
+        raise Filtered("not_an_article", "info.article is empty (a Reddit post row)")
+    title = info.get("title") if isinstance(info.get("title"), str) else ""
+    summaries, choice = _get(record, "summaries"), _get(record, "choice")
+    if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
+        raise BadRow("bad_comparison", "need two summaries and choice 0 or 1")
+    texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
+    if not all(isinstance(t, str) for t in texts):
+        raise BadRow("not_a_string", "summaries[i].text must be strings")
+    prompt = _tldr_prompt(template, subreddit, title, article)
+    return [_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)]
+
+
+def parse_cnn_dailymail(
+    record: Any, where: str, *, template: str = TLDR_TEMPLATE, subreddit: str = ARTICLE_SUBREDDIT
+) -> list[PreferenceRow]:
+    """``abisee/cnn_dailymail`` (config ``3.0.0``): the ``article`` in the TL;DR prompt format (no
+    title) and its reference summary ``highlights`` (one line per highlight, joined with spaces):
+    the DPO paper's out-of-distribution test (Sec. 6.3) judges TL;DR policies against it."""
+    prompt = _tldr_prompt(template, subreddit, "", _text(record, "article"))
+    highlights = " ".join(line.strip() for line in _text(record, "highlights").splitlines() if line.strip())
+    return [_row(prompt, " " + highlights, None, where)]
+
+
 def _carper_prompt(record: Any, template: str) -> str:
     match = _CARPER_PROMPT.match(_text(record, "prompt"))
     if match is None:
@@ -331,6 +369,8 @@ FORMATS: dict[str, Format] = {
     "tldr": Format(parse_tldr, _always),
     "tldr_flat": Format(parse_tldr_flat, _always),
     "tldr_sft": Format(parse_tldr_sft, _never),
+    "tldr_articles": Format(parse_tldr_articles, _always),
+    "cnn_dailymail": Format(parse_cnn_dailymail, _never),
     "shp": Format(parse_shp, _always),
     "imdb": Format(parse_imdb, _never, needs_tokenizer=lambda o: o.get("prefix_unit", "words") == "tokens",
                    corpus_options={"prefix_unit": "words"}),

@@ -23,3 +23,10 @@ common=(data=tldr_sft data.source.splits.val=test template=paper_summary_c judge
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates
 dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates
 # -> outputs/eval/runs/win_rates/{results.md,win_rate.png,judgments.jsonl}
+# 4. Out of distribution (Sec. 6.3, Table 1): the TL;DR policies summarise CNN/DailyMail test articles
+#    (in the TL;DR prompt format, data=cnn_dailymail) at T 0 and 0.25, judged against the reference
+#    highlights with the same prompt.
+cnndm=(data=cnn_dailymail template=paper_summary_c judge=api "judge.model=$judge_model" n_prompts=256
+       "temperatures=[0.0,0.25]" "policies={dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf}")
+dpo-eval "${cnndm[@]}" dry_run=true run_name=cnndm
+dpo-eval "${cnndm[@]}" completions=$out/eval/runs/cnndm/completions.jsonl run_name=cnndm
