@@ -606,3 +606,42 @@ def test_api_judge_agreement_with_the_paper_prompts_against_a_local_server(tmp_p
     assert row["judge"]["model"] == "scripted"
     evaluate(compose_eval(overrides, tmp_path / "two", cache))
     assert len(server.requests) == 4  # served from the cache
+
+
+# --- win rate over training (callbacks.step_exports + over_training) -----------------------------
+
+
+def test_step_exports_are_judged_over_training_and_drawn_against_step(tmp_path, caplog):
+    """A tiny run with callbacks.step_exports.every_n_steps=2 and 5 steps exports steps 2, 4 and 5
+    (the end); each loads as an ordinary model and differs from the last. dpo-eval
+    over_training=<run> judges each export as policy step<N> and draws win rate against step. A run
+    with no exports, or policies given beside over_training, is refused before anything loads."""
+    from transformers import AutoModelForCausalLM
+
+    from conftest import FAST, compose_config, shrink
+    from dpo.commands.train import train
+    from dpo.runtime.checkpoint import step_exports
+
+    run = tmp_path / "run"
+    train(shrink(compose_config([*FAST, "trainer.max_steps=5", "callbacks.samples=null",
+                                 "callbacks.step_exports.every_n_steps=2"], run)))  # fmt: skip
+    exports = step_exports(run)
+    assert list(exports) == [2, 4, 5] and not list((run / "exports").glob(".*.tmp"))
+    first, last = (AutoModelForCausalLM.from_pretrained(exports[n]) for n in (2, 5))
+    final = AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(last.state_dict().values(), final.state_dict().values(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(first.state_dict().values(), last.state_dict().values(),
+                                                       strict=True))  # fmt: skip
+    common = ["judge=reward", "reward@judge.reward=vader", "n_prompts=3", "temperatures=[0.0,1.0]",
+              "generation.max_new_tokens=4", f"over_training={run}"]  # fmt: skip
+    out = tmp_path / "eval"
+    rows = read_jsonl(evaluate(compose_eval(common, out)), {"policy": str, "win_rate": float})
+    assert sorted({(r["policy"], r["temperature"]) for r in rows}) == [
+        (f"step{n:06d}", t) for n in (2, 4, 5) for t in (0.0, 1.0)
+    ]
+    assert (out / "win_rate_over_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="no policy exports under"):
+        evaluate(compose_eval([*common[:-1], f"over_training={tmp_path / 'nothing'}"], tmp_path / "refused"))
+    with pytest.raises(ConfigError, match="takes its policies from the run's exports"):
+        evaluate(compose_eval([*common, "policies={a: x}"], tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())

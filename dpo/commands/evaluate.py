@@ -5,6 +5,7 @@
     dpo-eval ... completions=<completions.jsonl>     # judge given completions (e.g. Best-of-N picks)
     dpo-eval ... dry_run=true                        # sample, count the judge's requests, stop
     dpo-eval data=tldr template=paper_summary_c judge=api agreement=true   # the judge against human labels
+    dpo-eval data=hh template=paper_dialogue judge=api over_training=<run folder>   # win rate over training
 
 The paper's protocol (Sec. 6.2, App. C.2): for held-out prompts (a seeded choice of ``n_prompts``),
 each policy samples one completion at each temperature; a judge compares it with the baseline's
@@ -26,6 +27,10 @@ a seeded choice of ``n_prompts`` of them; it writes ``judgments.jsonl``, ``agree
 where a comparison has several labels, the position bias, with standard errors
 (:mod:`dpo.evaluation.agreement`). Sweep ``-m template=paper_summary_s,paper_summary_c`` for one row
 per template.
+
+``over_training=<run folder>`` judges the run's policy exports (``callbacks.step_exports.every_n_steps``:
+``exports/step<N>/``) as the policies ``step<N>`` and also draws ``win_rate_over_training.png``: win rate
+against optimizer step, one line per temperature (the paper's Fig. 3 right).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dpo.commands.cli import entry
 from dpo.config.schema import EvalConfig
@@ -53,8 +58,9 @@ from dpo.evaluation.win_rate import WinRate, win_rate
 from dpo.models.completions import sample_texts
 from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.models.sampling import SweepGeneration
-from dpo.report.figures import plot_win_rates
+from dpo.report.figures import plot_win_rate_over_training, plot_win_rates, training_step
 from dpo.report.wandb_logging import WIN_RATES_TABLE
+from dpo.runtime.checkpoint import step_exports
 from dpo.runtime.io import read_jsonl, read_prompts, write_json, write_jsonl
 from dpo.runtime.log import get_logger
 
@@ -96,6 +102,14 @@ def check(cfg: DictConfig) -> None:
     """The config's mistakes, before any model loads."""
     require_keys(cfg, ["judge.kind", "template.user", "paths.output_dir"])
     check_ranges(cfg, EvalConfig)  # temperatures, n_prompts, batch_size, dtype: every range at once
+    if cfg.over_training is not None:
+        if cfg.policies or cfg.agreement:
+            raise ConfigError("over_training=<run folder> takes its policies from the run's exports: leave policies "
+                              "unset (and agreement false)")  # fmt: skip
+        if not step_exports(cfg.over_training):
+            raise ConfigError(f"over_training={cfg.over_training}: no policy exports under "
+                              f"{Path(cfg.over_training) / 'exports'}; train with "
+                              "callbacks.step_exports.every_n_steps=N")  # fmt: skip
     if cfg.agreement:
         if cfg.data is None or cfg.prompts_file is not None or cfg.policies or cfg.completions:
             raise ConfigError("agreement=true judges a data config's labelled comparisons: set data=... and its "
@@ -104,7 +118,7 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError("dpo-eval: give prompts through a data config (data=hh) or prompts_file, not both")
     if cfg.baseline == CHOSEN and cfg.data is None:
         raise ConfigError("baseline=chosen takes the data's preferred responses: set data=..., or a policy as baseline")
-    if not cfg.agreement and not cfg.policies and not cfg.completions:
+    if not cfg.agreement and not cfg.policies and not cfg.completions and cfg.over_training is None:
         raise ConfigError("dpo-eval: set policies (name: model folder or hub id) or completions (a JSONL)")
     if cfg.policies is not None and (
         not isinstance(cfg.policies, DictConfig) or not all(isinstance(v, str) for v in cfg.policies.values())
@@ -231,8 +245,9 @@ def results_table(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], figure: Path) -> None:
-    """The results as a wandb table, a line plot per policy and the figure (``wandb=true``)."""
+def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], figure: Path, over_training: Path | None = None) -> None:
+    """The results as a wandb table, a line plot per policy and the figure (``wandb=true``); with
+    ``over_training``, also win rate against step (a line per temperature) and its figure."""
     import wandb
 
     run = wandb.init(project=cfg.wandb_project, name=f"{cfg.task_name}/{cfg.run_name}", dir=cfg.paths.output_dir,
@@ -246,6 +261,12 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], figure: Path) -> N
                                                   title=f"win rate against {cfg.baseline}"),
             "eval/win_rate_figure": wandb.Image(str(figure)),
         })  # fmt: skip
+        if over_training is not None:
+            steps = [[training_step(r["policy"]), r["temperature"], r["win_rate"], r["stderr"]] for r in rows]
+            by_step = wandb.Table(columns=["step", "temperature", "win_rate", "stderr"], data=steps)
+            run.log({"eval/win_rate_over_training": wandb.plot.line(by_step, "step", "win_rate", stroke="temperature",
+                                                                    title="win rate over training"),
+                     "eval/win_rate_over_training_figure": wandb.Image(str(over_training))})  # fmt: skip
     finally:
         run.finish()
 
@@ -260,6 +281,9 @@ def evaluate(cfg: DictConfig) -> Path:
         api = ApiJudge(typed_judge, typed(cfg.template, Template), dry_run=cfg.dry_run)
     if cfg.agreement:
         return judge_agreement(cfg, out, api if cfg.judge.kind == "api" else None, started)
+    if cfg.over_training is not None and not cfg.completions:  # the run's exports are the policies
+        with open_dict(cfg):
+            cfg.policies = {f"step{n:06d}": str(path) for n, path in step_exports(cfg.over_training).items()}
     prompts, texts = prompts_and_completions(cfg, out)
     planned, skipped = plan(cfg, prompts, texts, cfg.judge.orders)
     comparisons = [x.comparison() for x in planned]
@@ -293,8 +317,13 @@ def evaluate(cfg: DictConfig) -> Path:
                             f"{len(prompts)} prompts")  # fmt: skip
     write_json(out / "eval.meta.json", {"seconds": round(time.time() - started, 1), "prompts": len(prompts),
                                         "comparisons": len(comparisons), "judge": judge.describe()})  # fmt: skip
+    over = None
+    if cfg.over_training is not None:
+        over = plot_win_rate_over_training(rows, out / "win_rate_over_training.png",
+                                           f"{Path(cfg.over_training).name}: judge {judge.describe().get('kind')}, "
+                                           f"{len(prompts)} prompts")  # fmt: skip
     if cfg.wandb:
-        log_to_wandb(cfg, rows, figure)
+        log_to_wandb(cfg, rows, figure, over)
     log.info("win rates against %s:\n%s", cfg.baseline, results_table(rows))
     bias = [r["position_bias"] for r in rows if not math.isnan(r["position_bias"])]
     if bias and cfg.judge.orders == "both":

@@ -143,6 +143,9 @@ class EvalConfig:
         agreement: judge the data's own labelled comparisons (``split``; ``n_prompts`` of them) and
             report the judge's agreement with the labels and the labels' with each other, instead
             of win rates (:mod:`dpo.evaluation.agreement`); no policies.
+        over_training: a training run's folder: its policy exports (``exports/step<N>/``, written with
+            ``callbacks.step_exports.every_n_steps``) are the policies, and win rate against step is
+            drawn too (``win_rate_over_training.png``).
         wandb: log the results table and plot to wandb (``WANDB_MODE`` decides online/offline).
         wandb_project: the wandb project.
     """
@@ -162,6 +165,7 @@ class EvalConfig:
     generation: SweepGeneration = field(default_factory=lambda: SweepGeneration())
     dry_run: bool = False
     agreement: bool = False
+    over_training: str | None = None
     wandb: bool = False
     wandb_project: str = "dpo"
     data: Any = None

@@ -335,6 +335,33 @@ def find_win_rates(roots: Sequence[Path]) -> list[dict[str, Any]]:
     return rows
 
 
+def training_step(policy: str) -> int:
+    """The optimizer step of a policy named after its export (``step000120`` -> 120)."""
+    if not (policy.startswith("step") and policy[4:].isdigit()):
+        raise ValueError(f"policy {policy!r} is not named after a step export (step<N>)")
+    return int(policy[4:])
+
+
+def plot_win_rate_over_training(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
+    """Win rate against optimizer step, one line per sampling temperature, standard errors as error
+    bars (the paper's Fig. 3 right); ``rows`` are ``dpo-eval over_training=...``'s, policies ``step<N>``."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for t in sorted({r["temperature"] for r in rows}):
+        mine = sorted((r for r in rows if r["temperature"] == t), key=lambda r: training_step(r["policy"]))
+        err = [0.0 if math.isnan(r["stderr"]) else r["stderr"] for r in mine]
+        ax.errorbar([training_step(r["policy"]) for r in mine], [r["win_rate"] for r in mine], yerr=err, marker="o",
+                    capsize=3, label=f"T={t:g}")  # fmt: skip
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"win rate against {rows[0]['baseline']}" if rows else "win rate")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
 def plot_win_rates(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Win rate against sampling temperature, one line per policy, standard errors as error bars
     (the layout of the paper's Figs. 2 right and 3)."""
