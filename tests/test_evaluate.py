@@ -645,3 +645,43 @@ def test_step_exports_are_judged_over_training_and_drawn_against_step(tmp_path, 
     with pytest.raises(ConfigError, match="takes its policies from the run's exports"):
         evaluate(compose_eval([*common, "policies={a: x}"], tmp_path / "refused"))
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
+
+
+def test_a_few_shot_policy_samples_after_its_prefix_and_the_judge_never_sees_it(tmp_path, exported_tiny, monkeypatch):
+    """few_shot={a: 1}: policy a samples after a (prompt + chosen) example of the train split, drawn
+    with the seed (two give a longer prefix); b samples the bare prompt; the judge and completions.jsonl hold the bare
+    prompt. A file prefix works the same way; an unknown policy or a bad count is refused first."""
+    from transformers import AutoTokenizer
+
+    import dpo.commands.evaluate as ev
+
+    seen: dict[int, list[str]] = {}
+    real = ev.sample_texts
+
+    def spy(model, tokenizer, prompts, gen, **kw):
+        seen.setdefault(len(seen), list(prompts))
+        return real(model, tokenizer, prompts, gen, **kw)
+
+    monkeypatch.setattr(ev, "sample_texts", spy)
+    common = [f"policies={{a: {exported_tiny}, b: {exported_tiny}}}", "baseline=b", "judge=reward",
+              "reward@judge.reward=vader", "n_prompts=3", "temperatures=[0.0]",
+              "generation.max_new_tokens=4"]  # fmt: skip
+    two = ev.few_shot_prefixes(compose_eval([*common, "few_shot={a: 2}"], tmp_path / "unused"))["a"]
+    cfg = compose_eval([*common, "few_shot={a: 1}"], tmp_path / "two")  # one example: the tiny model's 128 positions
+    prefix = ev.few_shot_prefixes(cfg)["a"]
+    assert prefix == ev.few_shot_prefixes(cfg)["a"] and len(two) > len(prefix) > 20  # drawn with the seed
+    assert len(AutoTokenizer.from_pretrained(exported_tiny)(prefix)["input_ids"]) < 100
+    evaluate(cfg)
+    with_prefix, bare = seen[0], seen[1]  # a first, then the baseline b
+    assert all(p.startswith(prefix) for p in with_prefix) and [p[len(prefix):] for p in with_prefix] == bare
+    judged = read_jsonl(tmp_path / "two" / "judgments.jsonl", {"prompt": str})
+    assert {j["prompt"] for j in judged} <= set(bare) and not any(prefix in j["prompt"] for j in judged)
+    assert json.loads((tmp_path / "two" / "eval.meta.json").read_text())["few_shot"] == {"a": 1}
+    (tmp_path / "prefix.txt").write_text("Example: a fine film.\n")
+    seen.clear()
+    evaluate(compose_eval([*common, f"few_shot={{a: {tmp_path / 'prefix.txt'}}}"], tmp_path / "file"))
+    assert all(p.startswith("Example: a fine film.\n") for p in seen[0])
+    for bad, match in (("{c: 2}", "no policy 'c'"), ("{a: 0}", "a number of examples"),
+                       (f"{{a: {tmp_path / 'none.txt'}}}", "no such file")):  # fmt: skip
+        with pytest.raises(ConfigError, match=match):
+            evaluate(compose_eval([*common, f"few_shot={bad}"], tmp_path / "refused"))

@@ -126,6 +126,16 @@ def check(cfg: DictConfig) -> None:
         raise ConfigError(f"policies must map names to model folders or hub ids, got {cfg.policies}")
     if cfg.baseline != CHOSEN and cfg.policies and cfg.baseline not in cfg.policies:
         raise ConfigError(f"baseline={cfg.baseline!r} is neither 'chosen' nor a name in policies {list(cfg.policies)}")
+    for name, shots in (cfg.few_shot or {}).items():
+        if name not in (cfg.policies or {}) and cfg.over_training is None:
+            raise ConfigError(f"few_shot.{name}: no policy {name!r} in policies {list(cfg.policies or {})}")
+        if isinstance(shots, bool) or not isinstance(shots, int | str) or (isinstance(shots, int) and shots < 1):
+            raise ConfigError(f"few_shot.{name}={shots!r}: a number of examples (>= 1, drawn from the data's "
+                              "few_shot_split) or a text file holding the prefix")  # fmt: skip
+        if isinstance(shots, int) and cfg.data is None:
+            raise ConfigError(f"few_shot.{name}={shots}: examples come from a data config (data=...)")
+        if isinstance(shots, str) and not Path(shots).is_file():
+            raise ConfigError(f"few_shot.{name}={shots}: no such file")
     if cfg.judge.kind not in JUDGES:
         raise ConfigError(f"judge.kind={cfg.judge.kind!r}: choose one of {sorted(JUDGES)}")
     typed(cfg.judge, JUDGES[cfg.judge.kind].Config)  # the judge's own checks (api: URL, bounds, key variable)
@@ -170,9 +180,33 @@ def load_prompt_file(path: str) -> list[str]:
     return list(dict.fromkeys(prompts))
 
 
+def few_shot_prefixes(cfg: DictConfig) -> dict[str, str]:
+    """Each ``few_shot`` policy's prompt prefix: ``k`` examples (prompt + chosen response, joined as
+    they are: HH's prompts begin with ``\\n\\nHuman:``) drawn with the seed from the data's
+    ``few_shot_split``, or a text file's content. The judge never sees the prefix."""
+    from dpo.data.formats import load_rows
+    from dpo.data.sources import SourceSpec
+
+    out = {}
+    for name, shots in (cfg.few_shot or {}).items():
+        if isinstance(shots, str):
+            out[name] = Path(shots).read_text(encoding="utf-8")
+            continue
+        rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.few_shot_split, on_bad_row=cfg.data.on_bad_row)
+        first = list(dict.fromkeys((r.prompt, r.chosen) for r in rows))
+        if len(first) < shots:
+            raise ConfigError(f"few_shot.{name}={shots}: split {cfg.few_shot_split!r} has {len(first)} examples")
+        picked = random.Random(f"{cfg.seed}:few_shot:{name}").sample(first, shots)
+        out[name] = "".join(prompt + chosen for prompt, chosen in picked)
+        log.info(f"{name}: a {shots}-shot prefix of {len(out[name])} characters from split {cfg.few_shot_split!r}")
+    return out
+
+
 def sample_policies(cfg: DictConfig, names: list[str], prompts: list[Prompt]) -> Texts:
-    """One completion per prompt of each policy at each temperature (policies loaded one at a time)."""
+    """One completion per prompt of each policy at each temperature (policies loaded one at a time);
+    a ``few_shot`` policy samples after its prefix."""
     out: Texts = {}
+    prefixes = few_shot_prefixes(cfg)
     for name in names:
         m = resolve(ModelConfig(cfg.policies[name], dtype=DType(cfg.dtype)), cfg.paths.cache_dir)
         tokenizer, model = load_tokenizer(m.pretrained), load_policy(m)
@@ -180,7 +214,8 @@ def sample_policies(cfg: DictConfig, names: list[str], prompts: list[Prompt]) ->
         for k, t in enumerate(cfg.temperatures):
             gen = typed(cfg.generation, SweepGeneration).at(float(t))
             torch.manual_seed(cfg.seed + k)  # every policy meets the same seed at a temperature
-            sampled = sample_texts(model, tokenizer, [p.text for p in prompts], gen, batch_size=cfg.batch_size,
+            sampled = sample_texts(model, tokenizer, [prefixes.get(name, "") + p.text for p in prompts], gen,
+                                   batch_size=cfg.batch_size,
                                    progress=f"sample {name} at T={t}")  # fmt: skip
             out[(name, float(t))] = [None if s is None else s[0] for s in sampled.texts]
             if sampled.skipped:
@@ -316,7 +351,8 @@ def evaluate(cfg: DictConfig) -> Path:
     figure = plot_win_rates(rows, out / "win_rate.png", f"{cfg.task_name}: judge {judge.describe().get('kind')}, "
                             f"{len(prompts)} prompts")  # fmt: skip
     write_json(out / "eval.meta.json", {"seconds": round(time.time() - started, 1), "prompts": len(prompts),
-                                        "comparisons": len(comparisons), "judge": judge.describe()})  # fmt: skip
+                                        "comparisons": len(comparisons), "judge": judge.describe(),
+                                        "few_shot": OmegaConf.to_container(cfg.few_shot or {})})  # fmt: skip
     over = None
     if cfg.over_training is not None:
         over = plot_win_rate_over_training(rows, out / "win_rate_over_training.png",

@@ -143,6 +143,11 @@ class EvalConfig:
         agreement: judge the data's own labelled comparisons (``split``; ``n_prompts`` of them) and
             report the judge's agreement with the labels and the labels' with each other, instead
             of win rates (:mod:`dpo.evaluation.agreement`); no policies.
+        few_shot: policy name -> its prompt prefix while sampling: a number of examples (prompt and
+            chosen response, drawn with the seed from the data's ``few_shot_split``; the paper's HH
+            Pythia-2.8B 2-shot baseline: ``{pythia: 2}``) or a text file holding the prefix. The
+            judge sees the prompt without it.
+        few_shot_split: the data split the few-shot examples come from.
         over_training: a training run's folder: its policy exports (``exports/step<N>/``, written with
             ``callbacks.step_exports.every_n_steps``) are the policies, and win rate against step is
             drawn too (``win_rate_over_training.png``).
@@ -166,6 +171,8 @@ class EvalConfig:
     dry_run: bool = False
     agreement: bool = False
     over_training: str | None = None
+    few_shot: Any = None
+    few_shot_split: str = "train"
     wandb: bool = False
     wandb_project: str = "dpo"
     data: Any = None

@@ -16,6 +16,7 @@ dpo-train experiment=hh_dpo model.pretrained=$sft run_name=dpo
 # Single-turn test dialogues; answers stop at the next "\n\nHuman:" (data=hh's response.stop).
 common=(data=hh data.source.options.single_turn=true template=paper_dialogue judge=api "judge.model=$judge_model"
         n_prompts=256 "temperatures=[0.25,0.5,0.75,1.0]"
-        "policies={preferred_ft: $sft, dpo: $out/hh_dpo/runs/dpo/hf, pythia: EleutherAI/pythia-2.8b}")
+        "policies={preferred_ft: $sft, dpo: $out/hh_dpo/runs/dpo/hf, pythia: EleutherAI/pythia-2.8b}"
+        "few_shot={pythia: 2}")   # the paper's Pythia-2.8B baseline is 2-shot: two train dialogues before each prompt
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates
 dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates
