@@ -350,9 +350,10 @@ def evaluate(cfg: DictConfig) -> Path:
     (out / "results.md").write_text(results_table(rows), encoding="utf-8")
     figure = plot_win_rates(rows, out / "win_rate.png", f"{cfg.task_name}: judge {judge.describe().get('kind')}, "
                             f"{len(prompts)} prompts")  # fmt: skip
+    few_shot = OmegaConf.to_container(cfg.few_shot) if cfg.few_shot else {}
     write_json(out / "eval.meta.json", {"seconds": round(time.time() - started, 1), "prompts": len(prompts),
                                         "comparisons": len(comparisons), "judge": judge.describe(),
-                                        "few_shot": OmegaConf.to_container(cfg.few_shot or {})})  # fmt: skip
+                                        "few_shot": few_shot})  # fmt: skip
     over = None
     if cfg.over_training is not None:
         over = plot_win_rate_over_training(rows, out / "win_rate_over_training.png",
