@@ -64,9 +64,9 @@ def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
                            str(tmp_path / "bon"), "--out", str(out)], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = {json.loads(x)["label"] for x in out.with_suffix(".jsonl").read_text().splitlines()}
-    assert labels == {"DPO b=0.1", "Unlikelihood a=0.5", "PPO-GT kl=0.2", "Best-of-N"}
+    assert labels == {"DPO b=0.1", "Unlikelihood a=0.5", "PPO-GT kl=0.2->4", "Best-of-N"}
     costs = out.with_name("frontier_costs.md").read_text()
-    ppo_row = next(line for line in costs.splitlines() if line.startswith("| PPO-GT kl=0.2 |"))
+    ppo_row = next(line for line in costs.splitlines() if line.startswith("| PPO-GT kl=0.2->4 |"))
     assert int(ppo_row.split("|")[-2]) > 0  # PPO-GT's rollout tokens, counted exactly
 
 

@@ -43,14 +43,15 @@ def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | No
         if p["family"] == "Best-of-N" or p["step"] >= last.get(p["source"], {}).get("step", -1):
             key = f"{p['source']}#{p['step']}" if p["family"] == "Best-of-N" else p["source"]
             last[key] = p
-    lines = ["| method | step / N | KL | reward (± s.e.) | training s | data s | generated tokens |",
-             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for p in sorted(last.values(), key=lambda p: (p["family"], p["label"], p["step"])):
+    lines = ["| method | seed | step / N | KL | reward (± s.e.) | training s | data s | generated tokens |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for p in sorted(last.values(), key=lambda p: (p["family"], p["label"], p["step"], str(p.get("seed")))):
         se = f" ± {p['reward_se']:.3f}" if p.get("reward_se") is not None else ""
+        head = f"| {p['label']} | {'-' if p.get('seed') is None else p['seed']} | {p['step']} | {p['kl']:.3f} | "
         if p["family"] == "Best-of-N":
             meta_path = Path(p["source"]).parent / "samples.jsonl.meta.json"
             if not meta_path.is_file():  # the samples' metadata is not beside it: cost unknown
-                lines.append(f"| {p['label']} | {p['step']} | {p['kl']:.3f} | {p['reward']:.4f}{se} | 0 | ? | ? |")
+                lines.append(f"{head}{p['reward']:.4f}{se} | 0 | ? | ? |")
                 continue
             meta = json.loads(meta_path.read_text())
             n_max = meta["n"]
@@ -59,7 +60,7 @@ def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | No
         else:
             cost = run_cost(Path(p["source"]).parent.parent)
             if cost is None:
-                lines.append(f"| {p['label']} | {p['step']} | {p['kl']:.3f} | {p['reward']:.4f}{se} | ? | ? | ? |")
+                lines.append(f"{head}{p['reward']:.4f}{se} | ? | ? | ? |")
                 continue
             train, data, extra = cost["seconds"], 0.0, 0
             if p["family"] in PAIR_FAMILIES:
@@ -68,8 +69,7 @@ def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | No
                 data += rm["seconds"]
             gen = int(cost["generated_tokens"])
             tokens = f"{gen + extra}" if not extra else f"≤{gen + extra}"
-        lines.append(f"| {p['label']} | {p['step']} | {p['kl']:.3f} | {p['reward']:.4f}{se} | {train:.0f} | "
-                     f"{data:.0f} | {tokens} |")  # fmt: skip
+        lines.append(f"{head}{p['reward']:.4f}{se} | {train:.0f} | {data:.0f} | {tokens} |")
     notes = [
         "",
         f"data s: pair generation ({pair_seconds:.0f} s, dpo-sample of the pairs' {pairs['n_prompts']} openings "
