@@ -60,6 +60,32 @@ def test_three_tldr_sources_give_the_same_prompt_and_responses():
     assert sft[0].rejected is None and sft[1].prompt.endswith("\nTL;DR:") and len(sft[1].prompt) > 5000
 
 
+def test_tldr_lengths_keep_every_posts_head_and_its_cue(bpe_tokenizer):
+    """data=tldr's lengths (640 / 512, keep_ends): the fixture's over-long post (t3_2, a paragraph
+    repeated) is cut in its middle, so the prompt still begins with SUBREDDIT/TITLE and ends with
+    "TL;DR:"; the official 512/256 with keep_end cut the head away. Counted in prompt_truncated."""
+    from hydra import compose, initialize_config_dir
+
+    from dpo.commands.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        data = compose("train", overrides=["data=tldr"]).data
+    assert (data.max_length, data.max_prompt_length, data.truncation_side) == (640, 512, "keep_ends")
+    rows, _ = load_rows(spec("tldr", "tldr"), "train", on_bad_row="skip")
+    long = next(r for r in rows if "move to a new city" in r.prompt)
+    long = type(long)(long.prompt * 3, long.chosen, long.rejected, long.where)  # over 512 tokens of this BPE
+    ours = PairTokenizer(bpe_tokenizer, data.max_length, data.max_prompt_length, data.truncation_side)
+    official = PairTokenizer(bpe_tokenizer, 512, 256, "keep_end")
+    for tok in (ours, official):
+        tok(long)
+        assert tok.stats.prompt_truncated == 1
+    text = bpe_tokenizer.decode(ours(long).prompt_ids)
+    assert text.startswith("SUBREDDIT: r/") and text.rstrip().endswith("TL;DR:") and len(ours(long).prompt_ids) == 512
+    assert not bpe_tokenizer.decode(official(long).prompt_ids).startswith("SUBREDDIT: r/")
+    short = next(r for r in rows if r.prompt == PROMPT)
+    assert bpe_tokenizer.decode(ours(short).prompt_ids) == PROMPT  # a post within budget is never cut
+
+
 def test_cnn_dailymail_articles_come_in_the_tldr_prompt_format():
     """The paper's out-of-distribution test (Sec. 6.3): the comparisons' news rows (data=tldr_cnndm;
     Reddit rows filtered and counted) and the CNN/DailyMail test articles with their highlights

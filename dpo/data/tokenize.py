@@ -14,8 +14,9 @@ Truncation policy, applied per pair with ``max_length`` (prompt + longest respon
 ``max_prompt_length`` (< ``max_length``):
 
 1. If the pair is too long, the prompt is cut to ``max_prompt_length`` tokens, keeping its end
-   (``keep_end``, the default: the last turn of a dialogue matters most) or its start
-   (``keep_start``). A leading BOS is kept.
+   (``keep_end``, the default: the last turn of a dialogue matters most), its start
+   (``keep_start``) or both ends, the middle cut (``keep_ends``: half the budget from each end; a
+   TL;DR prompt keeps its SUBREDDIT/TITLE head and its ``TL;DR:`` cue). A leading BOS is kept.
 2. If it is still too long, each response is cut to ``max_length - len(prompt)`` tokens, keeping
    its start. A cut response loses its EOS: it did not end there.
 
@@ -38,6 +39,7 @@ class TruncationSide(str, Enum):
 
     keep_end = "keep_end"  # the last turn of a dialogue matters most
     keep_start = "keep_start"
+    keep_ends = "keep_ends"  # half from each end: a TL;DR prompt's head and its "TL;DR:" cue
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,8 @@ class PairTokenizer:
         head = [ids[0]] if self.bos is not None and ids[0] == self.bos else []
         body = ids[len(head) :]
         keep = n - len(head)
+        if self.truncation_side == TruncationSide.keep_ends:
+            return head + body[: keep - keep // 2] + body[len(body) - keep // 2 :]
         return head + (body[-keep:] if self.truncation_side == TruncationSide.keep_end else body[:keep])
 
     def prompt_ids(self, text: str) -> list[int]:

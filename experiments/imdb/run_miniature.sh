@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The IMDB experiment in miniature, offline on 2 CPU cores (see README.md in this folder).
 # 1. Best-of-N from the starting model: 16 samples per held-out opening, scored with VADER (2 seeds).
-# 2. DPO (beta 0.1 and 1) and the baselines (Preferred-FT, Unlikelihood), same pairs, same
+# 2. DPO (beta 0.05, 0.1 and 1) and the baselines (Preferred-FT, Unlikelihood), same pairs, same
 #    evaluation, seeds 0 and 1 each (the frontier averages them, with error bars over seeds).
 # 3. The frontier PNG from every evaluation point.
 set -euo pipefail
@@ -21,7 +21,7 @@ for seed in 0 1; do
   dpo-best-of-n input="$bon/scored.jsonl" ns="[1,2,4,8,16]" output="$bon/eval.jsonl"
 done
 common=(experiment=imdb_mini logger=csv trainer.limit_val_batches=1 seed=0,1)
-dpo-train -m "${common[@]}" loss=dpo loss.beta=0.1,1 hydra.sweep.dir="$out/dpo"
+dpo-train -m "${common[@]}" loss=dpo loss.beta=0.05,0.1,1 hydra.sweep.dir="$out/dpo"
 dpo-train -m "${common[@]}" loss=sft hydra.sweep.dir="$out/pft"
 dpo-train -m "${common[@]}" loss=unlikelihood loss.alpha=0.1 hydra.sweep.dir="$out/ul"
 python experiments/imdb/frontier.py "$out" --out experiments/imdb/frontier.png \
