@@ -102,7 +102,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 # Local fixtures in each hub data set's schema, keyed by parser format.
 FIXTURE_FOR_FORMAT = {
     "hh": "hh", "tldr": "tldr", "tldr_flat": "tldr_flat", "tldr_sft": "tldr_sft", "shp": "shp",
-    "imdb": "imdb", "chat": "ultrafeedback",
+    "imdb": "imdb", "chat": "ultrafeedback", "tldr_articles": "tldr", "cnn_dailymail": "cnn_dailymail",
 }  # fmt: skip
 
 

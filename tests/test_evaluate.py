@@ -685,3 +685,16 @@ def test_a_few_shot_policy_samples_after_its_prefix_and_the_judge_never_sees_it(
                        (f"{{a: {tmp_path / 'none.txt'}}}", "no such file")):  # fmt: skip
         with pytest.raises(ConfigError, match=match):
             evaluate(compose_eval([*common, f"few_shot={bad}"], tmp_path / "refused"))
+
+
+def test_agreement_on_the_tldr_comparisons_groups_the_workers_labels_of_one_pair(tmp_path):
+    """data=tldr_cnndm on the comparisons fixture's news rows: cnn_2 was labelled by two workers who
+    disagree (one comparison, human-human 0), cnn_1 by one; the judge's agreement on cnn_2 is 1/2
+    whichever summary it picks."""
+    fixture = Path(__file__).parent / "fixtures" / "tldr"
+    cfg = compose_eval(["data=tldr_cnndm", f"data.source.path={fixture}", "agreement=true", "judge=reward",
+                        "reward@judge.reward=vader", "template=paper_summary_c"], tmp_path)  # fmt: skip
+    (row,) = read_jsonl(evaluate(cfg), {"judge_human": float})
+    assert row["comparisons"] == 2 and row["n_multi"] == 1 and row["human_human"] == 0.0
+    judged = {j["x"]: j for j in read_jsonl(tmp_path / "judgments.jsonl", {"labels": list})}
+    assert sorted(len(j["labels"]) for j in judged.values()) == [1, 2]
