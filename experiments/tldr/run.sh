@@ -10,16 +10,23 @@ out=outputs
 # serves (JUDGE_MODEL=...); absolute win rates drift with the judge, so compare policies judged by one
 # model and report which. The prompt is the paper's App. C.2 wording (conf/template/paper_*.yaml).
 judge_model=${JUDGE_MODEL:-gpt-4.1-2025-04-14}
-# 1. SFT GPT-J 6B on the reference summaries (or skip and use CarperAI/openai_summarize_tldr_sft).
-dpo-train experiment=tldr_sft run_name=sft
-sft=$out/tldr_sft/runs/sft/hf
+# 1. The reference: the paper started from trlx's public GPT-J SFT model (CarperAI/openai_summarize_tldr_sft),
+#    the default here. TLDR_SFT=ours retrains it with experiment=tldr_sft (App. B's optimizer, not trlx's).
+if [ "${TLDR_SFT:-trlx}" = ours ]; then
+  dpo-train experiment=tldr_sft run_name=sft
+  sft=$out/tldr_sft/runs/sft/hf
+else
+  sft=CarperAI/openai_summarize_tldr_sft
+fi
 # 2. DPO (beta 0.5) and Preferred-FT (SFT on the preferred summary of each comparison), from the SFT model.
 dpo-train experiment=tldr_dpo model.pretrained=$sft run_name=dpo
 dpo-train experiment=tldr_dpo model.pretrained=$sft loss=sft run_name=preferred_ft task_name=tldr_pft
 # 3. Win rates against the reference summaries (CarperAI/openai_summarize_tldr, its test split),
 #    256 prompts, T in {0, .25, .5, .75, 1}, the judge with the paper's prompt (C). Dry run first:
+ppo=CarperAI/openai_summarize_tldr_ppo   # trlx's public GPT-J PPO policy: the paper's PPO baseline
+policies="{sft: $sft, dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf, ppo: $ppo}"
 common=(data=tldr_sft data.source.splits.val=test template=paper_summary_c judge=api "judge.model=$judge_model"
-        n_prompts=256 "policies={sft: $sft, dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf}")
+        n_prompts=256 "policies=$policies")
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates
 dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates
 # -> outputs/eval/runs/win_rates/{results.md,win_rate.png,judgments.jsonl}
@@ -27,6 +34,6 @@ dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl r
 #    (in the TL;DR prompt format, data=cnn_dailymail) at T 0 and 0.25, judged against the reference
 #    highlights with the same prompt.
 cnndm=(data=cnn_dailymail template=paper_summary_c judge=api "judge.model=$judge_model" n_prompts=256
-       "temperatures=[0.0,0.25]" "policies={dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf}")
+       "temperatures=[0.0,0.25]" "policies={dpo: $out/tldr_dpo/runs/dpo/hf, ppo: $ppo}")
 dpo-eval "${cnndm[@]}" dry_run=true run_name=cnndm
 dpo-eval "${cnndm[@]}" completions=$out/eval/runs/cnndm/completions.jsonl run_name=cnndm
