@@ -355,3 +355,15 @@ def test_cross_field_mistakes_are_reported_together_by_key(tmp_path, no_weights)
     for part in ("needs a reference model but reference=none", "options ['prefix'] unknown for format 'fields'",
                  "accumulate_grad_batches is derived from data.batch_size"):  # fmt: skip
         assert part in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("experiment", ["tldr_sft", "tldr_dpo", "hh_sft", "hh_dpo"])
+def test_the_paper_configs_validate_as_the_official_repository_every_20000_examples_on_256(tmp_path, experiment):
+    """eval_every 20,000 and n_eval_examples 256 (the official config): Lightning counts
+    val_check_interval and limit_val_batches in each process's micro-batches, so both times the
+    examples per forward across processes give the official numbers."""
+    cfg = compose_config([f"experiment={experiment}"], tmp_path)
+    per_forward = cfg.data.micro_batch_size * cfg.trainer.get("devices", 1)
+    assert cfg.trainer.check_val_every_n_epoch is None
+    assert cfg.trainer.val_check_interval * per_forward == 20_000
+    assert cfg.trainer.limit_val_batches * per_forward == 256
