@@ -25,6 +25,6 @@ dpo-train -m "${common[@]}" loss=dpo loss.beta=0.05,0.1,1 hydra.sweep.dir="$out/
 dpo-train -m "${common[@]}" loss=sft hydra.sweep.dir="$out/pft"
 dpo-train -m "${common[@]}" loss=unlikelihood loss.alpha=0.1 hydra.sweep.dir="$out/ul"
 python experiments/imdb/frontier.py "$out" --out experiments/imdb/frontier.png \
-  --title "IMDB miniature: SmolLM2-135M, VADER reward, 31 held-out openings x 2"
+  --title "IMDB miniature: SmolLM2-135M, VADER reward, 2 seeds"
 # 4. Every run's curves and the frontier from the run folders (dpo-report; README "Dashboards").
 dpo-report runs="[$out]" out=experiments/imdb/figures title="'IMDB miniature: SmolLM2-135M, VADER reward'"

@@ -14,4 +14,4 @@ dpo-train -m experiment=imdb_ppo_gt_mini "${common[@]}" system.kl_target=2,4 hyd
 dpo-train -m experiment=imdb_ppo_mini "${common[@]}" system.reward.path="$rm_dir/hf" \
   hydra.sweep.dir="$out/ppo"
 python experiments/imdb/frontier.py "$out" --out experiments/imdb/frontier.png --rm "$rm_dir" \
-  --title "IMDB miniature: SmolLM2-135M, VADER reward, 31 held-out openings x 2"
+  --title "IMDB miniature: SmolLM2-135M, VADER reward, 2 seeds"
