@@ -575,7 +575,8 @@ def test_dpo_eval_agreement_judges_labelled_comparisons_and_reports_both_agreeme
     assert row["n"] == 3 and row["comparisons"] == 3 and row["n_multi"] == 2 and row["judgments"] == 6
     assert row["judge_human"] == pytest.approx((1 + 0.5 + 1) / 3)
     assert row["human_human"] == pytest.approx((0 + 1) / 2) and row["position_bias"] == pytest.approx(0.5)
-    assert row["template"] == "positive" and "judge-human agreement" in (out / "agreement.md").read_text()
+    table = (out / "agreement.md").read_text()
+    assert row["template"] == "positive" and "judge-human agreement" in table and "| reward vader |" in table
     assert len(read_jsonl(out / "judgments.jsonl", {"labels": list, "verdict": str})) == 6
     with pytest.raises(ConfigError, match="agreement=true judges a data config's labelled comparisons"):
         evaluate(compose_eval([*common, "policies={a: x}"], tmp_path / "refused"))
@@ -603,6 +604,7 @@ def test_api_judge_agreement_with_the_paper_prompts_against_a_local_server(tmp_p
     assert len(server.requests) == 4 and row["n"] == 4 and row["parse_failures"] == 0
     assert row["judge_human"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
     assert row["human_human"] == 0.0 and row["n_multi"] == 1 and row["template"] == template
+    assert row["human_human_se"] is None  # one comparison with several labels: no standard error (null, not NaN)
     assert row["judge"]["model"] == "scripted"
     evaluate(compose_eval(overrides, tmp_path / "two", cache))
     assert len(server.requests) == 4  # served from the cache

@@ -426,12 +426,22 @@ def agreement_table(rows: list[dict[str, Any]]) -> str:
     """``agreement.md``: one row per template (and judge)."""
     head = ("| template | judge | judge-human agreement | s.e. | n | human-human agreement | s.e. | n (several "
             "labels) | A won | parse failures | ties |\n|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    def num(x: float | None, digits: int = 3) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
     return head + "".join(
-        f"| {r['template']} | {r['judge'].get('kind')} {r['judge'].get('model') or ''} | {r['judge_human']:.3f} | "
-        f"{r['judge_human_se']:.3f} | {r['n']} | {r['human_human']:.3f} | {r['human_human_se']:.3f} | "
-        f"{r['n_multi']} | {r['position_bias']:.2f} | {r['parse_failures']} | {r['ties']} |\n"
+        f"| {r['template']} | {judge_name(r['judge'])} | {num(r['judge_human'])} | {num(r['judge_human_se'])} | "
+        f"{r['n']} | {num(r['human_human'])} | {num(r['human_human_se'])} | {r['n_multi']} | "
+        f"{num(r['position_bias'], 2)} | {r['parse_failures']} | {r['ties']} |\n"
         for r in rows
     )
+
+
+def judge_name(described: dict[str, Any]) -> str:
+    """A judge in a few words: its kind and model (API), checkpoint file (local) or reward name."""
+    reward = described.get("reward") or {}
+    what = described.get("model") or described.get("pretrained") or reward.get("name") or ""
+    return f"{described.get('kind')} {Path(str(what)).name if '/' in str(what) else what}".strip()
 
 
 def judge_agreement(cfg: DictConfig, out: Path, api: ApiJudge | None, started: float) -> Path:
@@ -465,6 +475,7 @@ def judge_agreement(cfg: DictConfig, out: Path, api: ApiJudge | None, started: f
            **{k: getattr(result, k) for k in ("judge_human", "judge_human_se", "n", "human_human", "human_human_se",
                                                "n_multi", "judgments", "parse_failures", "ties")},
            "position_bias": result.position_bias, "seconds": round(time.time() - started, 1)}  # fmt: skip
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # undefined: null
     path = write_jsonl(out / "agreement.jsonl", [row])
     (out / "agreement.md").write_text(agreement_table([row]), encoding="utf-8")
     log.info("agreement with the labels:\n%s", agreement_table([row]))
