@@ -700,3 +700,40 @@ def test_agreement_on_the_tldr_comparisons_groups_the_workers_labels_of_one_pair
     assert row["comparisons"] == 2 and row["n_multi"] == 1 and row["human_human"] == 0.0
     judged = {j["x"]: j for j in read_jsonl(tmp_path / "judgments.jsonl", {"labels": list})}
     assert sorted(len(j["labels"]) for j in judged.values()) == [1, 2]
+
+
+def test_a_best_of_n_stage_samples_the_prompts_dpo_eval_chose_and_is_judged_like_a_policy(tmp_path, exported_tiny):
+    """experiments/hh/run.sh and tldr/run.sh's Best-of-N stage on a tiny stand-in: dpo-eval writes
+    the prompts it chose (prompts.jsonl); dpo-sample takes them as prompts.file, dpo-score and
+    dpo-best-of-n pick per N (completions=), and dpo-eval judges the picks as policies best_of_<N>
+    on exactly those prompts, none skipped."""
+    from omegaconf import OmegaConf
+
+    from dpo.commands.best_of_n import run as best_of_n
+    from dpo.commands.sample import sample
+    from dpo.commands.score import score
+
+    judge = ["judge=reward", "reward@judge.reward=vader", "n_prompts=3", "temperatures=[1.0]",
+             "generation.max_new_tokens=4"]  # fmt: skip
+    evaluate(compose_eval([*judge, f"policies={{tiny: {exported_tiny}}}", "dry_run=true"], tmp_path / "eval"))
+    chosen = read_jsonl(tmp_path / "eval" / "prompts.jsonl", {"prompt": str, "prompt_index": int})
+    assert len(chosen) == 3
+    paths = {"cache_dir": str(tmp_path / "cache")}
+    model = {"pretrained": exported_tiny, "revision": None, "dtype": "float32", "trust_remote_code": False,
+             "tokenizer": {"pretrained": None}}  # fmt: skip
+    samples = sample(OmegaConf.create({
+        "paths": paths, "seed": 0, "model": model, "n": 2, "batch_size": 8,
+        "generation": {"max_new_tokens": 4, "temperature": 1.0, "top_k": 0, "top_p": 1.0},
+        "prompts": {"file": str(tmp_path / "eval" / "prompts.jsonl"), "field": "prompt", "split": "train",
+                    "max_prompts": None},
+        "output": str(tmp_path / "bon" / "samples.jsonl"),
+    }))  # fmt: skip
+    out = str(tmp_path / "bon" / "s.jsonl")
+    scored = score(OmegaConf.create({"paths": paths, "input": str(samples), "include_prompt": True, "batch_size": 8,
+                                     "output": out, "reward": {"name": "vader"}}))  # fmt: skip
+    best_of_n(OmegaConf.create({"input": str(scored), "ns": [1, 2], "output": str(tmp_path / "bon" / "eval.jsonl"),
+                                "completions": str(tmp_path / "bon" / "picks.jsonl")}))  # fmt: skip
+    rows = read_jsonl(evaluate(compose_eval([*judge, f"completions={tmp_path / 'bon' / 'picks.jsonl'}"],
+                                            tmp_path / "judged")), {"policy": str})  # fmt: skip
+    assert sorted(r["policy"] for r in rows) == ["best_of_1", "best_of_2"]
+    assert all(r["n"] == 3 and r["skipped_prompts"] == 0 for r in rows)

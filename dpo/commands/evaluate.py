@@ -14,11 +14,12 @@ policy's sample at the same temperature), the A/B order drawn per comparison fro
 orders, ``judge.orders=both``). A prompt that does not fit a model's context with
 ``generation.max_new_tokens`` more tokens is skipped and counted, never cut.
 
-Writes into the run folder: ``completions.jsonl`` (every sample), ``judgments.jsonl`` (prompt, both
-texts, order, the judge's raw output, verdict), ``results.jsonl`` and ``results.md`` (per policy and
-temperature: win rate, standard error, n, parse failures, skipped prompts, position bias),
-``win_rate.png``; with ``wandb=true`` the table and plot go to wandb as well. The definitions are in
-:mod:`dpo.evaluation.win_rate`.
+Writes into the run folder: ``prompts.jsonl`` (the chosen prompts: ``dpo-sample prompts.file=<it>``
+samples a Best-of-N stage on exactly these), ``completions.jsonl`` (every sample),
+``judgments.jsonl`` (prompt, both texts, order, the judge's raw output, verdict), ``results.jsonl``
+and ``results.md`` (per policy and temperature: win rate, standard error, n, parse failures,
+skipped prompts, position bias), ``win_rate.png``; with ``wandb=true`` the table and plot go to
+wandb as well. The definitions are in :mod:`dpo.evaluation.win_rate`.
 
 ``agreement=true`` judges the data's own labelled comparisons instead (no policies): the ``split``'s
 rows, those of one prompt and one pair of responses grouped into one comparison with several labels,
@@ -376,6 +377,7 @@ def prompts_and_completions(cfg: DictConfig, out: Path) -> tuple[list[Prompt], T
         load_tokenizer(resolve(ModelConfig(first_model), cfg.paths.cache_dir).pretrained) if first_model else None
     )
     prompts = choose_prompts(cfg, tokenizer)
+    write_jsonl(out / "prompts.jsonl", [{"prompt_index": p.index, "prompt": p.text} for p in prompts])  # for Best-of-N
     if cfg.completions:
         return prompts, read_completions(cfg.completions, prompts)
     names = [n for n in cfg.policies if n != cfg.baseline] + [n for n in cfg.policies if n == cfg.baseline]

@@ -20,3 +20,14 @@ common=(data=hh data.source.options.single_turn=true template=paper_dialogue jud
         "few_shot={pythia: 2}")   # the paper's Pythia-2.8B baseline is 2-shot: two train dialogues before each prompt
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates
 dpo-eval "${common[@]}" completions=$out/eval/runs/win_rates/completions.jsonl run_name=win_rates
+# Best of N (Sec. 6.2, App. D.1): a reward model on the HH pairs; N samples of the Preferred-FT model
+# per evaluation prompt (the ones dpo-eval chose above, prompts.jsonl) at T=1; the best by the reward
+# model for each N up to 128, judged against the chosen responses as the policies were.
+dpo-train experiment=hh_rm model.pretrained=$sft run_name=rm
+bon=$out/best_of_n
+dpo-sample data=hh model.pretrained=$sft prompts.file=$out/eval/runs/win_rates/prompts.jsonl n=128 \
+  output=$bon/samples.jsonl
+dpo-score input=$bon/samples.jsonl output=$bon/scored.jsonl reward=learned_rm reward.path=$out/hh_rm/runs/rm/hf
+dpo-best-of-n input=$bon/scored.jsonl "ns=[1,4,16,64,128]" output=$bon/eval.jsonl completions=$bon/picks.jsonl
+dpo-eval data=hh data.source.options.single_turn=true template=paper_dialogue judge=api "judge.model=$judge_model" \
+  n_prompts=256 "temperatures=[1.0]" completions=$bon/picks.jsonl run_name=best_of_n

@@ -37,3 +37,14 @@ cnndm=(data=cnn_dailymail template=paper_summary_c judge=api "judge.model=$judge
        "temperatures=[0.0,0.25]" "policies={dpo: $out/tldr_dpo/runs/dpo/hf, ppo: $ppo}")
 dpo-eval "${cnndm[@]}" dry_run=true run_name=cnndm
 dpo-eval "${cnndm[@]}" completions=$out/eval/runs/cnndm/completions.jsonl run_name=cnndm
+# 5. Best of N (App. D.1): a reward model on the comparisons; N samples of the SFT model per evaluation
+#    prompt (prompts.jsonl of stage 3) at T=1; the best by the reward model for each N up to 128,
+#    judged against the reference summaries.
+dpo-train experiment=tldr_rm model.pretrained=$sft run_name=rm
+bon=$out/best_of_n
+dpo-sample data=tldr_sft model.pretrained=$sft prompts.file=$out/eval/runs/win_rates/prompts.jsonl n=128 \
+  output=$bon/samples.jsonl
+dpo-score input=$bon/samples.jsonl output=$bon/scored.jsonl reward=learned_rm reward.path=$out/tldr_rm/runs/rm/hf
+dpo-best-of-n input=$bon/scored.jsonl "ns=[1,4,16,64,128]" output=$bon/eval.jsonl completions=$bon/picks.jsonl
+dpo-eval data=tldr_sft data.source.splits.val=test template=paper_summary_c judge=api "judge.model=$judge_model" \
+  n_prompts=256 "temperatures=[1.0]" completions=$bon/picks.jsonl run_name=best_of_n
