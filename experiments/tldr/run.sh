@@ -24,7 +24,8 @@ dpo-train experiment=tldr_dpo model.pretrained=$sft loss=sft run_name=preferred_
 # 3. Win rates against the reference summaries (CarperAI/openai_summarize_tldr, its test split),
 #    256 prompts, T in {0, .25, .5, .75, 1}, the judge with the paper's prompt (C). Dry run first:
 ppo=CarperAI/openai_summarize_tldr_ppo   # trlx's public GPT-J PPO policy: the paper's PPO baseline
-policies="{sft: $sft, dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf, ppo: $ppo}"
+gptj=EleutherAI/gpt-j-6b                 # the base model zero-shot, on the same TL;DR prompt format
+policies="{sft: $sft, dpo: $out/tldr_dpo/runs/dpo/hf, preferred_ft: $out/tldr_pft/runs/preferred_ft/hf, ppo: $ppo, gptj: $gptj}"
 common=(data=tldr_sft data.source.splits.val=test template=paper_summary_c judge=api "judge.model=$judge_model"
         n_prompts=256 "policies=$policies")
 dpo-eval "${common[@]}" dry_run=true run_name=win_rates
