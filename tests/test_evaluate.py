@@ -622,7 +622,7 @@ def test_step_exports_are_judged_over_training_and_drawn_against_step(tmp_path, 
 
     from conftest import FAST, compose_config, shrink
     from dpo.commands.train import train
-    from dpo.runtime.checkpoint import step_exports
+    from dpo.evaluation.step_exports import step_exports
 
     run = tmp_path / "run"
     train(shrink(compose_config([*FAST, "trainer.max_steps=5", "callbacks.samples=null",

@@ -12,8 +12,9 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from dpo.data.formats import TLDR_TEMPLATE, load_rows
+from dpo.data.formats import load_rows
 from dpo.data.sources import DataError, SourceSpec
+from dpo.data.summaries import TLDR_TEMPLATE
 from dpo.data.tokenize import PairTokenizer
 
 FIXTURES = Path(__file__).parent / "fixtures"

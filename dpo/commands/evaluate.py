@@ -51,18 +51,19 @@ from dpo.commands.cli import entry
 from dpo.config.schema import EvalConfig
 from dpo.config.secrets import redact
 from dpo.config.settings import ConfigError, check_ranges, require_keys, typed
-from dpo.evaluation.agreement import Labelled, agreement, group_labelled
+from dpo.evaluation.agreement import judge_agreement
 from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
 from dpo.evaluation.judges.api import ApiJudge
 from dpo.evaluation.judges.base import JudgeError
+from dpo.evaluation.prompts import Prompt, choose_prompts, few_shot_prefixes
+from dpo.evaluation.step_exports import step_exports
 from dpo.evaluation.win_rate import WinRate, win_rate
 from dpo.models.completions import sample_texts
 from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.models.sampling import SweepGeneration
 from dpo.report.figures import plot_win_rate_over_training, plot_win_rates, training_step
 from dpo.report.wandb_logging import WIN_RATES_TABLE
-from dpo.runtime.checkpoint import step_exports
-from dpo.runtime.io import read_jsonl, read_prompts, write_json, write_jsonl
+from dpo.runtime.io import read_jsonl, write_json, write_jsonl
 from dpo.runtime.log import get_logger
 
 log = get_logger(__name__)
@@ -72,15 +73,6 @@ CHOSEN = "chosen"
 
 Texts = dict[tuple[str, float], list[str | None]]
 """(policy, temperature) -> one completion per prompt (None: skipped)."""
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """A held-out prompt: its place in the split's unique prompts, text, and the data's chosen response."""
-
-    index: int
-    text: str
-    chosen: str | None
 
 
 @dataclass(frozen=True)
@@ -146,61 +138,6 @@ def check(cfg: DictConfig) -> None:
         typed(cfg.template, Template)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"dpo-eval: {e}") from None
-
-
-def choose_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
-    """A seeded choice of ``n_prompts`` unique prompts of the data's ``split`` (or ``prompts_file``),
-    in their order there."""
-    from dpo.data.formats import load_rows
-    from dpo.data.sources import SourceSpec
-
-    if cfg.prompts_file:
-        texts = load_prompt_file(cfg.prompts_file)
-        keep = sorted(random.Random(cfg.seed).sample(range(len(texts)), min(cfg.n_prompts, len(texts))))
-        log.info(f"{len(keep)} of {len(texts)} unique prompts of {cfg.prompts_file} chosen (seed {cfg.seed})")
-        return [Prompt(i, texts[i], None) for i in keep]
-    rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row,
-                             tokenizer=tokenizer)  # fmt: skip
-    first: dict[str, str] = {}
-    for row in rows:
-        first.setdefault(row.prompt, row.chosen)
-    unique = list(first.items())
-    keep = sorted(random.Random(cfg.seed).sample(range(len(unique)), min(cfg.n_prompts, len(unique))))
-    log.info(f"{len(keep)} of {len(unique)} unique {cfg.split} prompts chosen (seed {cfg.seed})")
-    return [Prompt(i, unique[i][0], unique[i][1]) for i in keep]
-
-
-def load_prompt_file(path: str) -> list[str]:
-    """The unique prompts of a text file (one per non-empty line) or a JSONL file (``prompt``)."""
-    try:
-        prompts = read_prompts(path)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"prompts_file: {e}") from None
-    if not prompts:
-        raise ConfigError(f"prompts_file={path}: no prompts")
-    return list(dict.fromkeys(prompts))
-
-
-def few_shot_prefixes(cfg: DictConfig) -> dict[str, str]:
-    """Each ``few_shot`` policy's prompt prefix: ``k`` examples (prompt + chosen response, joined as
-    they are: HH's prompts begin with ``\\n\\nHuman:``) drawn with the seed from the data's
-    ``few_shot_split``, or a text file's content. The judge never sees the prefix."""
-    from dpo.data.formats import load_rows
-    from dpo.data.sources import SourceSpec
-
-    out = {}
-    for name, shots in (cfg.few_shot or {}).items():
-        if isinstance(shots, str):
-            out[name] = Path(shots).read_text(encoding="utf-8")
-            continue
-        rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.few_shot_split, on_bad_row=cfg.data.on_bad_row)
-        first = list(dict.fromkeys((r.prompt, r.chosen) for r in rows))
-        if len(first) < shots:
-            raise ConfigError(f"few_shot.{name}={shots}: split {cfg.few_shot_split!r} has {len(first)} examples")
-        picked = random.Random(f"{cfg.seed}:few_shot:{name}").sample(first, shots)
-        out[name] = "".join(prompt + chosen for prompt, chosen in picked)
-        log.info(f"{name}: a {shots}-shot prefix of {len(out[name])} characters from split {cfg.few_shot_split!r}")
-    return out
 
 
 def sample_policies(cfg: DictConfig, names: list[str], prompts: list[Prompt]) -> Texts:
@@ -404,84 +341,6 @@ def win_rate_rows(baseline: str, planned: list[Planned], verdicts: list[Any], sk
             "skipped_prompts": n_skipped, "ties": w.ties, "position_bias": w.position_bias, "judge": judge,
         })  # fmt: skip
     return rows
-
-
-def labelled_comparisons(cfg: DictConfig) -> list[Labelled]:
-    """A seeded choice of ``n_prompts`` labelled comparisons of the data's ``split`` (in their order
-    there): rows of one prompt and one pair of responses are one comparison, each row a label."""
-    from dpo.data.formats import load_rows
-    from dpo.data.sources import SourceSpec
-
-    rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row)
-    found = group_labelled((r.prompt, r.chosen, r.rejected) for r in rows)
-    if not found:
-        raise ConfigError(f"agreement=true: split {cfg.split!r} of data {cfg.data.source.path} has no comparison "
-                          "of two different responses")  # fmt: skip
-    keep = sorted(random.Random(cfg.seed).sample(range(len(found)), min(cfg.n_prompts, len(found))))
-    multi = sum(len(found[i].labels) > 1 for i in keep)
-    log.info(f"{len(keep)} of {len(found)} labelled comparisons of split {cfg.split!r} chosen (seed {cfg.seed}); "
-             f"{multi} with several labels")  # fmt: skip
-    return [found[i] for i in keep]
-
-
-def agreement_table(rows: list[dict[str, Any]]) -> str:
-    """``agreement.md``: one row per template (and judge)."""
-    head = ("| template | judge | judge-human agreement | s.e. | n | human-human agreement | s.e. | n (several "
-            "labels) | A won | parse failures | ties |\n|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
-    def num(x: float | None, digits: int = 3) -> str:
-        return "-" if x is None else f"{x:.{digits}f}"
-
-    return head + "".join(
-        f"| {r['template']} | {judge_name(r['judge'])} | {num(r['judge_human'])} | {num(r['judge_human_se'])} | "
-        f"{r['n']} | {num(r['human_human'])} | {num(r['human_human_se'])} | {r['n_multi']} | "
-        f"{num(r['position_bias'], 2)} | {r['parse_failures']} | {r['ties']} |\n"
-        for r in rows
-    )
-
-
-def judge_name(described: dict[str, Any]) -> str:
-    """A judge in a few words: its kind and model (API), checkpoint file (local) or reward name."""
-    reward = described.get("reward") or {}
-    what = described.get("model") or described.get("pretrained") or reward.get("name") or ""
-    return f"{described.get('kind')} {Path(str(what)).name if '/' in str(what) else what}".strip()
-
-
-def judge_agreement(cfg: DictConfig, out: Path, api: ApiJudge | None, started: float) -> Path:
-    """``agreement=true``: the judge on the data's labelled comparisons, against their labels."""
-    chosen = labelled_comparisons(cfg)
-    planned: list[tuple[Labelled, bool]] = []
-    for c in chosen:
-        if cfg.judge.orders == "both":
-            planned += [(c, True), (c, False)]
-        else:  # drawn per comparison from the seed, as for win rates
-            planned.append((c, random.Random(f"{cfg.seed}:agreement:{c.index}").random() < 0.5))
-    comparisons = [Comparison(c.prompt, *((c.x, c.y) if x_first else (c.y, c.x))) for c, x_first in planned]
-    if cfg.dry_run:
-        needed = api.uncached(comparisons) if api is not None else len(comparisons)
-        log.info(f"dry run: {len(comparisons)} comparisons, {needed} judge requests to send; nothing judged")
-        return out / "agreement.jsonl"
-    template = typed(cfg.template, Template)
-    judge: Judge = api if api is not None else build_judge(
-        typed(cfg.judge, JUDGES[cfg.judge.kind].Config), template, cfg.paths.cache_dir
-    )  # fmt: skip
-    verdicts = judge.judge(comparisons)
-    write_jsonl(out / "judgments.jsonl", [
-        {"index": c.index, "prompt": c.prompt, "x": c.x, "y": c.y, "labels": list(c.labels),
-         "order": "x_first" if x_first else "y_first", "a": cmp.a, "b": cmp.b, "raw": v.raw, "verdict": v.winner}
-        for (c, x_first), cmp, v in zip(planned, comparisons, verdicts, strict=True)
-    ])  # fmt: skip
-    result = agreement((c, v.winner, x_first) for (c, x_first), v in zip(planned, verdicts, strict=True))
-    if result.n == 0:
-        raise JudgeError(f"no usable judgment: every answer was unreadable (each is in {out / 'judgments.jsonl'})")
-    row = {"template": template.name, "judge": judge.describe(), "split": cfg.split, "comparisons": len(chosen),
-           **{k: getattr(result, k) for k in ("judge_human", "judge_human_se", "n", "human_human", "human_human_se",
-                                               "n_multi", "judgments", "parse_failures", "ties")},
-           "position_bias": result.position_bias, "seconds": round(time.time() - started, 1)}  # fmt: skip
-    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # undefined: null
-    path = write_jsonl(out / "agreement.jsonl", [row])
-    (out / "agreement.md").write_text(agreement_table([row]), encoding="utf-8")
-    log.info("agreement with the labels:\n%s", agreement_table([row]))
-    return path
 
 
 @entry("eval")

@@ -11,9 +11,9 @@ Prompt formats (exactly what the model sees; ``data.source.options`` can change 
 
 * ``hh``: the dialogue up to and including the last ``"\\n\\nAssistant:"``; responses are what
   follows (they start with a space).
-* ``tldr``, ``tldr_flat``, ``tldr_sft``: ``template`` filled with subreddit, title and post
-  (default ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``); responses are
-  ``" " + summary``.
+* ``tldr``, ``tldr_flat``, ``tldr_sft``, ``tldr_articles``, ``cnn_dailymail``
+  (:mod:`dpo.data.summaries`): ``template`` filled with subreddit, title and post (a news article
+  as the post); responses are ``" " + summary``.
 * ``shp``: ``"\\n\\nHuman: " + history + "\\n\\nAssistant:"``, responses ``" " + comment``, as in the
   official DPO repo.
 * ``imdb``: the first 2-8 words (or tokens: ``prefix_unit``) of a review
@@ -32,44 +32,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from dpo.data.rows import BadRow, Filtered, get_field, new_row, text_field
 from dpo.data.sources import DataError, PreferenceRow, SourceSpec, Unreadable, iter_records
-
-
-class BadRow(ValueError):
-    """A row that cannot be used. ``reason`` is a short key for counting, the message the detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-
-
-class Filtered(BadRow):
-    """A row left out on purpose by the configuration; counted, never an error."""
-
-
-def _get(record: Any, key: str) -> Any:
-    if not isinstance(record, dict):
-        raise BadRow("not_an_object", f"expected an object with fields, got {type(record).__name__}")
-    if key not in record:
-        raise BadRow("missing_field", f"missing field {key!r} (fields present: {sorted(record)})")
-    return record[key]
-
-
-def _text(record: Any, key: str, *, allow_empty: bool = False) -> str:
-    value = _get(record, key)
-    if value is None:
-        raise BadRow("null_field", f"field {key!r} is null")
-    if not isinstance(value, str):
-        raise BadRow("not_a_string", f"field {key!r} must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise BadRow("empty_text", f"field {key!r} is empty")
-    return value
-
-
-def _row(prompt: str, chosen: str, rejected: str | None, where: str) -> PreferenceRow:
-    if not chosen.strip() or (rejected is not None and not rejected.strip()):
-        raise BadRow("empty_response", "a response is empty")
-    return PreferenceRow(prompt, chosen, rejected, where)
+from dpo.data.summaries import (
+    parse_cnn_dailymail,
+    parse_tldr,
+    parse_tldr_articles,
+    parse_tldr_flat,
+    parse_tldr_sft,
+)
 
 
 def parse_fields(
@@ -77,10 +48,10 @@ def parse_fields(
 ) -> list[PreferenceRow]:
     """Plain-text fields, named by the options; ``rejected: null`` for SFT data."""
     return [
-        _row(
-            _text(record, prompt, allow_empty=True),
-            _text(record, chosen),
-            _text(record, rejected) if rejected is not None else None,
+        new_row(
+            text_field(record, prompt, allow_empty=True),
+            text_field(record, chosen),
+            text_field(record, rejected) if rejected is not None else None,
             where,
         )
     ]
@@ -101,116 +72,20 @@ def split_hh(dialogue: str) -> tuple[str, str]:
 
 def parse_hh(record: Any, where: str, *, single_turn: bool = False) -> list[PreferenceRow]:
     """Anthropic HH: two full dialogues that must share everything up to the last assistant turn."""
-    prompt, chosen = split_hh(_text(record, "chosen"))
-    other_prompt, rejected = split_hh(_text(record, "rejected"))
+    prompt, chosen = split_hh(text_field(record, "chosen"))
+    other_prompt, rejected = split_hh(text_field(record, "rejected"))
     if prompt != other_prompt:
         raise BadRow("prompts_differ", "chosen and rejected dialogues differ before the last assistant turn")
     if single_turn and prompt.count(HH_HUMAN) != 1:
         raise Filtered("multi_turn", "multi-turn dialogue left out (single_turn=true)")
-    return [_row(prompt, chosen, rejected, where)]
-
-
-TLDR_TEMPLATE = "SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
-_CARPER_PROMPT = re.compile(
-    r"^SUBREDDIT:\s*r/(?P<subreddit>.*?)\s*\nTITLE:\s*(?P<title>.*?)\s*\nPOST:\s*(?P<post>.*?)\s*(?:TL;DR:\s*)?$",
-    re.DOTALL,
-)
-
-
-def _tldr_prompt(template: str, subreddit: str, title: str, post: str) -> str:
-    return template.format(subreddit=subreddit.strip(), title=title.strip(), post=post.strip())
-
-
-def _summary(text: str) -> str:
-    text = text.strip()
-    if text.startswith("TL;DR:"):
-        text = text[len("TL;DR:") :].strip()
-    if not text:
-        raise BadRow("empty_response", "a summary is empty")
-    return " " + text
-
-
-def parse_tldr(record: Any, where: str, *, template: str = TLDR_TEMPLATE) -> list[PreferenceRow]:
-    """``openai/summarize_from_feedback`` (config ``comparisons``): info, two summaries, a choice."""
-    info = _get(record, "info")
-    if not isinstance(info, dict):
-        raise BadRow("not_an_object", "field 'info' must be an object")
-    if not isinstance(info.get("post"), str) or not info["post"].strip():
-        raise BadRow("no_post", "info.post is missing or empty (a news article row, not a Reddit post)")
-    for key in ("title", "subreddit"):
-        if not isinstance(info.get(key), str):
-            raise BadRow("missing_field", f"info.{key} is missing or not a string")
-    summaries, choice = _get(record, "summaries"), _get(record, "choice")
-    if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
-        raise BadRow("bad_comparison", "need two summaries and choice 0 or 1")
-    texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
-    if not all(isinstance(t, str) for t in texts):
-        raise BadRow("not_a_string", "summaries[i].text must be strings")
-    prompt = _tldr_prompt(template, info["subreddit"], info["title"], info["post"])
-    return [_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)]
-
-
-ARTICLE_SUBREDDIT = "news"
-"""The ``SUBREDDIT`` a news article gets in the TL;DR prompt format (the CNN/DailyMail test)."""
-
-
-def parse_tldr_articles(
-    record: Any, where: str, *, template: str = TLDR_TEMPLATE, subreddit: str = ARTICLE_SUBREDDIT
-) -> list[PreferenceRow]:
-    """The CNN/DailyMail rows of ``openai/summarize_from_feedback`` comparisons (``info.article``;
-    the validation split holds them), in the TL;DR prompt format: the article as the post, its
-    title (empty where there is none) and ``subreddit``; Reddit rows are filtered (counted)."""
-    info = _get(record, "info")
-    if not isinstance(info, dict):
-        raise BadRow("not_an_object", "field 'info' must be an object")
-    article = info.get("article")
-    if not isinstance(article, str) or not article.strip():
-        raise Filtered("not_an_article", "info.article is empty (a Reddit post row)")
-    title = info.get("title") if isinstance(info.get("title"), str) else ""
-    summaries, choice = _get(record, "summaries"), _get(record, "choice")
-    if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
-        raise BadRow("bad_comparison", "need two summaries and choice 0 or 1")
-    texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
-    if not all(isinstance(t, str) for t in texts):
-        raise BadRow("not_a_string", "summaries[i].text must be strings")
-    prompt = _tldr_prompt(template, subreddit, title, article)
-    return [_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)]
-
-
-def parse_cnn_dailymail(
-    record: Any, where: str, *, template: str = TLDR_TEMPLATE, subreddit: str = ARTICLE_SUBREDDIT
-) -> list[PreferenceRow]:
-    """``abisee/cnn_dailymail`` (config ``3.0.0``): the ``article`` in the TL;DR prompt format (no
-    title) and its reference summary ``highlights`` (one line per highlight, joined with spaces):
-    the DPO paper's out-of-distribution test (Sec. 6.3) judges TL;DR policies against it."""
-    prompt = _tldr_prompt(template, subreddit, "", _text(record, "article"))
-    highlights = " ".join(line.strip() for line in _text(record, "highlights").splitlines() if line.strip())
-    return [_row(prompt, " " + highlights, None, where)]
-
-
-def _carper_prompt(record: Any, template: str) -> str:
-    match = _CARPER_PROMPT.match(_text(record, "prompt"))
-    if match is None:
-        raise BadRow("prompt_format", "prompt is not 'SUBREDDIT: r/...\\nTITLE: ...\\nPOST: ...'")
-    return _tldr_prompt(template, **match.groupdict())
-
-
-def parse_tldr_flat(record: Any, where: str, *, template: str = TLDR_TEMPLATE) -> list[PreferenceRow]:
-    """``CarperAI/openai_summarize_comparisons``: prompt, chosen, rejected (``TL;DR: ...``)."""
-    prompt = _carper_prompt(record, template)
-    return [_row(prompt, _summary(_text(record, "chosen")), _summary(_text(record, "rejected")), where)]
-
-
-def parse_tldr_sft(record: Any, where: str, *, template: str = TLDR_TEMPLATE) -> list[PreferenceRow]:
-    """``CarperAI/openai_summarize_tldr``: prompt and the reference summary ``label`` (SFT)."""
-    return [_row(_carper_prompt(record, template), _summary(_text(record, "label")), None, where)]
+    return [new_row(prompt, chosen, rejected, where)]
 
 
 def parse_shp(record: Any, where: str, *, min_score_ratio: float = 2.0) -> list[PreferenceRow]:
     """Stanford SHP: two comments on a post, ``labels`` 1 when A is preferred; low-ratio pairs left out."""
-    history = _text(record, "history")
-    a, b = _text(record, "human_ref_A"), _text(record, "human_ref_B")
-    score_a, score_b, label = _get(record, "score_A"), _get(record, "score_B"), _get(record, "labels")
+    history = text_field(record, "history")
+    a, b = text_field(record, "human_ref_A"), text_field(record, "human_ref_B")
+    score_a, score_b, label = get_field(record, "score_A"), get_field(record, "score_B"), get_field(record, "labels")
     if not all(isinstance(x, int | float) for x in (score_a, score_b)) or label not in (0, 1):
         raise BadRow("bad_scores", "score_A/score_B must be numbers and labels 0 or 1")
     low, high = sorted((score_a, score_b))
@@ -219,7 +94,7 @@ def parse_shp(record: Any, where: str, *, min_score_ratio: float = 2.0) -> list[
         raise Filtered("score_ratio_below_min", f"score ratio {ratio:.2f} < {min_score_ratio}")
     prompt = HH_HUMAN + " " + history + HH_ASSISTANT
     chosen, rejected = (a, b) if label == 1 else (b, a)
-    return [_row(prompt, " " + chosen, " " + rejected, where)]
+    return [new_row(prompt, " " + chosen, " " + rejected, where)]
 
 
 def parse_imdb(
@@ -246,7 +121,7 @@ def parse_imdb(
     if not 1 <= prefix_min_words <= prefix_max_words:
         raise DataError(f"data.source.options: need 1 <= prefix_min_words <= prefix_max_words, got "
                         f"{prefix_min_words} and {prefix_max_words}")  # fmt: skip
-    text = _text(record, "text")
+    text = text_field(record, "text")
     if strip_html:
         text = re.sub(r"<br\s*/?>", " ", text)
     span = prefix_max_words - prefix_min_words + 1
@@ -262,11 +137,11 @@ def parse_imdb(
         response = head[len(prompt) :] + rest
         if not prompt.strip() or not response.strip():
             raise Filtered("too_short", f"the first {k} tokens or the rest decode to whitespace")
-        return [_row(prompt, response, None, where)]
+        return [new_row(prompt, response, None, where)]
     words = text.split()
     if len(words) <= k:
         raise Filtered("too_short", f"review has {len(words)} words, the prefix needs more than {k}")
-    return [_row(" ".join(words[:k]), " " + " ".join(words[k:]), None, where)]
+    return [new_row(" ".join(words[:k]), " " + " ".join(words[k:]), None, where)]
 
 
 def imdb_prompt(text: str, k: int) -> str:
@@ -324,16 +199,16 @@ def parse_chat(
     """
     if tokenizer is None:
         raise DataError("the chat format needs a tokenizer to render messages")
-    prompt_msgs = _messages(_get(record, prompt), prompt)
+    prompt_msgs = _messages(get_field(record, prompt), prompt)
     prompt_text = render_chat(tokenizer, prompt_msgs, generation_prompt=True)
     responses = []
     for key in (chosen, rejected):
-        reply = _response_messages(prompt_msgs, _messages(_get(record, key), key), key)
+        reply = _response_messages(prompt_msgs, _messages(get_field(record, key), key), key)
         full = render_chat(tokenizer, prompt_msgs + reply, generation_prompt=False)
         if not full.startswith(prompt_text):
             raise BadRow("prompt_not_prefix", f"rendered {key!r} conversation does not start with the rendered prompt")
         responses.append(full[len(prompt_text) :])
-    return [_row(prompt_text, responses[0], responses[1], where)]
+    return [new_row(prompt_text, responses[0], responses[1], where)]
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,26 @@ Definitions (``dpo-eval agreement=true``; docs/win_rates.md repeats them):
 
 from __future__ import annotations
 
+import math
+import random
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import combinations
+from pathlib import Path
+from typing import Any
 
-from dpo.evaluation.judges.base import Winner
+from omegaconf import DictConfig
+
+from dpo.config.settings import ConfigError, typed
+from dpo.evaluation.judges import JUDGES, Comparison, Judge, Template, build_judge
+from dpo.evaluation.judges.api import ApiJudge
+from dpo.evaluation.judges.base import JudgeError, Winner
 from dpo.evaluation.win_rate import mean_and_stderr
+from dpo.runtime.io import write_jsonl
+from dpo.runtime.log import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -126,3 +140,84 @@ def agreement(judged: Iterable[tuple[Labelled, Winner | None, bool]]) -> Agreeme
     human_mean, human_se = mean_and_stderr(multi)
     return Agreement(judge_mean, judge_se, len(scores), human_mean, human_se, len(multi), readable, failures, ties,
                      a_wins, decided)  # fmt: skip
+
+
+# --- dpo-eval agreement=true ---------------------------------------------------------------------
+
+
+def labelled_comparisons(cfg: DictConfig) -> list[Labelled]:
+    """A seeded choice of ``n_prompts`` labelled comparisons of the data's ``split`` (in their order
+    there): rows of one prompt and one pair of responses are one comparison, each row a label."""
+    from dpo.data.formats import load_rows
+    from dpo.data.sources import SourceSpec
+
+    rows, _ = load_rows(typed(cfg.data.source, SourceSpec), cfg.split, on_bad_row=cfg.data.on_bad_row)
+    found = group_labelled((r.prompt, r.chosen, r.rejected) for r in rows)
+    if not found:
+        raise ConfigError(f"agreement=true: split {cfg.split!r} of data {cfg.data.source.path} has no comparison "
+                          "of two different responses")  # fmt: skip
+    keep = sorted(random.Random(cfg.seed).sample(range(len(found)), min(cfg.n_prompts, len(found))))
+    multi = sum(len(found[i].labels) > 1 for i in keep)
+    log.info(f"{len(keep)} of {len(found)} labelled comparisons of split {cfg.split!r} chosen (seed {cfg.seed}); "
+             f"{multi} with several labels")  # fmt: skip
+    return [found[i] for i in keep]
+
+
+def agreement_table(rows: list[dict[str, Any]]) -> str:
+    """``agreement.md``: one row per template (and judge)."""
+    head = ("| template | judge | judge-human agreement | s.e. | n | human-human agreement | s.e. | n (several "
+            "labels) | A won | parse failures | ties |\n|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    def num(x: float | None, digits: int = 3) -> str:
+        return "-" if x is None else f"{x:.{digits}f}"
+
+    return head + "".join(
+        f"| {r['template']} | {judge_name(r['judge'])} | {num(r['judge_human'])} | {num(r['judge_human_se'])} | "
+        f"{r['n']} | {num(r['human_human'])} | {num(r['human_human_se'])} | {r['n_multi']} | "
+        f"{num(r['position_bias'], 2)} | {r['parse_failures']} | {r['ties']} |\n"
+        for r in rows
+    )
+
+
+def judge_name(described: dict[str, Any]) -> str:
+    """A judge in a few words: its kind and model (API), checkpoint file (local) or reward name."""
+    reward = described.get("reward") or {}
+    what = described.get("model") or described.get("pretrained") or reward.get("name") or ""
+    return f"{described.get('kind')} {Path(str(what)).name if '/' in str(what) else what}".strip()
+
+
+def judge_agreement(cfg: DictConfig, out: Path, api: ApiJudge | None, started: float) -> Path:
+    """``agreement=true``: the judge on the data's labelled comparisons, against their labels."""
+    chosen = labelled_comparisons(cfg)
+    planned: list[tuple[Labelled, bool]] = []
+    for c in chosen:
+        if cfg.judge.orders == "both":
+            planned += [(c, True), (c, False)]
+        else:  # drawn per comparison from the seed, as for win rates
+            planned.append((c, random.Random(f"{cfg.seed}:agreement:{c.index}").random() < 0.5))
+    comparisons = [Comparison(c.prompt, *((c.x, c.y) if x_first else (c.y, c.x))) for c, x_first in planned]
+    if cfg.dry_run:
+        needed = api.uncached(comparisons) if api is not None else len(comparisons)
+        log.info(f"dry run: {len(comparisons)} comparisons, {needed} judge requests to send; nothing judged")
+        return out / "agreement.jsonl"
+    template = typed(cfg.template, Template)
+    judge: Judge = api if api is not None else build_judge(
+        typed(cfg.judge, JUDGES[cfg.judge.kind].Config), template, cfg.paths.cache_dir
+    )  # fmt: skip
+    verdicts = judge.judge(comparisons)
+    write_jsonl(out / "judgments.jsonl", [
+        {"index": c.index, "prompt": c.prompt, "x": c.x, "y": c.y, "labels": list(c.labels),
+         "order": "x_first" if x_first else "y_first", "a": cmp.a, "b": cmp.b, "raw": v.raw, "verdict": v.winner}
+        for (c, x_first), cmp, v in zip(planned, comparisons, verdicts, strict=True)
+    ])  # fmt: skip
+    result = agreement((c, v.winner, x_first) for (c, x_first), v in zip(planned, verdicts, strict=True))
+    if result.n == 0:
+        raise JudgeError(f"no usable judgment: every answer was unreadable (each is in {out / 'judgments.jsonl'})")
+    row = {"template": template.name, "judge": judge.describe(), "split": cfg.split, "comparisons": len(chosen),
+           **{k: getattr(result, k) for k in ("judge_human", "judge_human_se", "n", "human_human", "human_human_se",
+                                               "n_multi", "judgments", "parse_failures", "ties")},
+           "position_bias": result.position_bias, "seconds": round(time.time() - started, 1)}  # fmt: skip
+    row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}  # undefined: null
+    path = write_jsonl(out / "agreement.jsonl", [row])
+    (out / "agreement.md").write_text(agreement_table([row]), encoding="utf-8")
+    log.info("agreement with the labels:\n%s", agreement_table([row]))
+    return path
