@@ -644,8 +644,12 @@ def test_step_exports_are_judged_over_training_and_drawn_against_step(tmp_path, 
     assert (out / "win_rate_over_training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ConfigError, match="no policy exports under"):
         evaluate(compose_eval([*common[:-1], f"over_training={tmp_path / 'nothing'}"], tmp_path / "refused"))
-    with pytest.raises(ConfigError, match="takes its policies from the run's exports"):
-        evaluate(compose_eval([*common, "policies={a: x}"], tmp_path / "refused"))
+    with pytest.raises(ConfigError, match="judges the run's exports as policies step<N>"):
+        evaluate(compose_eval([*common, "policies={step000002: x}"], tmp_path / "refused"))
+    base = f"policies={{start: {exports[2]}}}"  # a baseline beside the exports: judged against, not drawn
+    rows = read_jsonl(evaluate(compose_eval([*common, base, "baseline=start"], tmp_path / "vs")), {"policy": str})
+    assert {r["policy"] for r in rows} == {"step000002", "step000004", "step000005"}
+    assert (tmp_path / "vs" / "win_rate_over_training.png").is_file()
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
 
 

@@ -30,14 +30,16 @@ where a comparison has several labels, the position bias, with standard errors
 per template.
 
 ``over_training=<run folder>`` judges the run's policy exports (``callbacks.step_exports.every_n_steps``:
-``exports/step<N>/``) as the policies ``step<N>`` and also draws ``win_rate_over_training.png``: win rate
-against optimizer step, one line per temperature (the paper's Fig. 3 right).
+``exports/step<N>/``) as the policies ``step<N>`` (besides any given, e.g. a baseline) and also draws
+``win_rate_over_training.png``: win rate against optimizer step, one line per temperature (the
+paper's Fig. 3 right).
 """
 
 from __future__ import annotations
 
 import math
 import random
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -71,6 +73,9 @@ log = get_logger(__name__)
 CHOSEN = "chosen"
 """``baseline=chosen``: the data's preferred response of each prompt."""
 
+STEP_NAME = re.compile(r"step\d+")
+"""The policy names ``over_training`` gives a run's exports."""
+
 Texts = dict[tuple[str, float], list[str | None]]
 """(policy, temperature) -> one completion per prompt (None: skipped)."""
 
@@ -96,9 +101,9 @@ def check(cfg: DictConfig) -> None:
     require_keys(cfg, ["judge.kind", "template.user", "paths.output_dir"])
     check_ranges(cfg, EvalConfig)  # temperatures, n_prompts, batch_size, dtype: every range at once
     if cfg.over_training is not None:
-        if cfg.policies or cfg.agreement:
-            raise ConfigError("over_training=<run folder> takes its policies from the run's exports: leave policies "
-                              "unset (and agreement false)")  # fmt: skip
+        if cfg.agreement or any(STEP_NAME.fullmatch(str(name)) for name in cfg.policies or {}):
+            raise ConfigError("over_training=<run folder> judges the run's exports as policies step<N>: the other "
+                              "policies (e.g. a baseline) need other names, and agreement must be false")  # fmt: skip
         if not step_exports(cfg.over_training):
             raise ConfigError(f"over_training={cfg.over_training}: no policy exports under "
                               f"{Path(cfg.over_training) / 'exports'}; train with "
@@ -235,7 +240,8 @@ def log_to_wandb(cfg: DictConfig, rows: list[dict[str, Any]], figure: Path, over
             "eval/win_rate_figure": wandb.Image(str(figure)),
         })  # fmt: skip
         if over_training is not None:
-            steps = [[training_step(r["policy"]), r["temperature"], r["win_rate"], r["stderr"]] for r in rows]
+            steps = [[training_step(r["policy"]), r["temperature"], r["win_rate"], r["stderr"]] for r in rows
+                     if STEP_NAME.fullmatch(r["policy"])]
             by_step = wandb.Table(columns=["step", "temperature", "win_rate", "stderr"], data=steps)
             run.log({"eval/win_rate_over_training": wandb.plot.line(by_step, "step", "win_rate", stroke="temperature",
                                                                     title="win rate over training"),
@@ -255,8 +261,9 @@ def evaluate(cfg: DictConfig) -> Path:
     if cfg.agreement:
         return judge_agreement(cfg, out, api if cfg.judge.kind == "api" else None, started)
     if cfg.over_training is not None and not cfg.completions:  # the run's exports are the policies
-        with open_dict(cfg):
-            cfg.policies = {f"step{n:06d}": str(path) for n, path in step_exports(cfg.over_training).items()}
+        with open_dict(cfg):  # besides the given policies (a baseline, say)
+            cfg.policies = {**(cfg.policies or {}),
+                            **{f"step{n:06d}": str(path) for n, path in step_exports(cfg.over_training).items()}}
     prompts, texts = prompts_and_completions(cfg, out)
     planned, skipped = plan(cfg, prompts, texts, cfg.judge.orders)
     comparisons = [x.comparison() for x in planned]
@@ -294,7 +301,8 @@ def evaluate(cfg: DictConfig) -> Path:
                                         "few_shot": few_shot})  # fmt: skip
     over = None
     if cfg.over_training is not None:
-        over = plot_win_rate_over_training(rows, out / "win_rate_over_training.png",
+        over = plot_win_rate_over_training([r for r in rows if STEP_NAME.fullmatch(r["policy"])],
+                                           out / "win_rate_over_training.png",
                                            f"{Path(cfg.over_training).name}: judge {judge.describe().get('kind')}, "
                                            f"{len(prompts)} prompts")  # fmt: skip
     if cfg.wandb:

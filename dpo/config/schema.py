@@ -149,8 +149,9 @@ class EvalConfig:
             judge sees the prompt without it.
         few_shot_split: the data split the few-shot examples come from.
         over_training: a training run's folder: its policy exports (``exports/step<N>/``, written with
-            ``callbacks.step_exports.every_n_steps``) are the policies, and win rate against step is
-            drawn too (``win_rate_over_training.png``).
+            ``callbacks.step_exports.every_n_steps``) are policies ``step<N>`` (beside any in
+            ``policies``, e.g. a baseline), and win rate against step is drawn too
+            (``win_rate_over_training.png``).
         wandb: log the results table and plot to wandb (``WANDB_MODE`` decides online/offline).
         wandb_project: the wandb project.
     """
