@@ -46,7 +46,7 @@ def test_miniature_pipeline_end_to_end(tmp_path, exported_tiny):
     meta = json.loads((pairs / "pairs.meta.json").read_text())
     assert meta["pairs"]["train"] >= 8 and meta["pairs"]["val"] >= 1
     ppo_gt = ["experiment=imdb_ppo_gt_mini", "system.minibatch_size=1", "system.ppo_epochs=1",
-              "system.generation.max_new_tokens=6"]  # fmt: skip
+              "system.samples_per_prompt=1", "system.generation.max_new_tokens=6"]  # fmt: skip
     runs = (("dpo", ["experiment=imdb_mini", "loss=dpo"]),
             ("ul", ["experiment=imdb_mini", "loss=unlikelihood", "loss.alpha=0.5"]), ("ppo_gt", ppo_gt))  # fmt: skip
     for name, overrides in runs:
