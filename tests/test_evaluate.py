@@ -647,9 +647,14 @@ def test_step_exports_are_judged_over_training_and_drawn_against_step(tmp_path, 
     with pytest.raises(ConfigError, match="judges the run's exports as policies step<N>"):
         evaluate(compose_eval([*common, "policies={step000002: x}"], tmp_path / "refused"))
     base = f"policies={{start: {exports[2]}}}"  # a baseline beside the exports: judged against, not drawn
-    rows = read_jsonl(evaluate(compose_eval([*common, base, "baseline=start"], tmp_path / "vs")), {"policy": str})
+    rows = read_jsonl(evaluate(compose_eval([*common, base, "baseline=start", "wandb=true"], tmp_path / "vs")),
+                      {"policy": str})  # fmt: skip
     assert {r["policy"] for r in rows} == {"step000002", "step000004", "step000005"}
     assert (tmp_path / "vs" / "win_rate_over_training.png").is_file()
+    from tests_helpers import wandb_logged
+
+    history = wandb_logged(tmp_path / "vs")["history"]  # the plot of win rate against step and its figure
+    assert {"eval/win_rate_over_training_table.path", "eval/win_rate_over_training_figure._type"} <= history
     assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())
 
 
