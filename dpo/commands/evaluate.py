@@ -293,18 +293,11 @@ def evaluate(cfg: DictConfig) -> Path:
             f"in {results}"
         )
     (out / "results.md").write_text(results_table(rows), encoding="utf-8")
-    figure = plot_win_rates(rows, out / "win_rate.png", f"{cfg.task_name}: judge {judge.describe().get('kind')}, "
-                            f"{len(prompts)} prompts")  # fmt: skip
+    figure, over = draw(cfg, rows, out, f"judge {judge.describe().get('kind')}, {len(prompts)} prompts")
     few_shot = OmegaConf.to_container(cfg.few_shot) if cfg.few_shot else {}
     write_json(out / "eval.meta.json", {"seconds": round(time.time() - started, 1), "prompts": len(prompts),
                                         "comparisons": len(comparisons), "judge": judge.describe(),
                                         "few_shot": few_shot})  # fmt: skip
-    over = None
-    if cfg.over_training is not None:
-        over = plot_win_rate_over_training([r for r in rows if STEP_NAME.fullmatch(r["policy"])],
-                                           out / "win_rate_over_training.png",
-                                           f"{Path(cfg.over_training).name}: judge {judge.describe().get('kind')}, "
-                                           f"{len(prompts)} prompts")  # fmt: skip
     if cfg.wandb:
         log_to_wandb(cfg, rows, figure, over)
     log.info("win rates against %s:\n%s", cfg.baseline, results_table(rows))
@@ -312,6 +305,17 @@ def evaluate(cfg: DictConfig) -> Path:
     if bias and cfg.judge.orders == "both":
         log.info(f"position bias: the response shown first won {sum(bias) / len(bias):.2f} of decided judgments")
     return results
+
+
+def draw(cfg: DictConfig, rows: list[dict[str, Any]], out: Path, about: str) -> tuple[Path, Path | None]:
+    """``win_rate.png`` (against temperature) and, with ``over_training``, ``win_rate_over_training.png``
+    (the exports' win rates against step)."""
+    figure = plot_win_rates(rows, out / "win_rate.png", f"{cfg.task_name}: {about}")
+    if cfg.over_training is None:
+        return figure, None
+    steps = [r for r in rows if STEP_NAME.fullmatch(r["policy"])]
+    return figure, plot_win_rate_over_training(steps, out / "win_rate_over_training.png",
+                                               f"{Path(cfg.over_training).name}: {about}")  # fmt: skip
 
 
 def prompts_and_completions(cfg: DictConfig, out: Path) -> tuple[list[Prompt], Texts]:

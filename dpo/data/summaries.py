@@ -42,14 +42,8 @@ def parse_tldr(record: Any, where: str, *, template: str = TLDR_TEMPLATE) -> lis
     for key in ("title", "subreddit"):
         if not isinstance(info.get(key), str):
             raise BadRow("missing_field", f"info.{key} is missing or not a string")
-    summaries, choice = get_field(record, "summaries"), get_field(record, "choice")
-    if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
-        raise BadRow("bad_comparison", "need two summaries and choice 0 or 1")
-    texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
-    if not all(isinstance(t, str) for t in texts):
-        raise BadRow("not_a_string", "summaries[i].text must be strings")
     prompt = _tldr_prompt(template, info["subreddit"], info["title"], info["post"])
-    return [new_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)]
+    return [_comparison_row(record, prompt, where)]
 
 
 ARTICLE_SUBREDDIT = "news"
@@ -69,14 +63,18 @@ def parse_tldr_articles(
     if not isinstance(article, str) or not article.strip():
         raise Filtered("not_an_article", "info.article is empty (a Reddit post row)")
     title = info.get("title") if isinstance(info.get("title"), str) else ""
+    return [_comparison_row(record, _tldr_prompt(template, subreddit, title, article), where)]
+
+
+def _comparison_row(record: Any, prompt: str, where: str) -> PreferenceRow:
+    """A comparisons record's two summaries as a row: the worker's ``choice`` preferred."""
     summaries, choice = get_field(record, "summaries"), get_field(record, "choice")
     if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
         raise BadRow("bad_comparison", "need two summaries and choice 0 or 1")
     texts = [s.get("text") if isinstance(s, dict) else None for s in summaries]
     if not all(isinstance(t, str) for t in texts):
         raise BadRow("not_a_string", "summaries[i].text must be strings")
-    prompt = _tldr_prompt(template, subreddit, title, article)
-    return [new_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)]
+    return new_row(prompt, _summary(texts[choice]), _summary(texts[1 - choice]), where)
 
 
 def parse_cnn_dailymail(

@@ -352,14 +352,7 @@ def plot_win_rate_over_training(rows: Sequence[dict[str, Any]], path: str | Path
         err = [0.0 if math.isnan(r["stderr"]) else r["stderr"] for r in mine]
         ax.errorbar([training_step(r["policy"]) for r in mine], [r["win_rate"] for r in mine], yerr=err, marker="o",
                     capsize=3, label=f"T={t:g}")  # fmt: skip
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"win rate against {rows[0]['baseline']}" if rows else "win rate")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, Path(path))
+    return _win_rate_axes(fig, ax, rows, "optimizer step", title, path)
 
 
 def plot_win_rates(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
@@ -372,8 +365,14 @@ def plot_win_rates(rows: Sequence[dict[str, Any]], path: str | Path, title: str)
         err = [0.0 if math.isnan(r["stderr"]) else r["stderr"] for r in mine]
         ax.errorbar([r["temperature"] for r in mine], [r["win_rate"] for r in mine], yerr=err, marker="o",
                     capsize=3, label=policy)  # fmt: skip
+    return _win_rate_axes(fig, ax, rows, "sampling temperature", title, path)
+
+
+def _win_rate_axes(fig: Any, ax: Any, rows: Sequence[dict[str, Any]], xlabel: str, title: str, path: str | Path
+                   ) -> Path:  # fmt: skip
+    """The win-rate figures' common frame: the 1/2 line, labels, the [0, 1] range; saved to ``path``."""
     ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("sampling temperature")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(f"win rate against {rows[0]['baseline']}" if rows else "win rate")
     ax.set_ylim(0, 1)
     ax.set_title(title, fontsize=9)
