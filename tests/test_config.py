@@ -41,6 +41,13 @@ def build_and_step(cfg):
         rollout, tokens = run.module.rollout(batch["prompt_ids"][:4])
         assert tokens > 0 and torch.isfinite(rollout.advantages).all() and torch.isfinite(rollout.scores).all()
         return run, {}
+    if cfg.system.kind == "online_dpo":  # sample, label and pair its first prompts (up to 4)
+        prompts, rows = batch["prompt_ids"][:4], batch["rows"][:4]
+        samples = run.module.sample(prompts, rows)
+        scores = run.module.label(prompts, samples, rows)
+        assert len(samples) == len(scores) == len(prompts) > 0
+        assert all(len(s) == cfg.system.samples_per_prompt for s in scores)
+        return run, {"pairs": len(run.module.pairs_of(prompts, samples, scores, rows))}
     loss, metrics = run.module.shared_step(batch, "train")
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
     return run, metrics
@@ -53,7 +60,8 @@ def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny,
         cfg.system.minibatch_size = cfg.data.micro_batch_size
         if cfg.system.reward is not None:  # PPO against a learned reward model
             cfg.system.reward.path = exported_tiny_rm
-        cfg.trainer.max_steps = SYSTEMS["ppo"].steps_per_batch(cfg)  # whole PPO iterations (3 would stop inside one)
+    if SYSTEMS[cfg.system.kind].manual_steps:  # whole iterations (3 steps would stop inside one)
+        cfg.trainer.max_steps = SYSTEMS[cfg.system.kind].steps_per_batch(cfg)
     run, metrics = build_and_step(cfg)
     assert run.start.plan.accumulate_grad_batches >= 1 and (tmp_path / "config.yaml").is_file()
     if cfg.system.kind == "dpo":

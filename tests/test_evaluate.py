@@ -19,9 +19,9 @@ from omegaconf import open_dict
 from dpo.commands.cli import CONF_DIR
 from dpo.commands.evaluate import choose_prompts, evaluate
 from dpo.config.settings import ConfigError
-from dpo.evaluation.judges import Comparison, JudgeError, Template
-from dpo.evaluation.judges.local import LocalLMJudge
 from dpo.evaluation.win_rate import win_rate
+from dpo.judges import Comparison, JudgeError, Template
+from dpo.judges.local import LocalLMJudge
 from dpo.models.completions import sample_texts
 from dpo.models.sampling import GenerationConfig, cut_at_stop, generate
 from dpo.runtime.io import read_jsonl, write_jsonl

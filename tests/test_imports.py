@@ -62,6 +62,7 @@ LAYERS = [
     ("dpo.data", ("dpo.models.forward", "dpo.models.attention", "dpo.systems", "dpo.evaluation", "dpo.commands")),
     ("dpo.models", ("dpo.systems", "dpo.evaluation", "dpo.report", "dpo.commands")),
     ("dpo.rewards", ("dpo.systems", "dpo.evaluation", "dpo.report", "dpo.commands")),
+    ("dpo.judges", ("dpo.systems", "dpo.evaluation", "dpo.report", "dpo.commands")),
     ("dpo.systems", ("dpo.evaluation", "dpo.report", "dpo.commands")),
     ("dpo.evaluation", ("dpo.commands",)),
     ("dpo.report", ("dpo.commands",)),

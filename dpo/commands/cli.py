@@ -6,7 +6,7 @@
 A mistake the user can fix (a :class:`~dpo.config.settings.ConfigError`, :class:`~dpo.data.sources.DataError`
 or :class:`~dpo.models.load.ModelLoadError`), and a run the non-finite guard stopped
 (:class:`~dpo.systems.base.NonFiniteError`), and a judge that cannot work as configured
-(:class:`~dpo.evaluation.judges.base.JudgeError`: no API key, max_requests), is logged as one line
+(:class:`~dpo.judges.base.JudgeError`: no API key, max_requests), is logged as one line
 naming what, where and how to fix, and the program exits with status 1; set ``DPO_FULL_ERROR=1``
 for the traceback (as Hydra's ``HYDRA_FULL_ERROR``). Anything else is a bug and keeps its traceback.
 """
@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 import dpo.config.schema  # noqa: F401  (registers the config schemas before Hydra composes)
 from dpo.config.secrets import literal_secrets
 from dpo.config.validate import USER_ERRORS
-from dpo.evaluation.judges.base import JudgeError
+from dpo.judges.base import JudgeError
 from dpo.runtime.io import atomic_write
 from dpo.runtime.log import get_logger
 from dpo.systems.base import NonFiniteError

@@ -54,12 +54,12 @@ from dpo.config.schema import EvalConfig
 from dpo.config.secrets import redact
 from dpo.config.settings import ConfigError, check_ranges, require_keys, typed
 from dpo.evaluation.agreement import judge_agreement
-from dpo.evaluation.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
-from dpo.evaluation.judges.api import ApiJudge
-from dpo.evaluation.judges.base import JudgeError
 from dpo.evaluation.prompts import Prompt, choose_prompts, few_shot_prefixes
 from dpo.evaluation.step_exports import step_exports
 from dpo.evaluation.win_rate import WinRate, win_rate
+from dpo.judges import JUDGES, ORDERS, Comparison, Judge, Template, build_judge
+from dpo.judges.api import ApiJudge
+from dpo.judges.base import JudgeError
 from dpo.models.completions import sample_texts
 from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, resolve
 from dpo.models.sampling import SweepGeneration

@@ -16,8 +16,8 @@ system          each kind's ``config`` in :data:`dpo.systems.SYSTEMS`
 loss            the loss function's keyword parameters (:data:`dpo.maths.losses.LOSSES`) plus
                 ``name`` and ``nll_weight``
 reward          the reward factory's parameters (:data:`dpo.rewards.registry.REWARDS`) plus ``name``
-judge           each kind's ``Config`` in :data:`dpo.evaluation.judges.JUDGES`
-template        :class:`dpo.evaluation.judges.Template`
+judge           each kind's ``Config`` in :data:`dpo.judges.JUDGES`
+template        :class:`dpo.judges.Template`
 paths           :class:`PathsConfig`
 (root)          :class:`TrainConfig` (``conf/train.yaml``), :class:`EvalConfig` (``conf/eval.yaml``),
                 the pipeline commands' (:data:`PIPELINE`: ``conf/sample.yaml``, ...)
@@ -46,7 +46,7 @@ from omegaconf import MISSING, OmegaConf
 from dpo.config.preflight import PreflightConfig
 from dpo.data.datamodule import DataConfig
 from dpo.data.sources import bundled_path
-from dpo.evaluation.judges import JUDGES, Template
+from dpo.judges import JUDGES, Template
 from dpo.maths.losses import LOSSES
 from dpo.models.load import DType, ModelConfig
 from dpo.models.sampling import GenerationConfig, SweepGeneration, generation_problem

@@ -32,10 +32,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from dpo.config.settings import ConfigError, typed
-from dpo.evaluation.judges import JUDGES, Comparison, Judge, Template, build_judge
-from dpo.evaluation.judges.api import ApiJudge
-from dpo.evaluation.judges.base import JudgeError, Winner
 from dpo.evaluation.win_rate import mean_and_stderr
+from dpo.judges import JUDGES, Comparison, Judge, Template, build_judge
+from dpo.judges.api import ApiJudge
+from dpo.judges.base import JudgeError, Winner
 from dpo.runtime.io import write_jsonl
 from dpo.runtime.log import get_logger
 

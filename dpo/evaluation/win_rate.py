@@ -18,7 +18,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dpo.evaluation.judges.base import Winner
+from dpo.judges.base import Winner
 
 
 def policy_score(winner: Winner | None, policy_first: bool) -> float | None:

@@ -165,10 +165,14 @@ def generate(
     synced_gpus: bool = False,
     progress: str | None = None,
     tokenizer: Any = None,
+    uniforms: Tensor | None = None,
 ) -> list[list[int]]:
     """Sample one completion per prompt (repeat a prompt k times for k samples), batched.
 
-    Returns the generated token ids of each prompt, cut after the first EOS. The caller seeds the RNG.
+    Returns the generated token ids of each prompt, cut after the first EOS. The caller seeds the RNG,
+    or gives each prompt its own draws: ``uniforms`` (N, max_new_tokens), the uniform of each
+    prompt's every step (:func:`row_uniforms`), so a completion depends on its prompt's draws alone,
+    whatever else shares its batch or its rank.
     ``progress`` labels a progress bar (standalone sampling; none inside Lightning's loops).
     With ``gen.stop``, generation of a row ends once a stop string appears (``tokenizer`` required);
     the ids still hold it: decode and :func:`cut_at_stop` (or use :func:`sample_texts`).
@@ -176,7 +180,14 @@ def generate(
     weights inside each), until the last row of every rank is done.
     """
     return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer,
-                              with_logps=False).tokens
+                              with_logps=False, uniforms=uniforms).tokens
+
+
+def row_uniforms(seeds: Sequence[int], steps: int) -> Tensor:
+    """(N, steps) uniforms, row i drawn from a generator seeded with ``seeds[i]`` alone: the draws of
+    :func:`generate` for N prompts that do not depend on batching, ranks or the global RNG (online
+    DPO seeds each (step, row, sample) so resumed and distributed runs sample what one process would)."""
+    return torch.stack([torch.rand(steps, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
 
 
 @torch.no_grad()
@@ -207,6 +218,7 @@ def sample_completions(
     progress: str | None = None,
     tokenizer: Any = None,
     with_logps: bool = True,
+    uniforms: Tensor | None = None,
 ) -> Completions:
     """:func:`generate`, with the log-probability of each generated token (``with_logps=False``:
     empty lists, and no log-softmax per step).
@@ -232,8 +244,9 @@ def sample_completions(
         with packed_linears(model, min(batch_size, len(prompts))):  # CPU only: dpo.models.packed
             for start in track(starts, progress) if progress else starts:
                 ids, mask = left_pad(prompts[start : start + batch_size], pad_id)
+                u = None if uniforms is None else uniforms[start : start + batch_size].to(device)
                 tokens, logps = _decode(model, ids.to(device), mask.to(device), gen, warp, pad_id, eos_id,
-                                        tokenizer, synced_gpus, with_logps)  # fmt: skip
+                                        tokenizer, synced_gpus, with_logps, u)  # fmt: skip
                 out.tokens += tokens
                 out.logps += logps
     finally:
@@ -265,6 +278,7 @@ def _more_steps(local: bool, synced: bool, device: torch.device) -> bool:
 def _decode(
     model: nn.Module, ids: Tensor, mask: Tensor, gen: GenerationConfig, warp: LogitsProcessorList | None,
     pad_id: int, eos_id: int | None, tokenizer: Any, synced: bool, with_logps: bool = True,
+    uniforms: Tensor | None = None,
 ) -> tuple[list[list[int]], list[list[float]]]:  # fmt: skip
     """Decode one left-padded batch: ``ids``/``mask`` (N, P); returns tokens and log-probs per row.
 
@@ -287,7 +301,8 @@ def _decode(
     tokens: list[list[int]] = [[] for _ in range(n)]
     logps: list[list[float]] = [[] for _ in range(n)]
     for step in range(gen.max_new_tokens):
-        picked = _pick(logits, warp, rows, going, n, pad_id)  # (R,)
+        u = None if uniforms is None else uniforms[:, step]  # (N,)
+        picked = _pick(logits, warp, rows, going, n, pad_id, u)  # (R,)
         for r, t in zip(rows[going].tolist(), picked[going].tolist(), strict=True):
             tokens[r].append(t)
         if with_logps:
@@ -313,19 +328,22 @@ def _decode(
     return tokens, logps
 
 
-def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going: Tensor, n: int, pad_id: int) -> Tensor:
+def _pick(logits: Tensor, warp: LogitsProcessorList | None, rows: Tensor, going: Tensor, n: int, pad_id: int,
+          uniforms: Tensor | None = None) -> Tensor:  # fmt: skip
     """Next token of each cache row: greedy without ``warp``, else an inverse-CDF draw from the warped
     softmax: one uniform per row of the batch (``n`` every step, rows that ended included, so a row's
     draws never depend on when the others end), the first token whose cumulative probability exceeds
     it. One ``rand`` and one ``cumsum`` instead of ``torch.multinomial`` (which cost a fifth of a
-    batch-64 step on a CPU); the distribution is the same, the draws differ from ``generate``'s."""
+    batch-64 step on a CPU); the distribution is the same, the draws differ from ``generate``'s.
+    ``uniforms`` (n,): the step's draws, given (:func:`row_uniforms`)."""
     if warp is None:
         return logits.argmax(-1)
     warped = warp(None, logits.clone()) if warp else logits  # (R, V); logits stay raw
     # the softmax's numerators exp(x - max) and their running sum; drawing below u * total is drawing
     # from the softmax without dividing by its sum
     weights = torch.sub(warped, warped.amax(-1, keepdim=True)).exp_()
-    u = torch.rand(n, device=weights.device, dtype=weights.dtype)[rows]  # (R,) this row's uniform of the step
+    u = torch.rand(n, device=weights.device, dtype=weights.dtype) if uniforms is None else uniforms
+    u = u.to(weights.dtype)[rows]  # (R,) this row's uniform of the step
     cdf = weights.cumsum(-1)  # (R, V)
     total = cdf[:, -1:]
     # below the total: u * total rounds to the total when u is within 2**-24 of 1, which would pass the

@@ -20,7 +20,8 @@ from dpo.runtime.io import DataError, atomic_write, read_jsonl
 from dpo.systems import SYSTEMS
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
-                  "Best-of-N": "tab:red", "PPO": "tab:purple", "PPO-GT": "tab:brown"}  # fmt: skip
+                  "Best-of-N": "tab:red", "PPO": "tab:purple", "PPO-GT": "tab:brown", "Online DPO-GT": "tab:cyan",
+                  "Online DPO": "tab:olive", "Iterative DPO-GT": "tab:pink", "Iterative DPO": "tab:gray"}  # fmt: skip
 
 CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "rewards": [

@@ -7,6 +7,8 @@
                                                                 loss (DPO, IPO, ..., SFT, Unlikelihood)
 ``reward_model`` :class:`dpo.systems.reward_model.RewardModelModule`  RLHF's reward model (Bradley-Terry)
 ``ppo``         :class:`dpo.systems.ppo.PPOModule`              a policy by PPO against a reward (RLHF)
+``online_dpo``  :class:`dpo.systems.online_dpo.OnlineDPOModule` a policy on pairs of its own samples
+                                                                (online DPO; iterative DPO in rounds)
 ==============  ==============================================  ======================================
 
 :data:`SYSTEMS` holds each system's :class:`~dpo.systems.spec.SystemSpec`: its schema, how it is
@@ -17,8 +19,10 @@ line below and one ``conf/system/<kind>.yaml``.
 
 from __future__ import annotations
 
-from dpo.systems import dpo, ppo, reward_model
+from dpo.systems import dpo, online_dpo, ppo, reward_model
 from dpo.systems.spec import SystemSpec
 
-SYSTEMS: dict[str, SystemSpec] = {"dpo": dpo.SPEC, "reward_model": reward_model.SPEC, "ppo": ppo.SPEC}
+SYSTEMS: dict[str, SystemSpec] = {
+    "dpo": dpo.SPEC, "reward_model": reward_model.SPEC, "ppo": ppo.SPEC, "online_dpo": online_dpo.SPEC,
+}
 """``system.kind`` -> its spec."""

@@ -247,6 +247,20 @@ class System(LightningModule):
         self.skipped_steps += 1
         self.print(f"guard: skipped optimizer step {step} (non-finite; training rows {rows_all})")
 
+    def manual_step(self, loss: Tensor, rows: Tensor, max_grad_norm: float | None) -> Tensor:
+        """One optimizer step of a system that steps itself (PPO, online DPO): the guard watches
+        ``loss`` and ``rows``; backward, the norm before clipping (returned), clipping, step, schedule."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        self.watch_step(loss, rows)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        norm = self.grad_norm()
+        if max_grad_norm:
+            self.clip_gradients(opt, gradient_clip_val=max_grad_norm, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        return norm
+
     def grad_norm(self) -> Tensor:
         """The L2 norm of all trainable parameters' gradients, over every rank's shard (FSDP2), in fp32."""
         norms = [torch.linalg.vector_norm(_local(p.grad), dtype=torch.float32)
@@ -327,9 +341,10 @@ class System(LightningModule):
         over ranks (equal rows each), at the optimizer step.
 
         Lightning's ``self.log`` stamps metrics with the number of batches that stepped, which for
-        such a system counts batches, not optimizer steps; the loggers get them at ``global_step``
-        instead, the clock of DPO's metrics and of the evaluation callback, so curves of every system
-        and the frontier share one x axis.
+        such a system counts batches, not optimizer steps; the loggers get them at ``global_step - 1``
+        instead, the 0-based index of the batch's last optimizer step, which is where Lightning stamps
+        DPO's metrics of a step (so curves of every system share one x axis, and a resumed run's CSV
+        keeps the rows its checkpoint covers: ``ResumableCSVLogger``).
         """
         keys = sorted(metrics)
         means = self.sum_over_ranks(torch.stack([metrics[k].detach().float() for k in keys])) / self.trainer.world_size
@@ -339,8 +354,9 @@ class System(LightningModule):
         every = self.trainer.log_every_n_steps
         due = self.global_step // every > (self.global_step - self.optimizer_steps_per_batch()) // every
         if self.trainer.is_global_zero and due:  # this batch stepped past a multiple of log_every_n_steps
-            for logger in self.trainer.loggers:
-                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step)
+            for logger in self.trainer.loggers:  # stamped as Lightning stamps DPO's: the last step's 0-based index
+                logger.log_metrics({k: float(v) for k, v in values.items()}, step=self.global_step - 1)
+                logger.save()  # as Lightning does after each log: a killed run keeps its rows
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums, self._val_count = {}, 0

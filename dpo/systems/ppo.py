@@ -276,8 +276,6 @@ class PPOModule(System):
 
     def optimize(self, ro: Rollout, rows: Tensor) -> dict[str, list[Tensor]]:
         """``ppo_epochs`` passes of minibatch updates over one rollout batch; returns per-step stats."""
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
         n = len(ro.ids)
         size = self.cfg.minibatch_size
         self.minibatches_per_batch(n)
@@ -293,14 +291,7 @@ class PPOModule(System):
                 pg = clipped_policy_loss(logps * m, ro.logps[idx], ro.advantages[idx], m, self.cfg.clip_range)
                 vf = clipped_value_loss(values * m, ro.values[idx], ro.returns[idx], m, self.cfg.clip_range_value)
                 loss = pg.loss + self.cfg.vf_coef * vf
-                self.watch_step(loss, rows[idx.cpu()])
-                opt.zero_grad()
-                self.manual_backward(loss)
-                grad_norm = self.grad_norm()  # before clipping, as automatic optimization logs it
-                if self.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=self.max_grad_norm, gradient_clip_algorithm="norm")
-                opt.step()
-                sched.step()
+                grad_norm = self.manual_step(loss, rows[idx.cpu()], self.max_grad_norm)
                 with torch.no_grad():
                     step = {
                         "loss": loss.detach(), "policy_loss": pg.loss.detach(), "value_loss": vf.detach(),

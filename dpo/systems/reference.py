@@ -145,6 +145,12 @@ class FrozenCopy(Reference):
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def for_evaluation(self, policy: nn.Module) -> Reference:
+        """Itself, or, when it moves (TR-DPO, iterative DPO's rounds), a frozen copy of where it
+        started: the frontier's KL is to the starting policy, as for every other method. Called
+        before any checkpoint is restored, so ``self.model`` still holds the starting weights."""
+        return FrozenCopy.of(self.model) if self.sync_every else self
+
     def after_optimizer_step(self, policy: nn.Module, step: int) -> None:
         if self.sync_every and step % self.sync_every == 0:
             sync_reference(self.model, policy, self.sync_alpha)

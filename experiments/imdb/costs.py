@@ -20,7 +20,8 @@ def run_cost(run_dir: Path) -> dict[str, float] | None:
     return {"seconds": float(seconds), "generated_tokens": float(state.get("generated_tokens", 0))}
 
 
-PAIR_FAMILIES = ("DPO", "Preferred-FT", "Unlikelihood", "PPO")  # trained on (or through a reward model from) pairs
+RM_FAMILIES = ("PPO", "Online DPO", "Iterative DPO")  # trained against the reward model learned from the pairs
+PAIR_FAMILIES = ("DPO", "Preferred-FT", "Unlikelihood", *RM_FAMILIES)  # trained on (or through a reward model from) pairs
 
 
 def sampled_tokens(meta: dict) -> int:
@@ -65,7 +66,7 @@ def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | No
             train, data, extra = cost["seconds"], 0.0, 0
             if p["family"] in PAIR_FAMILIES:
                 data, extra = pair_seconds, pair_tokens
-            if p["family"] == "PPO" and rm is not None:
+            if p["family"] in RM_FAMILIES and rm is not None:
                 data += rm["seconds"]
             gen = int(cost["generated_tokens"])
             tokens = f"{gen + extra}" if not extra else f"≤{gen + extra}"
@@ -74,9 +75,10 @@ def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | No
         "",
         f"data s: pair generation ({pair_seconds:.0f} s, dpo-sample of the pairs' {pairs['n_prompts']} openings "
         f"x {pairs['n']}) for the methods trained on pairs"
-        + (f"; PPO adds the reward model's training ({rm['seconds']:.0f} s)" if rm else "")
+        + (f"; PPO and online/iterative DPO labelled by the reward model add its training ({rm['seconds']:.0f} s)"
+           if rm else "")
         + "; Best-of-N: sampling N completions per evaluation opening. Tokens marked ≤ are sequences x "
-        "max_new_tokens (the starting model's completions use ~31.9 of 32); PPO's rollout tokens are counted "
-        "exactly. Evaluation sampling (the same for every method) is not counted.",
+        "max_new_tokens (the starting model's completions use ~31.9 of 32); PPO's rollout tokens and online "
+        "DPO's samples are counted exactly. Evaluation sampling (the same for every method) is not counted.",
     ]
     return "\n".join(lines + notes) + "\n"

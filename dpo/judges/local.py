@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from dpo.evaluation.judges.base import Comparison, Template, Verdict, winner_by_score
+from dpo.judges.base import Comparison, Template, Verdict, winner_by_score
 from dpo.models.load import DType, ModelConfig, load_policy, load_tokenizer, max_positions, resolve
 from dpo.models.sampling import left_pad
 from dpo.runtime.progress import track

@@ -1,4 +1,4 @@
-"""Judges of pairwise comparisons, one interface (:class:`~dpo.evaluation.judges.base.Judge`), three
+"""Judges of pairwise comparisons, one interface (:class:`~dpo.judges.base.Judge`), three
 backends: an OpenAI-compatible API (:mod:`.api`), a local causal LM (:mod:`.local`), a reward model
 (:mod:`.reward`). ``conf/judge/<kind>.yaml`` picks one; :func:`build_judge` builds it."""
 
@@ -6,15 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo.evaluation.judges.api import ApiJudge
-from dpo.evaluation.judges.base import Comparison, Judge, JudgeError, Template, Verdict
-from dpo.evaluation.judges.local import LocalLMJudge
-from dpo.evaluation.judges.reward import RewardJudge
+from dpo.judges.api import ApiJudge
+from dpo.judges.base import ORDERS, Comparison, Judge, JudgeError, Template, Verdict
+from dpo.judges.local import LocalLMJudge
+from dpo.judges.reward import RewardJudge
 
 JUDGES: dict[str, Any] = {"api": ApiJudge, "local": LocalLMJudge, "reward": RewardJudge}
 """Judge kinds (``judge.kind``) and their classes; each class's ``Config`` is its group's schema."""
-
-ORDERS = ("random", "both")
 
 
 def build_judge(config: Any, template: Template, cache_dir: str) -> Judge:

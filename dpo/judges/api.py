@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from dpo.evaluation.judges.base import Comparison, JudgeError, Template, Verdict
+from dpo.judges.base import Comparison, JudgeError, Template, Verdict
 from dpo.runtime.checks import refuse
 from dpo.runtime.io import jsonl_records
 from dpo.runtime.log import get_logger

@@ -14,6 +14,9 @@ from typing import Literal, Protocol
 
 Winner = Literal["A", "B", "tie"]
 
+ORDERS = ("random", "both")
+"""How a comparison's two responses are shown: one order a seeded coin picks, or both (the position bias)."""
+
 
 class JudgeError(RuntimeError):
     """A judge that cannot work as configured (no API key, a 4xx answer, too many requests)."""

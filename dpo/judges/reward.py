@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from dpo.evaluation.judges.base import Comparison, Template, Verdict, winner_by_score
+from dpo.judges.base import Comparison, Template, Verdict, winner_by_score
 from dpo.rewards.registry import Reward, default_device, reward_from_config
 
 
