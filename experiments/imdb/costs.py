@@ -21,7 +21,7 @@ def run_cost(run_dir: Path) -> dict[str, float] | None:
 
 
 RM_FAMILIES = ("PPO", "Online DPO", "Iterative DPO")  # trained against the reward model learned from the pairs
-PAIR_FAMILIES = ("DPO", "Preferred-FT", "Unlikelihood", *RM_FAMILIES)  # trained on (or through a reward model from) pairs
+PAIR_FAMILIES = ("DPO", "Preferred-FT", "Unlikelihood", *RM_FAMILIES)  # on pairs, or a reward model of them
 
 
 def sampled_tokens(meta: dict) -> int:
