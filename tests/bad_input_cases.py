@@ -86,6 +86,7 @@ PAIR_ROW = {"prompt": "Review the film:", "chosen": " A warm, clever film.", "re
 TRAIN = ["experiment=tiny", "debug=fast", "data.source.max_rows=32", "callbacks.samples=null", "paths.log_dir={d}"]
 PPO = [*TRAIN, "system=ppo", "system.minibatch_size=2"]
 RM = [*TRAIN, "system=reward_model"]
+ONLINE = [*TRAIN, "system=online_dpo"]
 LOCAL = ["data=local", "data.source.splits.train={d}/t.jsonl", "data.source.splits.val={d}/t.jsonl",
          "data.max_length=64", "data.max_prompt_length=32"]  # fmt: skip
 SAME = [{"prompt": f"p{i}", "chosen": " a", "rejected": " a"} for i in range(40)]
@@ -184,6 +185,17 @@ CASES: list[Case] = [
     train("ppo top_p 0", "top_p", "system.generation.top_p=0", base=PPO),
     train("ppo samples_per_prompt 0", "samples_per_prompt", "system.samples_per_prompt=0", base=PPO),
     train("ppo with precomputed reference", "reference", "reference=precomputed", base=PPO),
+    train("online samples_per_prompt 1", "samples_per_prompt", "system.samples_per_prompt=1", base=ONLINE),
+    train("online pairs abc", "pairs", "system.pairs=abc", base=ONLINE),
+    train("online epochs 0", "epochs", "system.epochs=0", base=ONLINE),
+    train("online min_margin -1", "min_margin", "system.min_margin=-1", base=ONLINE),
+    train("online rounds 0", "rounds", "system.rounds=0", base=ONLINE),
+    train("online rounds not dividing max_steps", "max_steps", "system.rounds=2", base=ONLINE),
+    train("online judge kind unknown", "judge.kind", "system.judge={kind: oracle}", base=ONLINE),
+    train("online judge without template", "template", "system.judge={kind: self}", base=ONLINE),
+    train("online judge and reward", "judge", "system.judge={kind: self}", "system.reward={name: vader}",
+          base=ONLINE),
+    train("online loss sft", "loss", "loss=sft", base=ONLINE),
     train("rm center_weight -1", "center_weight", "system=reward_model", "system.center_weight=-1"),
     train("rm center_weight abc", "center_weight", "system.center_weight=abc", base=RM),
     train("unknown system", "system", "system=nope"),

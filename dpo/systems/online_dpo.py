@@ -118,7 +118,8 @@ class OnlineDPOModule(System):
     Metrics (``train/online/...``, means over every rank's samples or pairs): ``reward`` (all
     samples' scores), ``reward_chosen``, ``reward_rejected``, ``pairs`` (per prompt), ``round``,
     ``response_tokens``; ``train/rewards/{accuracy,margin}`` and ``train/kl/chosen`` of the first
-    step's pairs as DPO logs them; ``train/loss`` the mean over the steps.
+    step's pairs as DPO logs them; ``train/loss`` the mean over the steps (none without pairs);
+    ``train/grad_norm`` the steps' mean norm before clipping.
     """
 
     def __init__(
@@ -196,10 +197,10 @@ class OnlineDPOModule(System):
         scale = self.trainer.world_size / max(n_global, 1)
         pair_batch = {k: v.to(self.device) if isinstance(v, Tensor) else v
                       for k, v in collate(examples, self.pad_id).items()}  # fmt: skip
-        losses, first = [], {}
+        losses, norms, first = [], [], {}
         for _ in range(self.cfg.epochs):
             loss, metrics = self.pair_loss(pair_batch, weights, scale)
-            self.manual_step(loss, pair_batch["rows"].cpu(), self.max_grad_norm)
+            norms.append(self.manual_step(loss, pair_batch["rows"].cpu(), self.max_grad_norm))
             self.reference.after_optimizer_step(self.policy, self.global_step)
             losses.append(loss.detach())
             first = first or metrics
@@ -208,7 +209,9 @@ class OnlineDPOModule(System):
         metrics = first | self.sample_metrics(flat, tokens, pairs, weights, len(prompts))
         if not n_global:  # no pair on any rank: no pair means to log (not zeros)
             metrics = {k: v for k, v in metrics.items() if k not in first and "chosen" not in k and "rejected" not in k}
-        metrics["train/loss"] = torch.stack(losses).mean()
+        if n_global:  # no pair anywhere: no loss to log (a 0 would read as a perfect fit)
+            metrics["train/loss"] = torch.stack(losses).mean()
+        metrics["train/grad_norm"] = torch.stack(norms).mean()  # over the iteration's steps, before clipping
         metrics |= self.health_metrics(int(tokens.sum().item() + sum(map(len, prompts)) * len(samples[0])),
                                        time.perf_counter() - started)  # fmt: skip
         self.local_metrics = {k: float(v) for k, v in metrics.items()}

@@ -54,7 +54,12 @@ TINY = [
     "++trainer.limit_val_batches=1", "optim.warmup_steps=0", "callbacks.samples=null",
     "callbacks.model_checkpoint.every_n_train_steps=null",
 ]  # fmt: skip
-PPO = ["system.generation.max_new_tokens=8", "system.ppo_epochs=1", "system.minibatch_size=2"]
+SYSTEM_OVERRIDES = {
+    "ppo": ["system.generation.max_new_tokens=8", "system.ppo_epochs=1", "system.minibatch_size=2"],
+    # TF-IDF labels: VADER scores nearly every sample of a random tiny model 0, which pairs nothing
+    "online_dpo": ["system.generation.max_new_tokens=8", "system.samples_per_prompt=8", "reward=tfidf"],
+}
+"""What a system that samples its own data needs to run 3 steps on the tiny model."""
 
 
 @dataclass(frozen=True)
@@ -70,16 +75,20 @@ class Case:
         return "-".join((self.system, self.reference, self.trainer, self.precision, self.optim))
 
     def overrides(self) -> list[str]:
+        from dpo.systems import SYSTEMS
+
         world = 1 if self.trainer == "gpu" else 2
-        # PPO takes one batch of prompts per iteration (no accumulation); the others accumulate 2 on one process.
-        batch = 2 * world if self.system == "ppo" else 4
+        # a system that steps itself takes one batch of prompts per iteration (no accumulation); the others
+        # accumulate 2 on one process
+        spec = SYSTEMS[self.system]
+        batch = 2 * world if spec.manual_steps else 4
         out = [*TINY, f"system={self.system}", f"reference={self.reference}", f"trainer={self.trainer}",
                "trainer.accelerator=cpu", f"trainer.devices={world}", f"trainer.precision={self.precision}",
                f"optim={self.optim}", "optim.optimizer.lr=5e-4", "optim.warmup_steps=0",
                f"data.batch_size={batch}", "data.micro_batch_size=2"]  # fmt: skip
-        if self.system == "dpo" and self.reference == "none":
+        if spec.uses_loss and self.reference == "none":
             out.append(f"loss={REFERENCE_FREE_LOSS}")
-        return out + (PPO if self.system == "ppo" else [])
+        return out + SYSTEM_OVERRIDES.get(self.system, [])
 
 
 def system_references() -> list[tuple[str, str]]:
@@ -226,11 +235,12 @@ def run_case(case: Case, work: Path) -> Result:
 # policy's scores alone (the reward model, a reference-free loss) moves with bf16's rounding of every
 # matmul input (8 significant bits) while accumulation stays fp32, with or without bf16 units, so
 # the rounding is the same on every CPU: measured 3e-5 (reward model) and 7e-5 (SimPO); 1e-3 is a
-# 14x margin. PPO's first loss depends on the sampled tokens, which bf16 logits can change: not compared.
+# 14x margin. The first loss of a system that samples its own data (PPO, online DPO) depends on the
+# sampled tokens, which bf16 logits can change: not compared.
 def first_loss_tolerance(case: Case) -> float | None:
     from dpo.systems import SYSTEMS
 
-    if case.system == "ppo":
+    if SYSTEMS[case.system].data == "prompts":
         return None
     return 1e-5 if SYSTEMS[case.system].uses_loss and case.reference != "none" else 1e-3
 
