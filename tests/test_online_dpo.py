@@ -82,12 +82,19 @@ def test_round_robin_scores_are_wins_with_half_a_win_per_tie_in_both_orders():
     """Responses 'aaa', 'a', 'bb', 'cc': 'aaa' beats all 3 (3 wins); 'bb' and 'cc' beat 'a' and tie
     each other (1.5); 'a' loses all (0). Both orders: each comparison twice, every score doubled."""
     judge = ScriptedJudge()
-    scores = round_robin(judge, ["p"], [["aaa", "a", "bb", "cc"]], "both", seed=0)
+    scores = round_robin(judge, ["p"], [["aaa", "a", "bb", "cc"]], "both", seeds=[0])
     assert scores == [[6.0, 0.0, 3.0, 3.0]] and len(judge.asked) == 12
-    one = round_robin(ScriptedJudge(), ["p", "q"], [["aaa", "a"], ["x", "b"]], "random", seed=0)
+    one = round_robin(ScriptedJudge(), ["p", "q"], [["aaa", "a"], ["x", "b"]], "random", seeds=[0, 1])
     assert one == [[1.0, 0.0], [0.0, 0.0]]  # the unreadable verdict counts for neither
+    # a judge that always answers A: one random order per comparison, the coin seeded per prompt, so a
+    # prompt's scores are the same beside other prompts or alone; both orders tie everything
+    biased = type("Biased", (), {"judge": lambda self, cs: [Verdict("A", "") for _ in cs]})()
+    texts = [["a", "b", "c", "d"], ["e", "f", "g", "h"]]
+    beside = round_robin(biased, ["p", "q"], texts, "random", seeds=[7, 8])
+    assert round_robin(biased, ["q"], texts[1:], "random", seeds=[8]) == beside[1:] and sum(beside[1]) == 6
+    assert round_robin(biased, ["p"], texts[:1], "both", seeds=[7]) == [[3.0, 3.0, 3.0, 3.0]]
     with pytest.raises(ValueError, match="judge.orders"):
-        round_robin(judge, ["p"], [["a", "b"]], "first", seed=0)
+        round_robin(judge, ["p"], [["a", "b"]], "first", seeds=[0])
 
 
 def test_a_completion_depends_on_its_own_draws_alone():

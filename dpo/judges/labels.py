@@ -24,13 +24,13 @@ class SelfJudgeConfig:
 
 
 Labeller = Callable[[list[str], list[list[str]], int], list[list[float]]]
-"""``(prompt texts, each prompt's k response texts, seed) -> each response's score``."""
+"""``(prompt texts, each prompt's k response texts, a seed per prompt) -> each response's score``."""
 
 
 def reward_labels(reward: Callable[[list[str]], list[float]], include_prompt: bool) -> Labeller:
     """Scores of a reward (ground truth or a learned reward model), in one call per batch."""
 
-    def label(prompts: list[str], responses: list[list[str]], seed: int) -> list[list[float]]:
+    def label(prompts: list[str], responses: list[list[str]], seeds: list[int]) -> list[list[float]]:
         flat = score_texts(reward, [p for p, rs in zip(prompts, responses, strict=True) for _ in rs],
                            [r for rs in responses for r in rs], include_prompt)  # fmt: skip
         k = len(responses[0])
@@ -42,7 +42,7 @@ def reward_labels(reward: Callable[[list[str]], list[float]], include_prompt: bo
 
 def judge_labels(judge: Any, orders: str) -> Labeller:
     """Each response's wins in a round robin of the judge's verdicts (``orders``: shown both ways or one)."""
-    return lambda prompts, responses, seed: round_robin(judge, prompts, responses, orders, seed)
+    return lambda prompts, responses, seeds: round_robin(judge, prompts, responses, orders, seeds)
 
 
 def judge_config(node: Any) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 
 from dpo.judges.base import ORDERS, Comparison, Judge
 from dpo.runtime.log import get_logger
@@ -14,16 +15,17 @@ from dpo.runtime.log import get_logger
 log = get_logger(__name__)
 
 
-def round_robin(judge: Judge, prompts: list[str], responses: list[list[str]], orders: str, seed: int) -> list[
-        list[float]]:  # fmt: skip
+def round_robin(judge: Judge, prompts: list[str], responses: list[list[str]], orders: str,
+                seeds: Sequence[int]) -> list[list[float]]:  # fmt: skip
     """Per prompt, each response's wins against the others (``k(k-1)/2`` comparisons per prompt, twice
-    with ``orders=both``, once in an order a coin seeded by ``seed`` picks with ``random``), all asked
+    with ``orders=both``, once in an order a coin seeded by the prompt's ``seeds`` entry picks with
+    ``random``, so a prompt's verdicts do not depend on the prompts beside it), all asked
     in one call so an API judge caches and budgets them together."""
     if orders not in ORDERS:
         raise ValueError(f"judge.orders must be one of {ORDERS}, got {orders!r}")
-    coin = random.Random(seed)
     asked: list[tuple[int, int, int, bool]] = []  # (prompt, i, j, i shown as A)
     for p, texts in enumerate(responses):
+        coin = random.Random(seeds[p])
         for i, j in itertools.combinations(range(len(texts)), 2):
             firsts = (True, False) if orders == "both" else (coin.random() < 0.5,)
             asked += [(p, i, j, first) for first in firsts]

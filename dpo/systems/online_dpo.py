@@ -169,8 +169,8 @@ class OnlineDPOModule(System):
         was_training = model.training
         model.eval()
         try:
-            return self.labeller(prompt_texts[::k], [texts[i : i + k] for i in range(0, len(texts), k)],
-                                 draw_seed(self.seed, self.global_step, int(rows[0]) if len(rows) else -1))  # fmt: skip
+            seeds = [draw_seed(self.seed, self.global_step, int(r), -1) for r in rows.tolist()]  # the judge's coins
+            return self.labeller(prompt_texts[::k], [texts[i : i + k] for i in range(0, len(texts), k)], seeds)
         finally:
             model.train(was_training)
 
