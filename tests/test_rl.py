@@ -158,3 +158,76 @@ def test_reward_normalizer_leaves_scores_alone_without_spread_or_mode():
     assert torch.equal(flat(x), x)
     with pytest.raises(ValueError, match="reward_norm must be one of"):
         RewardNormalizer("zscore")
+
+
+# --- critic-free policy gradients (GRPO, RLOO) ----------------------------------------------------
+
+
+def test_group_advantages_by_hand_and_by_brute_force():
+    """Group [1, 2, 3, 6] (mean 3, Bessel std sqrt(14/3) = 2.1602): GRPO ``(r - 3) / (2.1602 + 1e-4)``;
+    Dr. GRPO ``r - 3``; RLOO ``r_i - mean of the other three``: 1 - 11/3 = -8/3, 2 - 10/3, 3 - 3, 6 - 2."""
+    from dpo.maths.rl import group_advantages
+
+    r = torch.tensor([1.0, 2.0, 3.0, 6.0, 5.0, 5.0, 5.0, 5.0])
+    std = (14 / 3) ** 0.5
+    grpo = group_advantages(r, 4, "mean", scale=True)
+    assert grpo[:4].tolist() == pytest.approx([(x - 3) / (std + 1e-4) for x in (1, 2, 3, 6)], rel=1e-6)
+    assert grpo[4:].tolist() == [0.0] * 4  # a group of equal rewards teaches nothing (no division by 0)
+    assert group_advantages(r, 4, "mean", scale=False)[:4].tolist() == [-2.0, -1.0, 0.0, 3.0]
+    rloo = group_advantages(r, 4, "leave_one_out", scale=False)
+    assert rloo[:4].tolist() == pytest.approx([-8 / 3, 2 - 10 / 3, 0.0, 4.0])
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(15, generator=g)
+    brute = [float(scores[i] - torch.cat([scores[(i // 5) * 5 : i], scores[i + 1 : (i // 5 + 1) * 5]]).mean())
+             for i in range(15)]  # fmt: skip
+    assert group_advantages(scores, 5, "leave_one_out", scale=False).tolist() == pytest.approx(brute, abs=1e-6)
+    with pytest.raises(ValueError, match="groups of k=4"):
+        group_advantages(torch.zeros(6), 4, "mean", scale=False)
+
+
+def test_kl_estimators_by_hand_and_their_means_match_the_exact_kl():
+    """log pi = log 0.5, log pi_ref = log 0.25 at a token: log r = log 0.5, k1 = log 2 = 0.6931,
+    k2 = 0.2402, k3 = 0.5 - 1 + 0.6931 = 0.1931. Over samples of pi, k1 and k3 average to KL(pi||ref)."""
+    from dpo.maths.rl import kl_estimate
+
+    lp, ref = torch.tensor([[math.log(0.5)]]), torch.tensor([[math.log(0.25)]])
+    assert kl_estimate(lp, ref, "k1").item() == pytest.approx(math.log(2))
+    assert kl_estimate(lp, ref, "k2").item() == pytest.approx(0.5 * math.log(2) ** 2)
+    assert kl_estimate(lp, ref, "k3").item() == pytest.approx(0.5 - 1 + math.log(2))
+    pi, pref = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.3, 0.5])
+    exact = float((pi * (pi / pref).log()).sum())
+    # the expectation under pi, exactly: sum_x pi(x) k(x)
+    for est in ("k1", "k3"):
+        mean = float((pi * kl_estimate(pi.log()[None], pref.log()[None], est)[0]).sum())
+        assert mean == pytest.approx(exact, rel=1e-6), est
+    with pytest.raises(ValueError, match="kl estimator"):
+        kl_estimate(lp, ref, "k4")
+
+
+def test_loss_aggregations_by_hand():
+    """Rows of 1 and 3 tokens, losses [2] and [1, 1, 4]: grpo (2/1 + 6/3) / 2 = 2; dapo 8 / 4 = 2.0;
+    dr_grpo 8 / (2 x 4 max tokens) = 1; dapo with every rank's 8 tokens: 8 / 8 = 1."""
+    from dpo.maths.rl import aggregate
+
+    per_token = torch.tensor([[2.0, 9.0, 9.0], [1.0, 1.0, 4.0]])
+    mask = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert aggregate(per_token, mask, "grpo", 4).item() == pytest.approx(2.0)
+    assert aggregate(per_token, mask, "dapo", 4).item() == pytest.approx(2.0)
+    assert aggregate(per_token, mask, "dr_grpo", 4).item() == pytest.approx(1.0)
+    assert aggregate(per_token, mask, "dapo", 4, total_tokens=torch.tensor(8.0)).item() == pytest.approx(1.0)
+    # a 3-token response of loss 3 per token beside a 1-token one of 0: grpo weighs each response
+    # equally, (3 + 0) / 2 = 1.5; dapo each token, 9 / 4 = 2.25
+    losses, lengths = torch.tensor([[3.0, 3.0, 3.0], [0.0, 0.0, 0.0]]), torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    assert aggregate(losses, lengths, "grpo", 3).item() == pytest.approx(1.5)
+    assert aggregate(losses, lengths, "dapo", 3).item() == pytest.approx(2.25)
+
+
+def test_clip_higher_lets_a_positive_advantage_ratio_rise_further():
+    """Ratio 1.25 (> 1 + 0.2) with advantage +1: clipped at 1.2 symmetric, at 1.25 under clip_high 0.28."""
+    from dpo.maths.rl import clipped_token_losses
+
+    lp, old, adv, m = torch.tensor([[math.log(1.25)]]), torch.zeros(1, 1), torch.ones(1, 1), torch.ones(1, 1)
+    sym, clipped, _ = clipped_token_losses(lp, old, adv, m, 0.2)
+    high, not_clipped, _ = clipped_token_losses(lp, old, adv, m, 0.2, clip_high=0.28)
+    assert sym.item() == pytest.approx(-1.2) and clipped.item() == 1.0
+    assert high.item() == pytest.approx(-1.25) and not_clipped.item() == 0.0

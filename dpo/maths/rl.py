@@ -131,17 +131,25 @@ class PolicyLoss(NamedTuple):
     approx_kl: Tensor
 
 
-def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float) -> PolicyLoss:
-    """PPO's clipped surrogate objective, negated (Schulman et al. 2017, eq. 7), token-level."""
+def clipped_token_losses(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float,
+                         clip_high: float | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Per token: ``max(-A * ratio, -A * clip(ratio, 1 - clip, 1 + clip_high))`` (``clip_high``: DAPO's
+    clip-higher, Yu et al. 2025, arXiv 2503.14476; None: ``clip``), whether the clipped term was the
+    larger, and ``(ratio - 1) - log ratio``; each (N, T), 0 on padding."""
     log_ratio = (logps - old_logps) * mask
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + (clip if clip_high is None else clip_high))
     with torch.no_grad():
-        clip_frac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)
-    return PolicyLoss(loss, clip_frac, approx_kl)
+        was_clipped = (clipped > unclipped).float() * mask
+        approx_kl = ((ratio - 1.0) - log_ratio) * mask
+    return torch.maximum(unclipped, clipped) * mask, was_clipped, approx_kl
+
+
+def clipped_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, clip: float) -> PolicyLoss:
+    """PPO's clipped surrogate objective, negated (Schulman et al. 2017, eq. 7), token-level."""
+    losses, was_clipped, approx_kl = clipped_token_losses(logps, old_logps, advantages, mask, clip)
+    return PolicyLoss(masked_mean(losses, mask), masked_mean(was_clipped, mask), masked_mean(approx_kl, mask))
 
 
 def clipped_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float) -> Tensor:
@@ -223,3 +231,68 @@ class RewardNormalizer:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+# --- critic-free policy gradients: GRPO, RLOO -----------------------------------------------------
+# N = G x k responses: G prompts, k samples each, one prompt's samples consecutive.
+
+
+def group_advantages(scores: Tensor, k: int, baseline: str, scale: bool) -> Tensor:
+    """(N,) advantages of (N,) scores in groups of ``k`` consecutive samples (one prompt's).
+
+    ``baseline``: ``mean`` (GRPO, Shao et al. 2024, arXiv 2402.03300, eq. 3: ``r_i - mean(r)``) or
+    ``leave_one_out`` (RLOO, Ahmadian et al. 2024, arXiv 2402.14740, eq. 5: ``r_i - mean_{j != i}
+    r_j``, which is ``k / (k - 1) * (r_i - mean(r))``). ``scale``: divide by the group's standard
+    deviation (Bessel-corrected, as TRL 1.16's ``scale_rewards="group"``) plus 1e-4; Dr. GRPO (Liu et
+    al. 2025, arXiv 2503.20783) and RLOO do not.
+    """
+    if k < 2 or scores.numel() % k:
+        raise ValueError(f"{scores.numel()} scores do not make groups of k={k} >= 2")
+    groups = scores.view(-1, k)  # (G, k)
+    centred = groups - groups.mean(1, keepdim=True)
+    if baseline == "leave_one_out":
+        centred = centred * k / (k - 1)
+    elif baseline != "mean":
+        raise ValueError(f"baseline must be mean or leave_one_out, got {baseline!r}")
+    if scale:
+        centred = centred / (groups.std(1, keepdim=True) + 1e-4)
+    return centred.reshape(-1)
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+"""Estimators of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL
+divergence"): with ``log r = log pi_ref - log pi``, ``k1 = -log r`` (unbiased, high variance, can be
+negative), ``k2 = (log r)^2 / 2``, ``k3 = (r - 1) - log r`` (unbiased, >= 0; GRPO's eq. 4)."""
+
+
+def kl_estimate(logps: Tensor, ref_logps: Tensor, estimator: str) -> Tensor:
+    """(N, T) per-token estimate of KL(pi || pi_ref) at the sampled tokens (:data:`KL_ESTIMATORS`)."""
+    log_r = ref_logps - logps
+    if estimator == "k1":
+        return -log_r
+    if estimator == "k2":
+        return 0.5 * log_r**2
+    if estimator == "k3":
+        return torch.exp(log_r) - 1.0 - log_r
+    raise ValueError(f"kl estimator must be one of {KL_ESTIMATORS}, got {estimator!r}")
+
+
+LOSS_AGGREGATIONS = ("grpo", "dr_grpo", "dapo")
+"""How per-token losses become one number, by TRL 1.16's ``loss_type`` names: ``grpo`` the mean of
+each response's token mean (Shao et al. 2024, eq. 3; long responses weigh less per token),
+``dapo`` the mean over every token of the batch (Yu et al. 2025, eq. 8), ``dr_grpo`` the sum over
+tokens divided by responses x ``max_new_tokens``, a constant (Liu et al. 2025)."""
+
+
+def aggregate(per_token: Tensor, mask: Tensor, mode: str, max_tokens: int, total_tokens: Tensor | None = None
+              ) -> Tensor:  # fmt: skip
+    """One loss from (N, T) per-token losses (:data:`LOSS_AGGREGATIONS`). ``total_tokens``: ``dapo``'s
+    denominator when it is not this batch's own token count (every rank's, for DDP)."""
+    summed = (per_token * mask).sum(1)  # (N,)
+    if mode == "grpo":
+        return (summed / mask.sum(1).clamp(min=1)).mean()
+    if mode == "dapo":
+        return summed.sum() / (mask.sum() if total_tokens is None else total_tokens).clamp(min=1)
+    if mode == "dr_grpo":
+        return summed.sum() / (per_token.shape[0] * max_tokens)
+    raise ValueError(f"loss aggregation must be one of {LOSS_AGGREGATIONS}, got {mode!r}")
