@@ -27,10 +27,10 @@ from dpo.judges.labels import reward_labels
 from dpo.judges.tournament import round_robin
 from dpo.maths.pairs import preference_pairs
 from dpo.models.load import ModelConfig, load_policy
-from dpo.models.sampling import GenerationConfig, generate, row_uniforms
+from dpo.models.sampling import GenerationConfig, draw_seed, generate, row_uniforms
 from dpo.runtime.checkpoint import LAST, checkpoint_tensors, find_last
 from dpo.systems.base import OptimConfig
-from dpo.systems.online_dpo import OnlineDPOConfig, OnlineDPOModule, draw_seed
+from dpo.systems.online_dpo import OnlineDPOConfig, OnlineDPOModule
 from dpo.systems.reference import FrozenCopy
 
 TESTS = Path(__file__).parent

@@ -7,6 +7,7 @@ Shapes: ``N`` sequences, ``P`` prompt tokens (left-padded), ``L`` generated toke
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,6 +182,25 @@ def generate(
     """
     return sample_completions(model, prompts, gen, pad_id, eos_id, batch_size, synced_gpus, progress, tokenizer,
                               with_logps=False, uniforms=uniforms).tokens
+
+
+def draw_seed(*parts: int) -> int:
+    """A 63-bit seed of integers (the run's seed, step, row, sample): the same on every rank and resume."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
+@torch.no_grad()
+def sample_groups(model: nn.Module, prompts: list[list[int]], rows: Sequence[int], k: int, gen: GenerationConfig,
+                  tokenizer: Any, seed: int, step: int) -> list[list[list[int]]]:  # fmt: skip
+    """``k`` completions of each prompt (one batch), completion j of the prompt at split row r drawn
+    from uniforms seeded by (seed, step, r, j): what online DPO, GRPO and RLOO train on, the same
+    whatever the batching, the ranks or a resume. An empty completion becomes the EOS (or pad) token."""
+    pad_id, eos_id = pad_id_of(tokenizer), tokenizer.eos_token_id
+    uniforms = row_uniforms([draw_seed(seed, step, int(r), j) for r in rows for j in range(k)], gen.max_new_tokens)
+    flat = generate(model, [p for p in prompts for _ in range(k)], gen, pad_id, eos_id, len(prompts) * k,
+                    tokenizer=tokenizer, uniforms=uniforms)  # fmt: skip
+    flat = [c or [eos_id if eos_id is not None else pad_id] for c in flat]
+    return [flat[i : i + k] for i in range(0, len(flat), k)]
 
 
 def row_uniforms(seeds: Sequence[int], steps: int) -> Tensor:

@@ -12,7 +12,6 @@ a reward or a judge, trained with any pair loss of ``conf/loss``.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,7 +31,7 @@ from dpo.maths.losses import check_loss_params, compute_loss, get_loss
 from dpo.maths.pairs import PairMode, preference_pairs
 from dpo.models.completions import completion_texts
 from dpo.models.forward import score_pairs
-from dpo.models.sampling import GenerationConfig, generate, generation_problem, row_uniforms
+from dpo.models.sampling import GenerationConfig, draw_seed, generation_problem, sample_groups
 from dpo.rewards.registry import reward_from_config
 from dpo.runtime.checks import refuse
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
@@ -96,11 +95,6 @@ class OnlineDPOConfig:
             self.generation = GenerationConfig(**self.generation)
 
 
-def draw_seed(*parts: int) -> int:
-    """A 63-bit seed of integers (the run's seed, step, row, sample): the same on every rank and resume."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
 class OnlineDPOModule(System):
     """A policy trained on preference pairs of its own samples; see the module docstring.
 
@@ -132,7 +126,7 @@ class OnlineDPOModule(System):
         self.spec = get_loss(loss)
         check_loss_params(loss, params, nll_weight)
         self.policy, self.reference, self.labeller, self.tokenizer = policy, reference, labeller, tokenizer
-        self.pad_id, self.eos_id = pad_id_of(tokenizer), tokenizer.eos_token_id
+        self.pad_id = pad_id_of(tokenizer)
         self.cfg, self.loss_name, self.loss_params, self.nll_weight = cfg, loss, dict(params), nll_weight
         self.seed, self.round_steps, self.max_grad_norm = seed, round_steps, max_grad_norm
         self.rollouts = 0
@@ -148,16 +142,10 @@ class OnlineDPOModule(System):
     def optimizer_steps_per_batch(self) -> int:
         return self.cfg.epochs
 
-    @torch.no_grad()
     def sample(self, prompts: list[list[int]], rows: Tensor) -> list[list[list[int]]]:
-        """``k`` responses to each prompt, their draws seeded by (seed, step, row, sample)."""
-        k = self.cfg.samples_per_prompt
-        seeds = [draw_seed(self.seed, self.global_step, int(r), j) for r in rows.tolist() for j in range(k)]
-        uniforms = row_uniforms(seeds, self.cfg.generation.max_new_tokens)
-        flat = generate(self.sampler(), [p for p in prompts for _ in range(k)], self.cfg.generation, self.pad_id,
-                        self.eos_id, len(prompts) * k, tokenizer=self.tokenizer, uniforms=uniforms)  # fmt: skip
-        flat = [c or [self.eos_id if self.eos_id is not None else self.pad_id] for c in flat]
-        return [flat[i : i + k] for i in range(0, len(flat), k)]
+        """``k`` responses to each prompt (:func:`dpo.models.sampling.sample_groups`)."""
+        return sample_groups(self.sampler(), prompts, rows.tolist(), self.cfg.samples_per_prompt, self.cfg.generation,
+                             self.tokenizer, self.seed, self.global_step)  # fmt: skip
 
     @torch.no_grad()
     def label(self, prompts: list[list[int]], samples: list[list[list[int]]], rows: Tensor) -> list[list[float]]:
