@@ -41,6 +41,10 @@ def build_and_step(cfg):
         rollout, tokens = run.module.rollout(batch["prompt_ids"][:4])
         assert tokens > 0 and torch.isfinite(rollout.advantages).all() and torch.isfinite(rollout.scores).all()
         return run, {}
+    if cfg.system.kind in ("grpo", "rloo"):  # one iteration's samples, scores and group advantages
+        s = run.module.rollout(batch["prompt_ids"][:4], batch["rows"][:4])
+        assert torch.isfinite(s.advantages).all() and torch.isfinite(s.ref_logps).all()
+        return run, {}
     if cfg.system.kind == "online_dpo":  # sample, label and pair its first prompts (up to 4)
         prompts, rows = batch["prompt_ids"][:4], batch["rows"][:4]
         samples = run.module.sample(prompts, rows)
@@ -56,7 +60,7 @@ def build_and_step(cfg):
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny, exported_tiny_rm, name):
     cfg = shrink(compose_config([*FAST, f"experiment={name}"], tmp_path), exported_tiny)
-    if cfg.system.kind == "ppo":  # debug=fast's batch of 2 prompts: one minibatch
+    if "minibatch_size" in cfg.system:  # PPO, GRPO, RLOO: debug=fast's batch of 2 prompts, minibatches dividing it
         cfg.system.minibatch_size = cfg.data.micro_batch_size
         if cfg.system.reward is not None:  # PPO against a learned reward model
             cfg.system.reward.path = exported_tiny_rm

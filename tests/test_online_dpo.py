@@ -206,8 +206,8 @@ def test_online_dpo_config_mistakes_are_refused_before_any_weights_load(tmp_path
 
 # --- the CLI: judge=self, DDP, kill -9 ----------------------------------------------------------
 
-TINY_ONLINE = [
-    "experiment=tiny", "system=online_dpo", "model.architecture.n_layer=1", "model.architecture.n_embd=32",
+TINY_CLI = [
+    "experiment=tiny", "model.architecture.n_layer=1", "model.architecture.n_embd=32",
     "model.architecture.n_head=2", "model.tokenizer.bpe_vocab_size=300", "data.max_length=64",
     "data.max_prompt_length=32", "data.source.max_rows=97", "logger=csv", "trainer.log_every_n_steps=1",
     "system.generation.max_new_tokens=8", "system.samples_per_prompt=4", "callbacks.samples=null",
@@ -219,12 +219,15 @@ def env(root: Path) -> dict[str, str]:
     return dict(os.environ, HF_HUB_OFFLINE="1", DPO_CACHE_DIR=str(root / "cache"), PYTHONPATH=str(TESTS))
 
 
-def command(out: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "dpo.commands.train", f"hydra.run.dir={out}", *TINY_ONLINE, *overrides]
+def command(out: Path, *overrides: str, system: str = "online_dpo") -> list[str]:
+    """A tiny CLI run of a system that samples its own data (online DPO here; GRPO, RLOO in test_grpo)."""
+    return [sys.executable, "-m", "dpo.commands.train", f"hydra.run.dir={out}", f"system={system}", *TINY_CLI,
+            *overrides]  # fmt: skip
 
 
-def run_cli(out: Path, *overrides: str) -> list[dict[str, str]]:
-    proc = subprocess.run(command(out, *overrides), capture_output=True, text=True, env=env(out.parent), timeout=600)
+def run_cli(out: Path, *overrides: str, system: str = "online_dpo") -> list[dict[str, str]]:
+    proc = subprocess.run(command(out, *overrides, system=system), capture_output=True, text=True,
+                          env=env(out.parent), timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     return list(csv.DictReader((out / "csv" / "metrics.csv").open()))
 
@@ -258,7 +261,7 @@ def test_a_model_judging_itself_labels_pairs_through_the_judge_with_the_sampler_
 
     over = ["system.judge={kind: self, orders: random}", "+template@system.template=positive", "system.rounds=2",
             "trainer.max_steps=2", "model.architecture.n_positions=512"]  # the judge's input: ~300 tokens
-    cfg = compose_config([*FAST, *TINY_ONLINE[1:], *over], tmp_path)
+    cfg = compose_config([*FAST, "system=online_dpo", *TINY_CLI[1:], *over], tmp_path)
     train(cfg, extra_callbacks=[Grab()])
     assert sorted(seen) == [1, 2] and len(calls) == 2
     assert all(n == 8 * 6 for _, n in calls)  # 8 prompts x C(4,2) pairs of samples

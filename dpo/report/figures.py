@@ -21,7 +21,9 @@ from dpo.systems import SYSTEMS
 
 FAMILY_COLOURS = {"DPO": "tab:blue", "Preferred-FT": "tab:green", "Unlikelihood": "tab:orange",
                   "Best-of-N": "tab:red", "PPO": "tab:purple", "PPO-GT": "tab:brown", "Online DPO-GT": "tab:cyan",
-                  "Online DPO": "tab:olive", "Iterative DPO-GT": "tab:pink", "Iterative DPO": "tab:gray"}  # fmt: skip
+                  "Online DPO": "tab:olive", "Iterative DPO-GT": "tab:pink", "Iterative DPO": "tab:gray",
+                  "GRPO-GT": "darkgoldenrod", "GRPO": "gold", "RLOO-GT": "darkslateblue",
+                  "RLOO": "slateblue"}  # fmt: skip
 
 CURVES: dict[str, list[tuple[str, list[str]]]] = {
     "rewards": [

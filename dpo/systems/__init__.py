@@ -9,6 +9,8 @@
 ``ppo``         :class:`dpo.systems.ppo.PPOModule`              a policy by PPO against a reward (RLHF)
 ``online_dpo``  :class:`dpo.systems.online_dpo.OnlineDPOModule` a policy on pairs of its own samples
                                                                 (online DPO; iterative DPO in rounds)
+``grpo``        :class:`dpo.systems.grpo.GRPOModule`            a policy by GRPO (group baseline, no critic)
+``rloo``        :class:`dpo.systems.grpo.GRPOModule`            a policy by RLOO (leave-one-out baseline)
 ==============  ==============================================  ======================================
 
 :data:`SYSTEMS` holds each system's :class:`~dpo.systems.spec.SystemSpec`: its schema, how it is
@@ -19,10 +21,11 @@ line below and one ``conf/system/<kind>.yaml``.
 
 from __future__ import annotations
 
-from dpo.systems import dpo, online_dpo, ppo, reward_model
+from dpo.systems import dpo, grpo, online_dpo, ppo, reward_model, rloo
 from dpo.systems.spec import SystemSpec
 
 SYSTEMS: dict[str, SystemSpec] = {
     "dpo": dpo.SPEC, "reward_model": reward_model.SPEC, "ppo": ppo.SPEC, "online_dpo": online_dpo.SPEC,
+    "grpo": grpo.SPEC, "rloo": rloo.SPEC,
 }
 """``system.kind`` -> its spec."""

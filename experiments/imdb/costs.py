@@ -20,7 +20,7 @@ def run_cost(run_dir: Path) -> dict[str, float] | None:
     return {"seconds": float(seconds), "generated_tokens": float(state.get("generated_tokens", 0))}
 
 
-RM_FAMILIES = ("PPO", "Online DPO", "Iterative DPO")  # trained against the reward model learned from the pairs
+RM_FAMILIES = ("PPO", "Online DPO", "Iterative DPO", "GRPO", "RLOO")  # against the reward model learned from the pairs
 PAIR_FAMILIES = ("DPO", "Preferred-FT", "Unlikelihood", *RM_FAMILIES)  # on pairs, or a reward model of them
 
 
@@ -75,10 +75,11 @@ def cost_table(points: list[dict[str, Any]], pairs_meta: Path, rm_dir: Path | No
         "",
         f"data s: pair generation ({pair_seconds:.0f} s, dpo-sample of the pairs' {pairs['n_prompts']} openings "
         f"x {pairs['n']}) for the methods trained on pairs"
-        + (f"; PPO and online/iterative DPO labelled by the reward model add its training ({rm['seconds']:.0f} s)"
-           if rm else "")
+        + (f"; the RL methods and online/iterative DPO against the reward model add its training "
+           f"({rm['seconds']:.0f} s)" if rm else "")
         + "; Best-of-N: sampling N completions per evaluation opening. Tokens marked ≤ are sequences x "
-        "max_new_tokens (the starting model's completions use ~31.9 of 32); PPO's rollout tokens and online "
-        "DPO's samples are counted exactly. Evaluation sampling (the same for every method) is not counted.",
+        "max_new_tokens (the starting model's completions use ~31.9 of 32); the tokens sampled in training "
+        "(PPO, GRPO, RLOO, online DPO) are counted exactly. Evaluation sampling (the same for every method) "
+        "is not counted.",
     ]
     return "\n".join(lines + notes) + "\n"

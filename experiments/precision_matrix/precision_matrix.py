@@ -58,6 +58,8 @@ SYSTEM_OVERRIDES = {
     "ppo": ["system.generation.max_new_tokens=8", "system.ppo_epochs=1", "system.minibatch_size=2"],
     # TF-IDF labels: VADER scores nearly every sample of a random tiny model 0, which pairs nothing
     "online_dpo": ["system.generation.max_new_tokens=8", "system.samples_per_prompt=8", "reward=tfidf"],
+    "grpo": ["system.generation.max_new_tokens=8", "system.minibatch_size=4", "reward=tfidf"],
+    "rloo": ["system.generation.max_new_tokens=8", "system.minibatch_size=4", "reward=tfidf"],
 }
 """What a system that samples its own data needs to run 3 steps on the tiny model."""
 
@@ -86,8 +88,8 @@ class Case:
                "trainer.accelerator=cpu", f"trainer.devices={world}", f"trainer.precision={self.precision}",
                f"optim={self.optim}", "optim.optimizer.lr=5e-4", "optim.warmup_steps=0",
                f"data.batch_size={batch}", "data.micro_batch_size=2"]  # fmt: skip
-        if spec.uses_loss and self.reference == "none":
-            out.append(f"loss={REFERENCE_FREE_LOSS}")
+        if self.reference == "none":  # a loss without a reference, or no KL term
+            out.append(f"loss={REFERENCE_FREE_LOSS}" if spec.uses_loss else "system.kl_coef=0")
         return out + SYSTEM_OVERRIDES.get(self.system, [])
 
 
