@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from dpo.config.settings import typed
+from dpo.config.settings import ConfigError, typed
 from dpo.models.forward import attention_for
 from dpo.models.load import load_policy, model_identity
 from dpo.systems.base import GuardConfig, OptimConfig
@@ -40,3 +40,23 @@ def optim_config(cfg: DictConfig, start: Any) -> OptimConfig:
 def guard_config(cfg: DictConfig) -> GuardConfig:
     """``guard``: what a non-finite step, too-small updates and changed data do."""
     return typed(cfg.guard, GuardConfig)
+
+
+def trained_reward(cfg: DictConfig) -> DictConfig:
+    """The reward a sampling system trains against: ``system.reward``, or the run's ``reward`` group
+    (the ground truth the evaluation uses) when that is null."""
+    return cfg.system.reward if cfg.system.reward is not None else cfg.reward
+
+
+def check_reward_and_minibatches(cfg: DictConfig) -> None:
+    """``system.reward`` is null or names a reward; ``system.minibatch_size`` divides each rank's
+    samples per batch (PPO, GRPO, RLOO)."""
+    system = cfg.system
+    if system.reward is not None and "name" not in system.reward:
+        raise ConfigError("system.reward must be null (the ground truth, `reward`) or a reward config with a `name`")
+    samples = cfg.data.micro_batch_size * system.samples_per_prompt
+    if system.minibatch_size < 1 or samples % system.minibatch_size:
+        raise ConfigError(
+            f"system.minibatch_size={system.minibatch_size} must divide each rank's samples per batch: "
+            f"data.micro_batch_size={cfg.data.micro_batch_size} x system.samples_per_prompt={system.samples_per_prompt}"
+        )

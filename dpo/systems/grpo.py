@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,8 +38,15 @@ from dpo.models.forward import logits_at
 from dpo.models.sampling import GenerationConfig, generation_problem, sample_groups
 from dpo.rewards.registry import reward_from_config
 from dpo.runtime.checks import refuse
-from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
-from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.systems.assemble import (
+    build_policy_and_reference,
+    check_reward_and_minibatches,
+    guard_config,
+    optim_config,
+    trained_reward,
+)
+from dpo.systems.base import GuardConfig, OptimConfig
+from dpo.systems.on_policy import OnPolicySystem
 from dpo.systems.reference import Reference
 from dpo.systems.spec import SystemSpec
 
@@ -118,7 +125,7 @@ class Samples:
     advantages: Tensor  # (N,)
 
 
-class GRPOModule(System):
+class GRPOModule(OnPolicySystem):
     """A policy trained by a critic-free policy gradient on groups of its own samples.
 
     One training batch (prompts; this rank's share) is one iteration: sample ``k`` per prompt
@@ -141,16 +148,10 @@ class GRPOModule(System):
                  tokenizer: Any, cfg: GRPOConfig, optim: OptimConfig, *, seed: int = 0,
                  guard: GuardConfig | None = None, max_grad_norm: float | None = None) -> None:  # fmt: skip
         super().__init__(optim, guard)
-        self.automatic_optimization = False
         self.policy, self.reference, self.reward, self.tokenizer = policy, reference, reward, tokenizer
         self.pad_id = pad_id_of(tokenizer)
         self.cfg, self.seed, self.max_grad_norm = cfg, seed, max_grad_norm
-        self.rollouts = 0
         self._batch_rollouts = 0
-        self.local_metrics: dict[str, float] = {}
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.policy.parameters() if p.requires_grad)
 
     def optimizer_steps_per_batch(self) -> int:
         return self.cfg.epochs * math.ceil(self._batch_rollouts / self.cfg.minibatch_size)
@@ -210,9 +211,7 @@ class GRPOModule(System):
         metrics |= self.health_metrics(int(s.mask.sum().item()), time.perf_counter() - started)
         self.local_metrics = {k: float(v) for k, v in metrics.items()}
         self.log_at_step(metrics, bar=("train/loss", "train/pg/reward", "train/pg/kl"))
-        everyone = self.sum_over_ranks(torch.stack([s.tok_mask.sum(), ones.sum()]))
-        self.generated_tokens += int(everyone[0].item())
-        self.rollouts += int(everyone[1].item())
+        self.count_samples(s.tok_mask.sum(1))
 
     def optimize(self, s: Samples, rows: Tensor) -> dict[str, list[Tensor]]:
         """``epochs`` passes of minibatch steps over one batch's samples; returns per-step stats."""
@@ -243,31 +242,9 @@ class GRPOModule(System):
                     stats.setdefault(key, []).append(value)
         return stats
 
-    def on_fit_start(self) -> None:
-        if hasattr(self.reward, "to"):  # a reward model scores on this rank's device
-            self.reward.to(self.device)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """No held-out loss; the held-out measure is the evaluation callback (reward and KL)."""
-        return None
-
     def report(self) -> list[str]:
         done = f"{self.cfg.kind}: {self.rollouts} samples, {self.generated_tokens} generated tokens"
         return [*super().report(), done]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["dpo_pg"] = {"generated_tokens": self.generated_tokens, "rollouts": self.rollouts}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("dpo_pg", {})
-        self.generated_tokens, self.rollouts = int(saved.get("generated_tokens", 0)), int(saved.get("rollouts", 0))
-
-
-def reward_of(cfg: DictConfig) -> DictConfig:
-    """The reward maximised: ``system.reward``, or the ground truth (``reward``) when that is null."""
-    return cfg.system.reward if cfg.system.reward is not None else cfg.reward
 
 
 def builder(schema: type) -> Callable[[DictConfig, Any, Any], GRPOModule]:
@@ -276,7 +253,7 @@ def builder(schema: type) -> Callable[[DictConfig, Any, Any], GRPOModule]:
     def build(cfg: DictConfig, start: Any, tokenizer: Any) -> GRPOModule:
         """The policy, its frozen reference (none is run when ``kl_coef`` is 0) and the reward."""
         system = typed(cfg.system, schema)
-        reward = reward_from_config(OmegaConf.to_container(reward_of(cfg), resolve=True))
+        reward = reward_from_config(OmegaConf.to_container(trained_reward(cfg), resolve=True))
         policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=system.kl_coef > 0)
         return GRPOModule(policy, reference, reward, tokenizer, system, optim_config(cfg, start), seed=cfg.seed,
                           guard=guard_config(cfg), max_grad_norm=cfg.trainer.get("gradient_clip_val"))  # fmt: skip
@@ -286,17 +263,11 @@ def builder(schema: type) -> Callable[[DictConfig, Any, Any], GRPOModule]:
 
 def check(cfg: DictConfig) -> None:
     """The reward is null or names one; minibatches divide each rank's samples; a KL term has a reference."""
-    system = cfg.system
-    if system.reward is not None and "name" not in system.reward:
-        raise ConfigError("system.reward must be null (the ground truth, `reward`) or a reward config with a `name`")
-    samples = cfg.data.micro_batch_size * system.samples_per_prompt
-    if system.minibatch_size < 1 or samples % system.minibatch_size:
+    check_reward_and_minibatches(cfg)
+    if cfg.system.kl_coef > 0 and cfg.reference.kind == "none":
         raise ConfigError(
-            f"system.minibatch_size={system.minibatch_size} must divide each rank's samples per batch: "
-            f"data.micro_batch_size={cfg.data.micro_batch_size} x system.samples_per_prompt={system.samples_per_prompt}"
+            f"system.kl_coef={cfg.system.kl_coef} needs a reference (reference=copy or lora), or kl_coef=0"
         )
-    if system.kl_coef > 0 and cfg.reference.kind == "none":
-        raise ConfigError(f"system.kl_coef={system.kl_coef} needs a reference (reference=copy or lora), or kl_coef=0")
 
 
 def steps_per_batch(cfg: Any) -> int:
@@ -306,7 +277,7 @@ def steps_per_batch(cfg: Any) -> int:
 
 def describe(cfg: DictConfig) -> str:
     s = cfg.system
-    return (f"system={s.kind}(reward={reward_of(cfg).name}, k={s.samples_per_prompt}, kl_coef={s.kl_coef}, "
+    return (f"system={s.kind}(reward={trained_reward(cfg).name}, k={s.samples_per_prompt}, kl_coef={s.kl_coef}, "
             f"{s.loss_type})")  # fmt: skip
 
 

@@ -13,7 +13,6 @@ a reward or a judge, trained with any pair loss of ``conf/loss``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,10 +33,11 @@ from dpo.models.forward import score_pairs
 from dpo.models.sampling import GenerationConfig, draw_seed, generation_problem, sample_groups
 from dpo.rewards.registry import reward_from_config
 from dpo.runtime.checks import refuse
-from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
-from dpo.systems.base import GuardConfig, OptimConfig, System
+from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config, trained_reward
+from dpo.systems.base import GuardConfig, OptimConfig
 from dpo.systems.dpo import family as loss_family
 from dpo.systems.dpo import loss_params
+from dpo.systems.on_policy import OnPolicySystem
 from dpo.systems.reference import Reference
 from dpo.systems.spec import SystemSpec
 
@@ -95,7 +95,7 @@ class OnlineDPOConfig:
             self.generation = GenerationConfig(**self.generation)
 
 
-class OnlineDPOModule(System):
+class OnlineDPOModule(OnPolicySystem):
     """A policy trained on preference pairs of its own samples; see the module docstring.
 
     One training batch (a batch of prompts; this rank's share) is one iteration:
@@ -122,18 +122,13 @@ class OnlineDPOModule(System):
         round_steps: int = 0, guard: GuardConfig | None = None, max_grad_norm: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__(optim, guard)
-        self.automatic_optimization = False
         self.spec = get_loss(loss)
         check_loss_params(loss, params, nll_weight)
         self.policy, self.reference, self.labeller, self.tokenizer = policy, reference, labeller, tokenizer
         self.pad_id = pad_id_of(tokenizer)
         self.cfg, self.loss_name, self.loss_params, self.nll_weight = cfg, loss, dict(params), nll_weight
         self.seed, self.round_steps, self.max_grad_norm = seed, round_steps, max_grad_norm
-        self.rollouts = 0
-        self.local_metrics: dict[str, float] = {}
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.policy.parameters() if p.requires_grad)
+        self.reward = getattr(labeller, "reward", None)  # a reward model moves to the rank's device
 
     def sampler(self) -> nn.Module:
         """What samples: the policy, or in iterative DPO the round's starting policy (the reference)."""
@@ -204,9 +199,7 @@ class OnlineDPOModule(System):
                                        time.perf_counter() - started)  # fmt: skip
         self.local_metrics = {k: float(v) for k, v in metrics.items()}
         self.log_at_step(metrics, bar=("train/loss", "train/online/reward"))
-        everyone = self.sum_over_ranks(torch.stack([tokens.sum(), torch.ones_like(tokens).sum()]))
-        self.generated_tokens += int(everyone[0].item())
-        self.rollouts += int(everyone[1].item())
+        self.count_samples(tokens)
 
     def pair_loss(self, batch: dict[str, Any], weights: Tensor, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
         """This rank's share of the global mean loss, and pair metrics (global means)."""
@@ -248,28 +241,10 @@ class OnlineDPOModule(System):
             ),
         }
 
-    def on_fit_start(self) -> None:
-        reward = getattr(self.labeller, "reward", None)
-        if hasattr(reward, "to"):  # a reward model scores on this rank's device
-            reward.to(self.device)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        """No held-out loss (its batches are prompts); the held-out measure is the evaluation callback."""
-        return None
-
     def report(self) -> list[str]:
         rounds = f", {self.cfg.rounds} rounds of {self.round_steps} steps" if self.round_steps else ""
         done = f"online dpo: {self.rollouts} samples, {self.generated_tokens} generated tokens{rounds}"
         return [*super().report(), done]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["dpo_online"] = {"generated_tokens": self.generated_tokens, "rollouts": self.rollouts}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        saved = checkpoint.get("dpo_online", {})
-        self.generated_tokens, self.rollouts = int(saved.get("generated_tokens", 0)), int(saved.get("rollouts", 0))
 
 
 def round_steps(cfg: DictConfig) -> int:
@@ -281,9 +256,8 @@ def labeller(cfg: DictConfig, system: OnlineDPOConfig, sampler: nn.Module, token
     """What labels the samples: the judge if one is set, else the reward (null: the ground truth)."""
     judge = judge_config(cfg.system.judge)
     if judge is None:
-        node = system.reward if system.reward is not None else cfg.reward
-        return reward_labels(reward_from_config(OmegaConf.to_container(OmegaConf.create(node), resolve=True)),
-                             system.include_prompt)  # fmt: skip
+        node = OmegaConf.to_container(trained_reward(cfg), resolve=True)
+        return reward_labels(reward_from_config(node), system.include_prompt)
     if judge.kind == "reward":
         return judge_labels(JUDGES["reward"](judge, Template()), judge.orders)
     template = typed(cfg.system.template, Template)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
-from dpo.config.settings import ConfigError, typed
+from dpo.config.settings import typed
 from dpo.data.collate import pad_id_of
 from dpo.maths.logprobs import head_logps, target_logps
 from dpo.maths.rl import (
@@ -36,7 +36,13 @@ from dpo.models.forward import logits_at
 from dpo.models.sampling import GenerationConfig, generate, generation_problem
 from dpo.rewards.registry import reward_from_config
 from dpo.runtime.checks import refuse
-from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
+from dpo.systems.assemble import (
+    build_policy_and_reference,
+    check_reward_and_minibatches,
+    guard_config,
+    optim_config,
+    trained_reward,
+)
 from dpo.systems.base import GuardConfig, OptimConfig, System
 from dpo.systems.reference import Reference
 from dpo.systems.spec import SystemSpec
@@ -335,15 +341,10 @@ class PPOModule(System):
             self.norm.load_state_dict(saved["reward_norm"])
 
 
-def ppo_reward(cfg: DictConfig) -> DictConfig:
-    """The reward PPO maximises: ``system.reward``, or the ground truth (``reward``) when that is null."""
-    return cfg.system.reward if cfg.system.reward is not None else cfg.reward
-
-
 def build(cfg: DictConfig, start: Any, tokenizer: Any) -> PPOModule:
     """The PPO system: the policy, its frozen reference and the reward it maximises."""
     system = typed(cfg.system, PPOConfig)
-    reward = reward_from_config(OmegaConf.to_container(ppo_reward(cfg), resolve=True))
+    reward = reward_from_config(OmegaConf.to_container(trained_reward(cfg), resolve=True))
     policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=True)
 
     return PPOModule(
@@ -352,21 +353,8 @@ def build(cfg: DictConfig, start: Any, tokenizer: Any) -> PPOModule:
     )  # fmt: skip
 
 
-def check(cfg: DictConfig) -> None:
-    """The reward is null or names one; minibatches divide each rank's rollouts."""
-    ppo = cfg.system
-    if ppo.reward is not None and "name" not in ppo.reward:
-        raise ConfigError("system.reward must be null (the ground truth, `reward`) or a reward config with a `name`")
-    rollouts = cfg.data.micro_batch_size * ppo.samples_per_prompt
-    if ppo.minibatch_size < 1 or rollouts % ppo.minibatch_size:
-        raise ConfigError(
-            f"system.minibatch_size={ppo.minibatch_size} must divide each rank's rollouts per batch: "
-            f"data.micro_batch_size={cfg.data.micro_batch_size} x system.samples_per_prompt={ppo.samples_per_prompt}"
-        )
-
-
 def describe(cfg: DictConfig) -> str:
-    return (f"system=ppo(reward={ppo_reward(cfg).name}, kl_coef={cfg.system.kl_coef}, "
+    return (f"system=ppo(reward={trained_reward(cfg).name}, kl_coef={cfg.system.kl_coef}, "
             f"kl_target={cfg.system.kl_target})")  # fmt: skip
 
 
@@ -381,8 +369,8 @@ def family(cfg: dict[str, Any]) -> tuple[str, str]:
 
 
 SPEC = SystemSpec(
-    PPOConfig, build, uses_loss=False, data="prompts", samples=True, references=("copy", "lora"), check=check,
-    describe=describe, family=family,
+    PPOConfig, build, uses_loss=False, data="prompts", samples=True, references=("copy", "lora"),
+    check=check_reward_and_minibatches, describe=describe, family=family,
     shardable=False,  # its value head and rollouts are not sharded yet
     steps_per_batch=ppo_steps_per_batch, manual_steps=True, checkpoint_extras=("value_head.",),
     sequences_per_example=lambda cfg: cfg.system.samples_per_prompt,
