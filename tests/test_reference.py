@@ -141,3 +141,24 @@ def test_tr_dpo_hard_sync_makes_the_reference_follow_and_is_checkpointed(tmp_pat
     assert seen["equal"]
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert any(k.startswith("reference.model.") for k in state)  # a moving reference must be saved
+
+
+def test_a_moving_reference_is_evaluated_against_where_it_started():
+    """A TR-DPO (or iterative DPO) reference moves; the frontier's KL must stay the KL to the starting
+    model, so its evaluation reference is a frozen copy taken before training, which a sync leaves alone.
+    (Before, a TR-DPO run's evaluation measured the KL to its moving reference.)"""
+    from dpo.models.load import ModelConfig, load_policy
+    from dpo.systems.reference import FrozenCopy
+
+    arch = {"model_type": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 16, "vocab_size": 16}
+    policy = load_policy(ModelConfig(None, architecture=arch))
+    fixed, moving = FrozenCopy.of(policy), FrozenCopy.of(policy, sync_every=1, sync_alpha=1.0)
+    assert fixed.for_evaluation(policy) is fixed
+    evaluation = moving.for_evaluation(policy)
+    start = copy.deepcopy(policy.state_dict())
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.1)
+    moving.after_optimizer_step(policy, 1)  # the reference becomes the moved policy
+    assert all(torch.equal(moving.model.state_dict()[k], policy.state_dict()[k]) for k in start)
+    assert all(torch.equal(evaluation.model.state_dict()[k], start[k]) for k in start)
