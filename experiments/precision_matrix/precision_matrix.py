@@ -34,7 +34,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -58,8 +58,9 @@ SYSTEM_OVERRIDES = {
     "ppo": ["system.generation.max_new_tokens=8", "system.ppo_epochs=1", "system.minibatch_size=2"],
     # TF-IDF labels: VADER scores nearly every sample of a random tiny model 0, which pairs nothing
     "online_dpo": ["system.generation.max_new_tokens=8", "system.samples_per_prompt=8", "reward=tfidf"],
-    "grpo": ["system.generation.max_new_tokens=8", "system.minibatch_size=4", "reward=tfidf"],
-    "rloo": ["system.generation.max_new_tokens=8", "system.minibatch_size=4", "reward=tfidf"],
+    # one step per batch: a batch is 2 prompts x 4 samples a rank
+    "grpo": ["system.generation.max_new_tokens=8", "system.minibatch_size=8", "reward=tfidf"],
+    "rloo": ["system.generation.max_new_tokens=8", "system.minibatch_size=8", "reward=tfidf"],
 }
 """What a system that samples its own data needs to run 3 steps on the tiny model."""
 
@@ -88,8 +89,10 @@ class Case:
                "trainer.accelerator=cpu", f"trainer.devices={world}", f"trainer.precision={self.precision}",
                f"optim={self.optim}", "optim.optimizer.lr=5e-4", "optim.warmup_steps=0",
                f"data.batch_size={batch}", "data.micro_batch_size=2"]  # fmt: skip
-        if self.reference == "none":  # a loss without a reference, or no KL term
-            out.append(f"loss={REFERENCE_FREE_LOSS}" if spec.uses_loss else "system.kl_coef=0")
+        if self.reference == "none" and spec.uses_loss:  # a loss that needs no reference
+            out.append(f"loss={REFERENCE_FREE_LOSS}")
+        elif self.reference == "none" and "kl_coef" in {f.name for f in fields(spec.config)}:  # no KL term
+            out.append("system.kl_coef=0")
         return out + SYSTEM_OVERRIDES.get(self.system, [])
 
 
