@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_online_dpo import command, env, losses, run_cli
+from test_online_dpo import assert_kill_9_resumes_the_same_losses, run_cli
 from test_online_dpo import fit as fit_online
 from test_ppo import Counter, IdTokenizer, frequency_reward
 
@@ -113,28 +113,5 @@ def test_under_ddp_on_two_cpu_processes_equals_one_process(kind, tmp_path):
 def test_kill_9_then_the_same_command_resumes_the_same_losses(tmp_path):
     """GRPO, 10 steps, checkpoints every 3: killed after step 3's checkpoint, the same command resumes
     there and every step's loss equals an uninterrupted run's."""
-    import os
-    import signal
-    import subprocess
-    import time
-
-    from dpo.runtime.checkpoint import LAST, checkpoint_tensors, find_last
-
     over = [*TINY_PG, "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=3"]
-    full = losses(run_cli(tmp_path / "full", *over, system="grpo"))
-    out = tmp_path / "killed"
-    slow = ["+callbacks.slow._target_=tests_helpers.SlowSteps", "+callbacks.slow.seconds=0.4"]
-    proc = subprocess.Popen(command(out, *over, *slow, system="grpo"), env=env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    start = time.time()
-    while find_last(out / "checkpoints") is None:
-        assert time.time() - start < 300, "no checkpoint"
-        time.sleep(0.1)
-    time.sleep(0.6)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    step, _ = checkpoint_tensors(out / "checkpoints" / LAST)
-    assert 3 <= step < 10
-    resumed = losses(run_cli(out, *over, *slow, system="grpo"))
-    assert [s for s, _ in resumed] == [s for s, _ in full] and len(full) == 10
-    assert [v for _, v in resumed] == pytest.approx([v for _, v in full], abs=1e-6)
+    assert_kill_9_resumes_the_same_losses(tmp_path, over, system="grpo")

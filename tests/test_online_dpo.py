@@ -291,23 +291,28 @@ def test_kill_9_mid_round_then_the_same_command_resumes_the_same_losses(tmp_path
     (mid-round 1), the same command resumes there and every step's loss equals an uninterrupted run's."""
     over = ["system.rounds=2", "trainer.max_steps=10", "callbacks.model_checkpoint.every_n_train_steps=3",
             "reward=tfidf"]  # TF-IDF labels: pairs (and a loss) at every step
-    full = losses(run_cli(tmp_path / "full", *over))
-    out = tmp_path / "killed"
-    slow = ["+callbacks.slow._target_=tests_helpers.SlowSteps", "+callbacks.slow.seconds=0.4"]
-    proc = subprocess.Popen(command(out, *over, *slow), env=env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
-    deadline = 300
+    assert_kill_9_resumes_the_same_losses(tmp_path, over)
+
+
+def assert_kill_9_resumes_the_same_losses(tmp_path: Path, over: list[str], system: str = "online_dpo") -> None:
+    """10 steps, checkpoints every 3: an uninterrupted run; the same run killed (SIGKILL) after its first
+    checkpoint; the same command again resumes there and every step's loss equals the uninterrupted run's."""
     import time
 
+    full = losses(run_cli(tmp_path / "full", *over, system=system))
+    out = tmp_path / "killed"
+    slow = ["+callbacks.slow._target_=tests_helpers.SlowSteps", "+callbacks.slow.seconds=0.4"]
+    proc = subprocess.Popen(command(out, *over, *slow, system=system), env=env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
     start = time.time()
     while find_last(out / "checkpoints") is None:
-        assert time.time() - start < deadline, "no checkpoint"
+        assert time.time() - start < 300, "no checkpoint"
         time.sleep(0.1)
     time.sleep(0.6)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     step, _ = checkpoint_tensors(out / "checkpoints" / LAST)
     assert 3 <= step < 10
-    resumed = losses(run_cli(out, *over, *slow))
+    resumed = losses(run_cli(out, *over, *slow, system=system))
     assert [s for s, _ in resumed] == [s for s, _ in full] and len(full) == 10
     assert [v for _, v in resumed] == pytest.approx([v for _, v in full], abs=1e-6)
