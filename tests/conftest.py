@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from dpo.commands.cli import CONF_DIR  # noqa: E402
-from dpo.config.schema import reward_schema  # noqa: E402
+from dpo.config.signatures import reward_schema  # noqa: E402
 from dpo.data.formats import load_rows  # noqa: E402
 from dpo.data.sources import SourceSpec, bundled_path  # noqa: E402
 from dpo.models.export import export_pretrained  # noqa: E402

@@ -69,29 +69,33 @@ def test_every_experiment_composes_validates_and_builds(tmp_path, exported_tiny,
     run, metrics = build_and_step(cfg)
     assert run.start.plan.accumulate_grad_batches >= 1 and (tmp_path / "config.yaml").is_file()
     if cfg.system.kind == "dpo":
-        assert ("train/rewards/accuracy" in metrics) == run.module.spec.needs_pairs
+        assert ("train/rewards/accuracy" in metrics) == run.module.loss.needs_pairs
     elif cfg.system.kind == "reward_model":
         assert "train/rm/accuracy" in metrics
+
+
+LOSS_OVERRIDES = {"mix": ["loss.terms=[dpo,sft_token_mean]", "loss.weights=[1.0,0.5]"]}  # its terms are required
 
 
 @pytest.mark.parametrize("name", LOSS_CONFIGS)
 def test_every_loss_config_builds_and_starts_at_the_reference(tmp_path, monkeypatch, name):
     """At step 0 policy == reference: every implicit reward is 0 and DPO's loss is ln 2. A loss that
     needs no reference never builds or runs one."""
-    from dpo.maths.losses import get_loss
+    from dpo.systems.dpo import run_loss
 
-    if not get_loss(compose_config([f"loss={name}"], tmp_path).loss.name).needs_reference:
+    overrides = [f"loss={name}", *LOSS_OVERRIDES.get(name, [])]
+    if not run_loss(compose_config(overrides, tmp_path)).needs_reference:
 
         def no_copy(*args, **kwargs):
             raise AssertionError("a reference model was built for a reference-free loss")
 
         monkeypatch.setattr(dpo.systems.reference.FrozenCopy, "of", no_copy)
-    run, metrics = build_and_step(compose_config([*FAST, f"loss={name}"], tmp_path))
-    if run.module.spec.needs_reference:
+    run, metrics = build_and_step(compose_config([*FAST, *overrides], tmp_path))
+    if run.module.loss.needs_reference:
         assert metrics["train/rewards/margin"] == 0 and metrics["train/kl/chosen"] == 0
     else:
         assert isinstance(run.module.reference, NoReference) and "train/kl/chosen" not in metrics
-    if name in ("dpo", "cdpo", "robust_dpo"):
+    if name in ("dpo", "sigmoid", "cdpo", "robust_dpo", "robust"):
         assert metrics["train/loss"].item() == pytest.approx(math.log(2), abs=1e-6)
 
 

@@ -3,6 +3,7 @@
 Common numbers (one pair unless said): policy chosen pc = -1, rejected pr = -3; reference
 rc = rr = -2; |c| = 2, |r| = 4 tokens. Then h = (pc - rc) - (pr - rr) = 1 - (-1) = 2.
 -log s(1) = log(1 + e^-1) = 0.31326168751822286; -log s(-1) = 1 + 0.31326... = 1.31326168751822286.
+Log-ratios lc = pc - rc = 1, lr = pr - rr = -1; per token lc / |c| = 0.5, lr / |r| = -0.25.
 """
 
 from __future__ import annotations
@@ -23,6 +24,21 @@ from dpo.maths.losses import (
 
 NLS1 = math.log1p(math.exp(-1))  # -log s(1)
 NLSM1 = 1 + NLS1  # -log s(-1)
+
+
+def s(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def nls(x):
+    """-log s(x)."""
+    return math.log1p(math.exp(-x))
+
+
+def log_odds(m):
+    """log(p / (1 - p)) of p = e^m."""
+    return m - math.log(1 - math.exp(m))
+
 
 
 def pair(c, r, nc=2.0, nr=4.0, grad=False) -> PairLogps:
@@ -66,6 +82,34 @@ REF = pair(-2.0, -2.0)
         ("ref_free_dpo", {"beta": 0.5}, NLS1, "-log s(0.5 * (-1 - -3)) = -log s(1)"),
         ("simpo", {"beta": 2.0, "gamma": 0.5}, math.log(2), "2*(-1/2) - 2*(-3/4) - 0.5 = 0; -log s(0) = ln 2"),
         ("sft", {}, 1.0, "-pc = 1"),
+        ("sft_token_mean", {}, 0.5, "-pc * B / sum|c| = 1 * 1 / 2"),
+        ("sigmoid_norm", {"beta": 0.5}, nls(0.375), "-log s(0.5 * (1/2 - (-1/4))) = -log s(0.375)"),
+        (
+            "exo_pair",
+            {"beta": 0.5, "label_smoothing": 0.1},
+            s(1) * (math.log(s(1)) - math.log(0.9)) + s(-1) * (math.log(s(-1)) - math.log(0.1)),
+            "q = s(0.5 * 2): q (log q - log 0.9) + (1 - q) (log(1 - q) - log 0.1) = 0.49203",
+        ),
+        (
+            "discopop",
+            {"beta": 0.5, "tau": 0.05},
+            (1 - s(20)) * NLS1 + s(20) * math.exp(-1),
+            "x = 1, m = s(1 / 0.05) = s(20): (1 - m) * 0.31326 + m * e^-1 = 0.36788",
+        ),
+        ("aot", {"beta": 0.5, "label_smoothing": 0.1}, 0.9 * NLS1 + 0.1 * NLSM1, "one pair: d = 2 - 0, as cDPO"),
+        ("aot_unpaired", {"beta": 0.5, "label_smoothing": 0.0}, NLS1, "one pair: d = lc - lr = 2; -log s(1)"),
+        ("nca_pair", {"beta": 0.5}, 1.5 * nls(0.5) + 0.5 * nls(-0.5), "-log s(.5) - .5 log s(-.5) - .5 log s(.5)"),
+        ("bco_pair", {"beta": 0.5}, 2 * nls(0.5), "-log s(0.5 * 1) - log s(-0.5 * -1)"),
+        ("sppo_hard", {"beta": 0.25}, 2.0, "(1 - 1/(2*0.25))^2 + (-1 + 2)^2 = 1 + 1"),
+        ("apo_zero", {"beta": 0.5}, 1 - s(0.5) + s(-0.5), "1 - s(0.5 * 1) + s(0.5 * -1) = 0.75508"),
+        ("apo_down", {"beta": 0.5}, s(0.5) + 1 - s(1), "s(0.5) + 1 - s(0.5 * 2) = 0.89137"),
+        ("cpo", {"beta": 0.5, "alpha": 1.0}, NLS1 + 0.5, "-log s(0.5 * (-1 + 3)) + 1 * (1 / 2)"),
+        (
+            "orpo",
+            {"beta": 0.5},
+            0.5 + 0.5 * nls(log_odds(-0.5) - log_odds(-0.75)),
+            "NLL 1/2; log odds(c) = -1/2 - log(1 - e^-1/2), (r) the same at -3/4: 0.5 - 0.5 log s(0.5041) = 0.74",
+        ),
         (
             "unlikelihood",
             {"alpha": 0.5},
@@ -83,7 +127,8 @@ def test_hand_derived_values(name, params, expected, doc):
 def test_every_registered_loss_has_a_hand_derived_test():
     tested = {
         "dpo", "cdpo", "robust_dpo", "ipo_sum", "ipo_length_norm", "hinge", "ref_free_dpo", "simpo", "sft",
-        "unlikelihood",
+        "unlikelihood", "sft_token_mean", "sigmoid_norm", "exo_pair", "discopop", "aot", "aot_unpaired", "nca_pair",
+        "bco_pair", "sppo_hard", "apo_zero", "apo_down", "cpo", "orpo",
     }  # fmt: skip
     assert set(LOSSES) == tested
 
@@ -102,7 +147,7 @@ def test_dpo_rewards_are_beta_log_ratios():
 
 
 REF_LOSSES = [n for n, s in LOSSES.items() if s.needs_reference]
-DEFAULT_PARAMS = {"beta": 0.1, "label_smoothing": 0.1, "gamma": 0.5, "alpha": 0.5}
+DEFAULT_PARAMS = {"beta": 0.1, "label_smoothing": 0.1, "gamma": 0.5, "alpha": 0.5, "tau": 0.05}
 
 
 def params_for(name):
@@ -118,9 +163,10 @@ def test_dpo_is_ln2_with_zero_rewards_when_policy_equals_reference():
         assert torch.all(out.chosen_rewards == 0) and torch.all(out.rejected_rewards == 0)
 
 
-@pytest.mark.parametrize("name", [n for n in LOSSES if n != "sft"])
+@pytest.mark.parametrize("name", [n for n in LOSSES if get_loss(n).needs_pairs and n not in ("apo_down", "discopop")])
 def test_rewards_carry_no_grad_and_gradient_signs(name):
-    """Raising the chosen log-prob lowers the loss, raising the rejected one raises it."""
+    """Raising the chosen log-prob lowers the loss, raising the rejected one raises it (APO-down and
+    DiscoPOP break this on purpose: their own tests)."""
     policy = pair(-1.0, -1.5, grad=True)  # a margin where no loss is saturated
     reference = pair(-1.2, -1.2) if get_loss(name).needs_reference else None
     out = compute_loss(name, policy, reference, params_for(name))
@@ -128,6 +174,21 @@ def test_rewards_carry_no_grad_and_gradient_signs(name):
     out.losses.sum().backward()
     assert policy.chosen.grad.item() < 0
     assert policy.rejected.grad.item() > 0
+
+
+def test_apo_down_lowers_both_likelihoods_and_discopop_is_not_monotone():
+    """APO-down: moving both log-ratios up by the same amount raises the loss (d/dlc + d/dlr =
+    beta s'(beta lc) > 0), while the rejected one alone raises it too. DiscoPOP (non-convex by design):
+    near a margin of tau it is not monotone: at x = beta h = tau the chosen gradient is positive,
+    while far on either side it is the logistic (x << 0) or exp(-x) (x >> 0), both decreasing."""
+    policy = pair(-1.0, -1.5, grad=True)
+    out = compute_loss("apo_down", policy, REF, {"beta": 0.5})
+    out.losses.sum().backward()
+    assert policy.chosen.grad.item() + policy.rejected.grad.item() > 0 and policy.rejected.grad.item() > 0
+    for margin, sign in ((0.1, 1.0), (-20.0, -1.0), (20.0, -1.0)):  # beta 0.5: x = 0.05 = tau, -10, 10
+        policy = pair(-2.0 + margin, -2.0, grad=True)
+        compute_loss("discopop", policy, REF, {"beta": 0.5, "tau": 0.05}).losses.sum().backward()
+        assert policy.chosen.grad.item() * sign > 0, margin
 
 
 def test_label_smoothing_equals_its_closed_form():
@@ -182,7 +243,8 @@ def test_reference_losses_refuse_to_run_without_reference():
 
 
 def test_needs_reference_is_a_property_of_the_variant():
-    assert {n for n, s in LOSSES.items() if not s.needs_reference} == {"ref_free_dpo", "simpo", "sft", "unlikelihood"}
+    free = {n for n, spec in LOSSES.items() if not spec.needs_reference}
+    assert free == {"ref_free_dpo", "simpo", "sft", "sft_token_mean", "unlikelihood", "cpo", "orpo"}
     assert not get_loss("sft").needs_pairs
 
 

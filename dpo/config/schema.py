@@ -14,7 +14,7 @@ optim           :class:`dpo.systems.base.OptimConfig`
 reference       each kind's ``Config`` in :data:`dpo.systems.reference.REFERENCES`
 system          each kind's ``config`` in :data:`dpo.systems.SYSTEMS`
 loss            the loss function's keyword parameters (:data:`dpo.maths.losses.LOSSES`) plus
-                ``name`` and ``nll_weight``
+                ``name``, ``nll_weight`` and the modifiers (:func:`dpo.config.signatures.loss_schema`)
 reward          the reward factory's parameters (:data:`dpo.rewards.registry.REWARDS`) plus ``name``
 judge           each kind's ``Config`` in :data:`dpo.judges.JUDGES`
 template        :class:`dpo.judges.Template`
@@ -32,11 +32,6 @@ signature (:func:`dpo.config.validate.check_targets`).
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,10 +39,11 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from dpo.config.preflight import PreflightConfig
+from dpo.config.signatures import loss_schema, reward_schema
 from dpo.data.datamodule import DataConfig
 from dpo.data.sources import bundled_path
 from dpo.judges import JUDGES, Template
-from dpo.maths.losses import LOSSES
+from dpo.maths.losses import LOSSES, MIXTURE
 from dpo.models.load import DType, ModelConfig
 from dpo.models.sampling import GenerationConfig, SweepGeneration, generation_problem
 from dpo.report.naming import resolve_run_group, resolve_run_label
@@ -318,53 +314,6 @@ OUR_GROUPS = ("model", "data", "system", "loss", "optim", "reward", "reference",
 SELECTORS = {"system": "kind", "loss": "name", "reward": "name", "reference": "kind"}
 """Groups whose keys depend on the choice, and the key that names the choice."""
 
-_SUPPORTED = (int, float, bool, str, bytes, type(None))
-
-
-def _omegaconf_type(annotation: Any) -> Any:
-    """``annotation`` if OmegaConf can type-check it, else ``Any`` (e.g. ``str | int`` unions)."""
-    if annotation in _SUPPORTED or annotation is Any:
-        return annotation
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        rest = [a for a in args if a is not type(None)]
-        if len(rest) == 1 and _omegaconf_type(rest[0]) is not Any:
-            return annotation  # Optional[X]
-        return Any
-    if origin in (list, dict):
-        return annotation
-    return Any
-
-
-def signature_schema(cls_name: str, fn: Callable[..., Any], fixed: dict[str, tuple[Any, Any]], *,
-                     keyword_only: bool) -> type:  # fmt: skip
-    """A dataclass whose fields are ``fixed`` (name -> (type, default)) and ``fn``'s parameters.
-
-    ``keyword_only``: take only keyword-only parameters (a loss's hyperparameters follow its
-    positional log-prob arguments); else every parameter. A parameter without a default is
-    required (``???``).
-    """
-    hints = typing.get_type_hints(fn)
-    fields = [(name, kind, field(default=default)) for name, (kind, default) in fixed.items()]
-    for p in inspect.signature(fn).parameters.values():
-        if (keyword_only and p.kind is not p.KEYWORD_ONLY) or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
-            continue
-        default = MISSING if p.default is p.empty else p.default
-        fields.append((p.name, _omegaconf_type(hints.get(p.name, Any)), field(default=default)))
-    return dataclasses.make_dataclass(cls_name, fields)
-
-
-def loss_schema(name: str) -> type:
-    """``conf/loss/<name>.yaml``'s schema: ``name``, ``nll_weight`` and the loss's hyperparameters."""
-    fixed = {"name": (str, name), "nll_weight": (float, 0.0)}
-    return signature_schema(f"LossConfig_{name}", LOSSES[name].fn, fixed, keyword_only=True)
-
-
-def reward_schema(name: str) -> type:
-    """``conf/reward/<name>.yaml``'s schema: ``name`` and the reward factory's parameters."""
-    return signature_schema(f"RewardConfig_{name}", REWARDS[name], {"name": (str, name)}, keyword_only=False)
-
-
 def register() -> None:
     """Put every schema into Hydra's ConfigStore, and register the resolvers ``${bundled:NAME}`` (a
     data file shipped in ``dpo/data/files``), ``${run_label:...}`` and ``${run_group_or_sweep:...}``
@@ -389,7 +338,7 @@ def register() -> None:
         cs.store(group="schema/reference", name=kind, node=cls.Config)
     for kind, spec in SYSTEMS.items():
         cs.store(group="schema/system", name=kind, node=spec.config)
-    for name in LOSSES:
+    for name in [*LOSSES, MIXTURE]:
         cs.store(group="schema/loss", name=name, node=loss_schema(name))
     for name in REWARDS:
         cs.store(group="schema/reward", name=name, node=reward_schema(name))

@@ -28,13 +28,13 @@ from dpo.config.settings import ConfigError, typed
 from dpo.data.batch import Layout
 from dpo.data.datamodule import DataConfig
 from dpo.data.formats import get_format
-from dpo.maths.losses import check_loss_params, get_loss
+from dpo.maths.losses import MIXTURE, Loss, get_loss
 from dpo.models.forward import LayoutError, choose_layout
 from dpo.models.load import ModelLoadError, max_positions
 from dpo.runtime.io import DataError
 from dpo.systems import SYSTEMS
 from dpo.systems.base import OptimConfig
-from dpo.systems.dpo import loss_params
+from dpo.systems.dpo import run_loss
 from dpo.systems.reference import REFERENCES
 from dpo.systems.spec import SystemSpec
 
@@ -209,7 +209,7 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         _check_typed_keys(HydraConfig.get().launcher, "hydra.launcher.")
     system, kind = SYSTEMS[cfg.system.kind], cfg.reference.kind
     try:
-        spec = get_loss(cfg.loss.name)
+        None if cfg.loss.name == MIXTURE else get_loss(cfg.loss.name)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
     all_at_once(  # each group's targets and own range checks (its schema's __post_init__)
@@ -217,13 +217,13 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         lambda: check_targets(cfg.optim.optimizer, "optim.optimizer", partial_args=("params",)),
         lambda: typed(cfg.system, system.config),  # KL coefficients, clip ranges, GAE, generation
         lambda: typed(cfg.optim, OptimConfig),  # learning rate > 0, warmup >= 0
-        lambda: check_loss_params(cfg.loss.name, loss_params(cfg), cfg.loss.nll_weight),  # beta > 0, ...
+        lambda: run_loss(cfg),  # beta > 0, ...
         lambda: typed(cfg.reference, REFERENCES[kind].Config),  # TR-DPO's sync settings
         lambda: typed(cfg.data, DataConfig),  # batch sizes >= 1, 0 < max_prompt_length < max_length
     )
     pairs = needs_pairs(cfg)
     *_, precision, plan, layout = all_at_once(  # the cross-field checks
-        lambda: _check_reference(cfg, system, spec.needs_reference),
+        lambda: _check_reference(cfg, system, run_loss(cfg)),
         lambda: _check_system(cfg, system),
         lambda: _check_positions(cfg.data, model_config),
         lambda: _check_source(cfg, pairs),
@@ -281,11 +281,14 @@ def _batch_plan(cfg: DictConfig, system: SystemSpec) -> Plan:
     return plan
 
 
-def _check_reference(cfg: DictConfig, system: SystemSpec, loss_needs_one: bool) -> None:
+def _check_reference(cfg: DictConfig, system: SystemSpec, loss: Loss) -> None:
     """The reference kind suits the system (and, for a system trained with a loss, the loss)."""
     kind = cfg.reference.kind
-    if system.uses_loss and loss_needs_one and kind == "none":
+    if system.uses_loss and loss.needs_reference and kind == "none":
         raise ConfigError(f"loss {cfg.loss.name!r} needs a reference model but reference=none")
+    if system.uses_loss and loss.needs_tails and kind == "precomputed":
+        raise ConfigError("loss.ld_alpha splits each response at its pair's shared length; reference=precomputed "
+                          "caches whole-response sums: use reference=copy (or lora)")
     if system.references is not None and system.references and kind not in system.references:
         raise ConfigError(
             f"system={cfg.system.kind} needs a reference that scores the sequences it samples "
@@ -350,7 +353,7 @@ def precision_plan(cfg: DictConfig) -> PrecisionPlan:
 def needs_pairs(cfg: DictConfig) -> bool:
     """Whether the run's batches hold chosen and rejected responses (the system or its loss says)."""
     data = SYSTEMS[cfg.system.kind].data
-    return get_loss(cfg.loss.name).needs_pairs if data is None else data == "pairs"
+    return run_loss(cfg).needs_pairs if data is None else data == "pairs"
 
 
 def _check_system(cfg: DictConfig, system: SystemSpec) -> None:

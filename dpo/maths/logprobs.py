@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dpo.data.batch import CHOSEN, IGNORE_INDEX, REJECTED, ScoredBatch
-from dpo.maths.tiled import HeadInputs, logps_and_kl, tiled_logps
+from dpo.maths.tiled import HeadInputs, logps_and_kl, tiled_logps, tiled_token_stats, wide
 
 
 class SequenceLogps(NamedTuple):
@@ -43,6 +43,11 @@ class PairLogps(NamedTuple):
             unlikelihood term (Welleck et al. 2019); None unless the loss asked for it.
         chosen_kl: (B,) exact KL(policy || these log-probs' model) summed over the chosen tokens
             (the reference's, scored ``against`` the policy: :func:`scored_logps`); else None.
+        chosen_tail: (B,) the part of ``chosen`` from tokens past the pair's shared length
+            ``min(|c|, |r|)`` (LD-DPO); None unless scored with ``tails``.
+        rejected_tail: (B,) the same for the rejected responses.
+        wpo_log_weight: (B,) WPO's log pair weight, ``mean_t [log p_t - log sum_v p_v^2]`` over the
+            chosen tokens plus the same over the rejected ones, no gradient; None unless scored with ``wpo``.
     """
 
     chosen: Tensor
@@ -51,6 +56,9 @@ class PairLogps(NamedTuple):
     rejected_tokens: Tensor
     rejected_unlikely: Tensor | None = None
     chosen_kl: Tensor | None = None
+    chosen_tail: Tensor | None = None
+    rejected_tail: Tensor | None = None
+    wpo_log_weight: Tensor | None = None
 
     @property
     def chosen_mean(self) -> Tensor:
@@ -90,7 +98,7 @@ def target_logps(logits: Tensor, targets: Tensor) -> Tensor:
     ``cross_entropy`` fuses log-softmax and the gather (less memory and time than
     ``log_softmax(-1).gather``, the same numbers).
     """
-    flat = logits.reshape(-1, logits.shape[-1]).float()  # (M, V)
+    flat = wide(logits.reshape(-1, logits.shape[-1]))  # (M, V)
     return -F.cross_entropy(flat, targets.reshape(-1), reduction="none").view(targets.shape)
 
 
@@ -149,6 +157,8 @@ def scored_logps(
     pairs: bool = True,
     unlikelihood: bool = False,
     against: Tensor | HeadInputs | None = None,
+    tails: bool = False,
+    wpo: bool = False,
 ) -> PairLogps:
     """Per-pair summed log-probs of the chosen and rejected responses, each (B,).
 
@@ -165,6 +175,8 @@ def scored_logps(
         against: the policy's scored logits (or head inputs) when these are the reference's: the
             exact KL(policy || reference) over the chosen tokens is then summed into ``chosen_kl``,
             each tile's reference logits made once for both (no gradient; a metric).
+        tails: also sum each response's log-probs past the pair's shared length (LD-DPO's split).
+        wpo: also WPO's log pair weight (a tiled pass over the vocabulary for ``sum_v p_v^2``).
     """
     tgt, seg, pair = batch["score_tgt"], batch["score_seg"], batch["score_pair"]
     if logits.shape[:2] != tgt.shape or not tgt.shape == seg.shape == pair.shape:
@@ -191,7 +203,46 @@ def scored_logps(
         log1m = torch.log((1.0 - logps.exp()).clamp(min=1e-5))  # (R, S)
         unlikely = per_pair(log1m * rejected, pair, n_pairs)
     r_sum = per_pair(logps * rejected, pair, n_pairs)
-    return PairLogps(c_sum, r_sum, c_tok, per_pair(rejected.to(c_sum.dtype), pair, n_pairs), unlikely, c_kl)
+    r_tok = per_pair(rejected.to(c_sum.dtype), pair, n_pairs)
+    out = PairLogps(c_sum, r_sum, c_tok, r_tok, unlikely, c_kl)
+    return _with_extras(out, logits, logps, batch, tails=tails, wpo=wpo) if tails or wpo else out
+
+
+def _with_extras(out: PairLogps, logits: Tensor | HeadInputs, logps: Tensor, batch: ScoredBatch, *, tails: bool,
+                 wpo: bool) -> PairLogps:  # fmt: skip
+    """``out`` with LD-DPO's tail sums and/or WPO's log pair weights, from the (R, S) token log-probs."""
+    seg, pair, n_pairs = batch["score_seg"], batch["score_pair"], batch["n_pairs"]
+    chosen, rejected = seg == CHOSEN, seg == REJECTED
+    if tails:
+        past = past_shared_length(batch)  # (R, S)
+        out = out._replace(chosen_tail=per_pair(logps * (chosen & past), pair, n_pairs),
+                           rejected_tail=per_pair(logps * (rejected & past), pair, n_pairs))  # fmt: skip
+    if wpo:
+        # WPO's aligned log-probs log p_t - log sum_v p_v^2, averaged over each response (TRL 1.16's form)
+        log_sq = tiled_token_stats(logits.detach(), want=("sum_p2",))["sum_p2"].log()  # (R, S)
+        aligned = (logps.detach() - log_sq) * (seg >= 0)
+        c_mean = per_pair(aligned * chosen, pair, n_pairs) / out.chosen_tokens.clamp(min=1.0)
+        r_mean = per_pair(aligned * rejected, pair, n_pairs) / out.rejected_tokens.clamp(min=1.0)
+        out = out._replace(wpo_log_weight=c_mean + r_mean)
+    return out
+
+
+def past_shared_length(batch: ScoredBatch) -> Tensor:
+    """(R, S) bool: the scored token is past its pair's shared length ``min(|c|, |r|)`` in its response.
+
+    A token's place in its response is its rank among the tokens of the same (pair, segment) in
+    row-major order; every layout keeps a response's tokens in order there (:mod:`dpo.data.batch`).
+    """
+    seg, pair, n = batch["score_seg"], batch["score_pair"], batch["n_pairs"]
+    key = torch.where(seg >= 0, pair * 2 + seg, 2 * n).reshape(-1)  # (M,) padding: one group of its own
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=2 * n + 1)
+    starts = counts.cumsum(0) - counts
+    rank = torch.empty_like(key)
+    rank[order] = torch.arange(key.numel(), device=key.device) - starts[key[order]]
+    lengths = counts[: 2 * n].view(n, 2)  # (B, 2) chosen and rejected tokens of each pair
+    shared = lengths.min(dim=1).values  # (B,)
+    return ((rank >= shared[pair.reshape(-1).clamp(min=0)]) & (key < 2 * n)).view(seg.shape)
 
 
 def response_lengths(batch: ScoredBatch) -> tuple[Tensor, Tensor]:

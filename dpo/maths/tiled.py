@@ -36,6 +36,11 @@ larger than one tile are computed in tiles. The environment variable ``DPO_TILE_
 (smaller: leaner steps; the tests set it small to run the tiles on tiny models)."""
 
 
+def wide(x: Tensor) -> Tensor:
+    """``x`` in fp32, or as it is when wider (fp64 models, in tests that compare maths exactly)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def tile_tokens(vocab: int) -> int:
     """Tokens per tile for a vocabulary of ``vocab`` entries."""
     return max(1, TILE_ELEMENTS // vocab)
@@ -87,8 +92,9 @@ class _Scratch:
     a CPU a fresh tile-sized tensor is page-faulted in on first touch, which cost more than the
     tile's matmul)."""
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, count: int = 1):
-        self.fp32 = [torch.empty(rows, vocab, dtype=torch.float32, device=device) for _ in range(count)]
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, count: int = 1,
+                 accumulate: torch.dtype = torch.float32):  # fmt: skip
+        self.fp32 = [torch.empty(rows, vocab, dtype=accumulate, device=device) for _ in range(count)]
         self.low = None if dtype == torch.float32 else torch.empty(rows, vocab, dtype=dtype, device=device)
         self.dtype = dtype
 
@@ -199,11 +205,13 @@ def logps_and_kl(head: Tensor | HeadInputs, targets: Tensor, against: Tensor | H
     m, vocab = flat.shape[0], head.shape[-1]
     tile = tile or tile_tokens(vocab)
     wanted = None if where is None else where.reshape(-1)
-    logps = torch.empty(m, dtype=torch.float32, device=flat.device)
-    kl = torch.zeros_like(logps)
     source = head if isinstance(head, HeadInputs) else against if isinstance(against, HeadInputs) else None
     dtype = _compute_dtype(source.hidden) if source is not None else torch.float32
-    scratch = _Scratch(min(tile, m), vocab, dtype, flat.device, count=3)  # reference, policy, work
+    accumulate = torch.float64 if torch.float64 in (_dtype(head), _dtype(against)) else torch.float32
+    logps = torch.empty(m, dtype=accumulate, device=flat.device)
+    kl = torch.zeros_like(logps)
+    # three buffers: reference, policy, work
+    scratch = _Scratch(min(tile, m), vocab, dtype, flat.device, count=3, accumulate=accumulate)
     for start in range(0, m, tile):
         stop = min(start + tile, m)
         b = _rows(head, start, stop, scratch if isinstance(head, HeadInputs) else None)  # (t, V) reference logits
@@ -249,9 +257,13 @@ def _rows(x: Tensor | HeadInputs, start: int, stop: int, scratch: _Scratch | Non
     flat = x.reshape(-1, x.shape[-1])[start:stop]
     flat = flat if rows is None else flat[rows]
     if scratch is None:
-        return flat.float()
+        return wide(flat)
     out = scratch.fp32[slot][: flat.shape[0]]
     return out.copy_(flat)
+
+
+def _dtype(x: Tensor | HeadInputs) -> torch.dtype:
+    return x.hidden.dtype if isinstance(x, HeadInputs) else x.dtype
 
 
 def is_large(tokens: int, vocab: int) -> bool:
@@ -282,7 +294,8 @@ def tiled_token_stats(
     m = int(torch.tensor(shape).prod()) if shape else 1
     tile = tile or tile_tokens(head.shape[-1])
     device = head.hidden.device if isinstance(head, HeadInputs) else head.device
-    out = {k: torch.empty(m, dtype=torch.float32, device=device) for k in want}
+    out = {k: torch.empty(m, dtype=torch.float64 if _dtype(head) == torch.float64 else torch.float32, device=device)
+           for k in want}  # fmt: skip
     for start in range(0, m, tile):
         logp = _rows(head, start, start + tile).log_softmax(-1)  # (t, V)
         p = logp.exp()

@@ -134,17 +134,19 @@ def logits_at(model: Any, input_ids: Tensor, attention_mask: Tensor, pos: Tensor
 
 def score_pairs(
     model: nn.Module, batch: ScoredBatch, *, pairs: bool = True, unlikelihood: bool = False,
-    against: Tensor | HeadInputs | None = None,
+    against: Tensor | HeadInputs | None = None, tails: bool = False, wpo: bool = False,
 ) -> tuple[PairLogps, Tensor | HeadInputs]:
     """Summed response log-probs of ``model`` on a batch, and the (R, S, V) logits they came from
     (or the head's inputs, :func:`scored_logits`).
 
     ``pairs`` False: an SFT batch (chosen rows only); ``unlikelihood``: also the rejected
     responses' token-level ``log(1 - p)``; ``against``: the policy's scored logits when ``model``
-    is the reference, for the exact KL (:func:`dpo.maths.logprobs.scored_logps`).
+    is the reference, for the exact KL; ``tails`` and ``wpo``: LD-DPO's and WPO's per-token
+    pieces (:func:`dpo.maths.logprobs.scored_logps`).
     """
     logits = scored_logits(model, batch)
-    return scored_logps(logits, batch, pairs=pairs, unlikelihood=unlikelihood, against=against), logits
+    logps = scored_logps(logits, batch, pairs=pairs, unlikelihood=unlikelihood, against=against, tails=tails, wpo=wpo)
+    return logps, logits
 
 
 def _check_segments_used(config: Any, segments: Segments) -> None:

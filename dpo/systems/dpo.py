@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from dpo.data.batch import ScoredBatch
-from dpo.maths.losses import check_loss_params, compute_loss, get_loss
+from dpo.maths.losses import MODIFIERS, Loss
 from dpo.models.forward import score_pairs
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config
 from dpo.systems.base import GuardConfig, OptimConfig, System, optimizer_step_ended
@@ -69,13 +69,12 @@ class DPOModule(System):
         guard: GuardConfig | None = None,
     ) -> None:
         super().__init__(optim, guard)
-        self.spec = get_loss(loss)
-        check_loss_params(loss, loss_params)
-        if self.spec.needs_reference and isinstance(reference, NoReference):
+        self.loss = Loss.of(loss, loss_params, nll_weight)
+        if self.loss.needs_reference and isinstance(reference, NoReference):
             raise ValueError(f"loss {loss!r} needs a reference model")
         self.policy = policy
         self.reference = reference
-        self.loss_name, self.loss_params, self.nll_weight = loss, dict(loss_params), nll_weight
+        self.loss_name = loss
         self.fsdp_block = fsdp_block
 
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
@@ -87,16 +86,15 @@ class DPOModule(System):
         Returns:
             The mean loss over the batch's pairs and the metrics named ``{stage}/{group}/{name}``.
         """
-        spec = self.spec
-        policy, policy_logits = score_pairs(
-            self.policy, batch, pairs=spec.needs_pairs, unlikelihood=spec.needs_unlikelihood
-        )
+        spec = self.loss
+        policy, policy_logits = score_pairs(self.policy, batch, pairs=spec.needs_pairs,
+                                            unlikelihood=spec.needs_unlikelihood, tails=spec.needs_tails, wpo=spec.wpo)
         reference = None
         if spec.needs_reference:
             with torch.no_grad():
                 against = policy_logits.detach()  # the reference's pass also measures the KL to the policy
-                reference = self.reference.score(batch, self.policy, against=against)
-        out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.nll_weight)
+                reference = self.reference.score(batch, self.policy, against=against, tails=spec.needs_tails)
+        out = spec(policy, reference)
         loss = out.losses.mean()
 
         metrics = {
@@ -156,10 +154,14 @@ def loss_params(cfg: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k not in ("name", "nll_weight")}
 
 
+def run_loss(cfg: DictConfig) -> Loss:
+    """The run's :class:`~dpo.maths.losses.Loss` (``conf/loss``); ``ValueError`` naming every wrong key."""
+    return Loss.of(cfg.loss.name, loss_params(cfg), cfg.loss.nll_weight)
+
+
 def build(cfg: DictConfig, start: Any, tokenizer: Any) -> DPOModule:
     """The DPO system: the policy, its reference and the ``conf/loss`` choice."""
-    spec = get_loss(cfg.loss.name)
-    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=spec.needs_reference)
+    policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=run_loss(cfg).needs_reference)
     return DPOModule(
         policy, reference, cfg.loss.name, loss_params(cfg), optim_config(cfg, start),
         nll_weight=cfg.loss.nll_weight, fsdp_block=start.model.fsdp_block, guard=guard_config(cfg),
@@ -167,21 +169,26 @@ def build(cfg: DictConfig, start: Any, tokenizer: Any) -> DPOModule:
 
 
 def describe(cfg: DictConfig) -> str:
-    params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items())
+    params = ", ".join(f"{k}={v}" for k, v in loss_params(cfg).items() if MODIFIERS.get(k, object()) != v)
     return f"loss={cfg.loss.name}({params})"
 
 
 def family(cfg: dict[str, Any]) -> tuple[str, str]:
-    """(family, label) of a run: its loss, in the paper's names where it has one."""
+    """(family, label) of a run: its loss, in the paper's names where it has one; a modifier away from
+    its default (an f-divergence, LD-DPO, WPO, RPO's NLL term) makes a family of its own."""
     loss = cfg["loss"]
     name = loss["name"]
-    if name == "sft":
+    changed = " ".join(f"{k}={v}" for k, v in loss.items()
+                       if (k in MODIFIERS and v != MODIFIERS[k]) or (k == "nll_weight" and v))  # fmt: skip
+    if not changed and name == "sft":
         return "Preferred-FT", "Preferred-FT"
-    if name == "unlikelihood":
+    if not changed and name == "unlikelihood":
         return "Unlikelihood", f"Unlikelihood a={loss['alpha']:g}"
-    if name == "dpo":
+    if not changed and name == "dpo":
         return "DPO", f"DPO b={loss['beta']:g}"
-    return name, f"{name} " + " ".join(f"{k}={v}" for k, v in loss.items() if k not in ("name", "nll_weight"))
+    kind = f"{name} {changed}".strip()
+    params = " ".join(f"{k}={v}" for k, v in loss.items() if k not in ("name", "nll_weight", *MODIFIERS))
+    return kind, f"{kind} {params}".strip()
 
 
 SPEC = SystemSpec(DPOSystemConfig, build, uses_loss=True, data=None, samples=True, references=None,

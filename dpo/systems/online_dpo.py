@@ -26,7 +26,7 @@ from dpo.data.tokenize import TokenizedPair
 from dpo.judges import JUDGES, Template
 from dpo.judges.labels import Labeller, judge_config, judge_labels, reward_labels
 from dpo.judges.local import LocalLMJudge
-from dpo.maths.losses import check_loss_params, compute_loss, get_loss
+from dpo.maths.losses import Loss
 from dpo.maths.pairs import PairMode, preference_pairs
 from dpo.models.completions import completion_texts
 from dpo.models.forward import score_pairs
@@ -36,7 +36,7 @@ from dpo.runtime.checks import refuse
 from dpo.systems.assemble import build_policy_and_reference, guard_config, optim_config, trained_reward
 from dpo.systems.base import GuardConfig, OptimConfig
 from dpo.systems.dpo import family as loss_family
-from dpo.systems.dpo import loss_params
+from dpo.systems.dpo import loss_params, run_loss
 from dpo.systems.on_policy import OnPolicySystem
 from dpo.systems.reference import Reference
 from dpo.systems.spec import SystemSpec
@@ -122,11 +122,10 @@ class OnlineDPOModule(OnPolicySystem):
         round_steps: int = 0, guard: GuardConfig | None = None, max_grad_norm: float | None = None,
     ) -> None:  # fmt: skip
         super().__init__(optim, guard)
-        self.spec = get_loss(loss)
-        check_loss_params(loss, params, nll_weight)
+        self.loss = Loss.of(loss, params, nll_weight)
         self.policy, self.reference, self.labeller, self.tokenizer = policy, reference, labeller, tokenizer
         self.pad_id = pad_id_of(tokenizer)
-        self.cfg, self.loss_name, self.loss_params, self.nll_weight = cfg, loss, dict(params), nll_weight
+        self.cfg = cfg
         self.seed, self.round_steps, self.max_grad_norm = seed, round_steps, max_grad_norm
         self.reward = getattr(labeller, "reward", None)  # a reward model moves to the rank's device
 
@@ -203,13 +202,14 @@ class OnlineDPOModule(OnPolicySystem):
 
     def pair_loss(self, batch: dict[str, Any], weights: Tensor, scale: float) -> tuple[Tensor, dict[str, Tensor]]:
         """This rank's share of the global mean loss, and pair metrics (global means)."""
-        spec = self.spec
-        policy, logits = score_pairs(self.policy, batch, pairs=True, unlikelihood=spec.needs_unlikelihood)
+        spec = self.loss
+        policy, logits = score_pairs(self.policy, batch, pairs=True, unlikelihood=spec.needs_unlikelihood,
+                                     tails=spec.needs_tails, wpo=spec.wpo)
         reference = None
         if spec.needs_reference:
             with torch.no_grad():
-                reference = self.reference.score(batch, self.policy, against=logits.detach())
-        out = compute_loss(self.loss_name, policy, reference, self.loss_params, self.nll_weight)
+                reference = self.reference.score(batch, self.policy, against=logits.detach(), tails=spec.needs_tails)
+        out = spec(policy, reference)
         loss = (out.losses * weights).sum() * scale
         margin = (out.chosen_rewards - out.rejected_rewards).detach()
         metrics = {"train/rewards/accuracy": self.global_mean((margin > 0).float(), weights),
@@ -275,7 +275,7 @@ def build(cfg: DictConfig, start: Any, tokenizer: Any) -> OnlineDPOModule:
     steps = round_steps(cfg)
     if steps:  # the reference becomes the policy at each round's end: TR-DPO's hard sync every round
         cfg = OmegaConf.merge(cfg, {"reference": {"sync_every": steps, "sync_alpha": 1.0}})
-    spec = get_loss(cfg.loss.name)
+    spec = run_loss(cfg)
     policy, reference = build_policy_and_reference(cfg, start, tokenizer, needs_reference=spec.needs_reference or
                                                    bool(steps))  # fmt: skip
     sampler = reference.model if steps else policy
@@ -289,8 +289,12 @@ def build(cfg: DictConfig, start: Any, tokenizer: Any) -> OnlineDPOModule:
 def check(cfg: DictConfig) -> None:
     """A pair loss; one labeller (a reward or a judge) with what it needs; rounds that fit the run."""
     online = cfg.system
-    if not get_loss(cfg.loss.name).needs_pairs:
+    loss = run_loss(cfg)
+    if not loss.needs_pairs:
         raise ConfigError(f"system=online_dpo trains on pairs; loss={cfg.loss.name} trains on one response")
+    if coupled := [name for (name, _), spec in zip(loss.terms, loss.specs, strict=True) if spec.batch_coupled]:
+        raise ConfigError(f"system=online_dpo weighs each pair apart (ranks' pair counts differ); {coupled} couple "
+                          "the pairs of a batch: choose a per-pair loss")
     if online.reward is not None and "name" not in online.reward:
         raise ConfigError("system.reward must be null (the ground truth, `reward`) or a reward config with a `name`")
     judge = judge_config(online.judge)

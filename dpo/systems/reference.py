@@ -61,10 +61,12 @@ class Reference(nn.Module):
         super().__init__()
         self.training = False  # eval from the start: Lightning records and restores each module's mode
 
-    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None,
+              tails: bool = False) -> PairLogps:
         """The reference's summed log-probs of the batch's pairs; with ``against`` (the policy's scored
         logits or head inputs) and a model that runs, also the exact KL(policy || reference) over the
-        chosen tokens (``chosen_kl``). ``policy`` is the system's policy (LoRA's base lives in it)."""
+        chosen tokens (``chosen_kl``); with ``tails``, LD-DPO's split (``chosen_tail``, ``rejected_tail``).
+        ``policy`` is the system's policy (LoRA's base lives in it)."""
         raise ReferenceUnavailable(f"reference={self.kind} gives no log-probs")
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
@@ -139,8 +141,9 @@ class FrozenCopy(Reference):
     def own_models(self) -> list[nn.Module]:
         return [self.model]
 
-    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
-        return score_pairs(self.model, batch, against=against)[0]
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None,
+              tails: bool = False) -> PairLogps:
+        return score_pairs(self.model, batch, against=against, tails=tails)[0]
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -199,9 +202,10 @@ class LoraReference(Reference):
     runs_sequences = True
     Config = LoraConfig
 
-    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None,
+              tails: bool = False) -> PairLogps:
         with policy.disable_adapter():
-            return score_pairs(policy, batch, against=against)[0]
+            return score_pairs(policy, batch, against=against, tails=tails)[0]
 
     def logits(self, input_ids: Tensor, attention_mask: Tensor, policy: nn.Module) -> Tensor:
         with policy.disable_adapter():
@@ -253,9 +257,13 @@ class PrecomputedReference(Reference):
         super().__init__()
         self.batch_size, self.cache_dir, self.identity = batch_size, cache_dir, identity
 
-    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None) -> PairLogps:
+    def score(self, batch: ScoredBatch, policy: nn.Module, against: Tensor | HeadInputs | None = None,
+              tails: bool = False) -> PairLogps:
         if "ref_logps" not in batch:
             raise ReferenceUnavailable("reference=precomputed but the batch carries no ref_logps")
+        if tails:  # the cache holds whole-response sums
+            raise ReferenceUnavailable("reference=precomputed holds whole-response sums; loss.ld_alpha needs a live "
+                                       "reference (reference=copy)")
         ref = batch["ref_logps"]  # (2B,) [chosen; rejected], for the same rows and response tokens
         b = batch["n_pairs"]
         return PairLogps(ref[:b], ref[b:], *response_lengths(batch))
