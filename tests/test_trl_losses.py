@@ -28,6 +28,7 @@ from tests_helpers import tiny_data_config
 from dpo.data.batch import Layout
 from dpo.data.datamodule import PreferenceDataModule
 from dpo.data.sources import SourceSpec, bundled_path
+from dpo.maths.losses import compute_loss
 from dpo.models.forward import score_pairs
 from dpo.systems.base import OptimConfig
 from dpo.systems.dpo import DPOModule
@@ -240,3 +241,31 @@ def test_wpo_with_the_sft_term_is_defined_here_and_raises_in_trl(models_and_batc
     margin = (logps.chosen - ref.chosen) - (logps.rejected - ref.rejected)
     per_pair = per_pair - torch.nn.functional.logsigmoid(0.1 * margin)
     assert weighted == pytest.approx((per_pair * logps.wpo_log_weight.exp()).mean().item(), abs=1e-12)
+
+
+def test_cpo_and_orpo_equal_trls_experimental_trainers(models_and_batch):
+    """TRL 1.16 keeps CPO and ORPO in ``trl.experimental``: their preference terms are methods
+    (``CPOTrainer.cpo_loss``, ``ORPOTrainer.odds_ratio_loss``, called unbound here on the batch's fp64
+    log-probs) and their NLL the cross-entropy over the chosen tokens (a token mean, computed here from
+    the full logits). Our losses equal theirs: CPO to 1e-12; ORPO to 1e-6 (its method upcasts to fp32,
+    which from fp64 is a rounding)."""
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    policy, _, batch = models_and_batch
+    with torch.no_grad():
+        logps, _ = score_pairs(policy, batch)
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    n = batch["n_pairs"]
+    nll = torch.nn.functional.cross_entropy(logits[:n, :-1].reshape(-1, logits.shape[-1]),
+                                            batch["labels"][:n, 1:].reshape(-1), ignore_index=-100)  # fmt: skip
+    stub = SimpleNamespace(beta=0.1, alpha=0.0, loss_type="sigmoid", label_smoothing=0.0,
+                           accelerator=SimpleNamespace(device=torch.device("cpu")))  # fmt: skip
+    theirs = CPOTrainer.cpo_loss(stub, logps.chosen, logps.rejected)
+    ours = compute_loss("cpo", logps, None, {"beta": 0.1, "alpha": 1.0})
+    assert ours.losses.mean().item() == pytest.approx((theirs[0].mean() + 1.0 * nll).item(), abs=1e-12)
+    assert torch.equal(ours.chosen_rewards, theirs[1]) and torch.equal(ours.rejected_rewards, theirs[2])
+    theirs = ORPOTrainer.odds_ratio_loss(stub, logps.chosen_mean, logps.rejected_mean)
+    ours = compute_loss("orpo", logps, None, {"beta": 0.1})
+    assert ours.losses.mean().item() == pytest.approx((nll - theirs[0].mean()).item(), abs=1e-6)
+    torch.testing.assert_close(ours.chosen_rewards, theirs[1].double(), atol=1e-7, rtol=1e-6)
