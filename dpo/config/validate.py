@@ -209,7 +209,8 @@ def validate(cfg: DictConfig, model_config: Any = None, model_class: type | None
         _check_typed_keys(HydraConfig.get().launcher, "hydra.launcher.")
     system, kind = SYSTEMS[cfg.system.kind], cfg.reference.kind
     try:
-        None if cfg.loss.name == MIXTURE else get_loss(cfg.loss.name)
+        if cfg.loss.name != MIXTURE:
+            get_loss(cfg.loss.name)
     except KeyError as e:
         raise ConfigError(str(e.args[0])) from None
     all_at_once(  # each group's targets and own range checks (its schema's __post_init__)

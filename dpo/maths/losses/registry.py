@@ -142,8 +142,8 @@ class Loss:
             except KeyError as e:
                 bad.append(str(e.args[0]) if name != MIXTURE else f"loss.terms: {term!r} is not a registered loss")
                 continue
-            if term == MIXTURE or not weight >= 0:
-                bad.append(f"loss.terms: {term} must be a registered loss with a weight >= 0, got {weight}")
+            if not weight >= 0:
+                bad.append(f"loss.weights: {term} needs a weight >= 0, got {weight}")
             missing = [k for k in spec.param_names if k not in shared]
             if missing:
                 bad.append(f"loss {term!r} needs parameter(s) {missing} in the loss config")
@@ -154,7 +154,7 @@ class Loss:
             term_params.append({k: shared[k] for k in spec.param_names if k in shared})
         if unknown := sorted(set(shared) - used):
             bad.append(f"loss {name!r} has no parameter(s) {unknown} (its parameters: {sorted(used)})")
-        bad += _check_range(shared) + _check_modifiers(mods, [get_loss(t) for t, _ in terms], [t for t, _ in terms])
+        bad += _check_range(shared) + _check_modifiers(mods, [(t, LOSSES[t]) for t, _ in terms])
         if bad:
             raise ValueError("; ".join(bad))
         return cls(tuple(terms), tuple(term_params), nll_weight, mods["f_divergence_type"],
@@ -204,12 +204,13 @@ class Loss:
         return LossOutput(total, *rewards)
 
 
-def _check_modifiers(mods: dict[str, Any], specs: list[LossSpec], names: list[str]) -> list[str]:
-    bad = []
+def _check_modifiers(mods: dict[str, Any], terms: list[tuple[str, LossSpec]]) -> list[str]:
+    """What is wrong with the modifier keys for these (name, spec) terms."""
+    bad, specs = [], [spec for _, spec in terms]
     kind = mods["f_divergence_type"]
     if kind not in modifiers.F_DIVERGENCES:
         bad.append(f"loss.f_divergence_type must be one of {list(modifiers.F_DIVERGENCES)}, got {kind!r}")
-    elif kind != "reverse_kl" and (refused := [n for n, s in zip(names, specs, strict=True) if not s.f_divergence]):
+    elif kind != "reverse_kl" and (refused := [n for n, spec in terms if not spec.f_divergence]):
         bad.append(f"loss.f_divergence_type={kind} applies to losses of the log-ratio margin only, not {refused}")
     if (mods["ld_alpha"] is not None or mods["use_weighting"]) and not any(s.needs_pairs for s in specs):
         bad.append("loss.ld_alpha and loss.use_weighting weigh pairs; this loss trains on chosen responses only")
