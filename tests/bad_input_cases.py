@@ -91,6 +91,8 @@ LOCAL = ["data=local", "data.source.splits.train={d}/t.jsonl", "data.source.spli
          "data.max_length=64", "data.max_prompt_length=32"]  # fmt: skip
 SAME = [{"prompt": f"p{i}", "chosen": " a", "rejected": " a"} for i in range(40)]
 ROWS = [{**PAIR_ROW, "prompt": f"Review film {i}:"} for i in range(40)]
+UNPAIRED = [{"prompt": f"Review film {i}:", "completion": " A fine film.", "label": i % 2 == 0} for i in range(40)]
+KTO_LOCAL = ["system=kto", "data=local_unpaired"]
 SAMPLE = ["model.pretrained=unused", "prompts.file={d}/p.txt", "paths.log_dir={d}"]
 PROMPTS = {"p.txt": b"Review it:\n"}
 SCORE = ["input={d}/s.jsonl", "paths.log_dir={d}"]
@@ -196,6 +198,10 @@ CASES: list[Case] = [
     train("online judge and reward", "judge", "system.judge={kind: self}", "system.reward={name: vader}",
           base=ONLINE),
     train("online loss sft", "loss", "loss=sft", base=ONLINE),
+    train("kto beta 0", "beta", "system=kto", "system.beta=0"),
+    train("kto weight -1", "undesirable_weight", "system=kto", "system.undesirable_weight=-1"),
+    train("kto micro batch 1", "micro_batch_size", "system=kto", "data.micro_batch_size=1", "data.batch_size=1"),
+    train("kto reference none", "reference", "system=kto", "reference=none"),
     train("rm center_weight -1", "center_weight", "system=reward_model", "system.center_weight=-1"),
     train("rm center_weight abc", "center_weight", "system.center_weight=abc", base=RM),
     train("unknown system", "system", "system=nope"),
@@ -260,6 +266,12 @@ CASES: list[Case] = [
     local("prompt a list", r"t\.jsonl:1", [{**PAIR_ROW, "prompt": ["a"]}, *ROWS]),
     local("a torn line", r"t\.jsonl:10", [*ROWS[:9], '{"prompt": "p", "cho', *ROWS[9:]]),
     local("a JSON array per line", r"t\.jsonl:1", ["[1, 2]", *ROWS]),
+    local("kto label a string", r"t\.jsonl:1.*'label' must be true or false",
+          [{"prompt": "p", "completion": " c", "label": "yes"}, *UNPAIRED], *KTO_LOCAL),
+    local("kto completion empty", r"t\.jsonl:2", [UNPAIRED[0], {**UNPAIRED[0], "completion": " "}, *UNPAIRED],
+          *KTO_LOCAL),
+    local("kto on sft rows", r"t\.jsonl:1: KTO trains on labelled completions", [{**r, "rejected": None} for r in ROWS],
+          "system=kto", "data.source.options={rejected: null}"),
     local("data file a folder", r"t\.jsonl", {}),
     local("CRLF, a BOM, emoji and U+2028 train", "", [b"\xef\xbb\xbf".decode() + json.dumps(ROWS[0]) + "\r",
           *[{**r, "chosen": r["chosen"] + " \U0001f3ac\u2028ok"} for r in ROWS[1:]]], bad=False),  # fmt: skip

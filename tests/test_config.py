@@ -244,13 +244,16 @@ def test_every_data_config_builds_on_its_fixture(tmp_path, exported_tiny, name):
     """`dpo-train data=<name>` with the source pointed at a local copy in the hub schema."""
     extra = {
         "local": BUNDLED_SPLITS,
+        "local_unpaired": ["system=kto", *(f"data.source.splits.{split}={FIXTURES / 'unpaired' / 'train.jsonl'}"
+                                           for split in ("train", "val"))],
         "imdb_pairs": BUNDLED_SPLITS,
         "hf": [f"data.source.path={FIXTURES / 'tldr_flat'}"],
         # chat needs a pretrained tokenizer; the fixture holds one deliberately bad row
         "ultrafeedback": ["model=hf", f"model.pretrained={exported_tiny}", "data.on_bad_row=skip"],
     }.get(name, [])
     cfg = compose_config([*FAST, f"data={name}", *extra], tmp_path)
-    if not get_format(cfg.data.source.format).has_pairs(cfg.data.source.options):
+    fmt = get_format(cfg.data.source.format)
+    if not fmt.has_pairs(cfg.data.source.options) and not fmt.labelled:
         cfg = compose_config([*FAST, f"data={name}", "loss=sft", *extra], tmp_path)
     build_and_step(shrink(cfg, exported_tiny))
 

@@ -164,7 +164,8 @@ def build(cfg: DictConfig, start: Start, extra_callbacks: list[pl.Callback] | No
     resumed_step = check_resume(start, tokenizer, kind)
     data = typed(cfg.data, DataConfig)
     datamodule = PreferenceDataModule(tokenizer, data, pairs=needs_pairs(cfg), layout=start.plan.layout, seed=cfg.seed,
-                                      prompts=SYSTEMS[kind].data == "prompts")  # fmt: skip
+                                      prompts=SYSTEMS[kind].data == "prompts",
+                                      unpaired=SYSTEMS[kind].data == "unpaired")  # fmt: skip
     datamodule.setup("fit")
     fingerprints = {split: datamodule.content_fingerprint(split) for split in sorted(datamodule.datasets)}
     check_same_data(start.state, fingerprints, resumed_step, accept=cfg.guard.data_changed == "accept")

@@ -390,6 +390,8 @@ def _check_source(cfg: DictConfig, needs_pairs: bool) -> None:
     allowed = sorted(n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n != "tokenizer")
     if unknown := sorted(set(options) - set(allowed)):
         raise ConfigError(f"data.source.options {unknown} unknown for format {source.format!r}; valid: {allowed}")
+    if fmt.labelled and SYSTEMS[cfg.system.kind].data != "unpaired":  # SFT would learn the undesirable ones too
+        raise ConfigError(f"data format {source.format!r} holds labelled completions, not pairs: use system=kto")
     if needs_pairs and not fmt.has_pairs(options):
         who = f"loss {cfg.loss.name!r}" if SYSTEMS[cfg.system.kind].uses_loss else f"system={cfg.system.kind}"
         raise ConfigError(

@@ -62,6 +62,8 @@ class ScoredBatch(TypedDict):
         rows: (B,) each pair's row in its split (-1: a stand-in that counts for nothing), for
             messages that name rows (the non-finite guard) and for gathering per-row results.
         ref_logps: (2B,) precomputed reference log-probs ``[chosen; rejected]``, when present.
+        kto_label: (B,) bool, KTO's rows only: each completion desirable or not; their ``chosen``
+            segment is the completion, ``rejected`` the mismatched one (:mod:`dpo.data.unpaired`).
     """
 
     input_ids: Tensor
@@ -74,6 +76,7 @@ class ScoredBatch(TypedDict):
     n_tokens: int
     rows: Tensor
     ref_logps: NotRequired[Tensor]
+    kto_label: NotRequired[Tensor]
 
 
 class PreferenceBatch(ScoredBatch):

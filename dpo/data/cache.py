@@ -73,6 +73,8 @@ def save(path: Path, pairs: list[TokenizedPair], groups: list[int], meta: dict[s
     blob: dict[str, Any] = {"groups": torch.tensor(groups, dtype=torch.long), "meta": json.dumps(meta)}
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
         blob[name], blob[name + "_len"] = _flatten([getattr(p, name) for p in pairs])
+    # KTO's labels: -1 none (pairs), 0 undesirable, 1 desirable
+    blob["label"] = torch.tensor([-1 if p.label is None else int(p.label) for p in pairs], dtype=torch.int8)
     torch.save(blob, path)
 
 
@@ -80,7 +82,8 @@ def load(path: Path) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
     """Read a split written by :func:`save`."""
     blob = torch.load(path, weights_only=True)
     cols = [_unflatten(blob[n], blob[n + "_len"]) for n in ("prompt_ids", "chosen_ids", "rejected_ids")]
-    pairs = [TokenizedPair(p, c, r) for p, c, r in zip(*cols, strict=True)]
+    labels = [None if v < 0 else bool(v) for v in blob["label"].tolist()] if "label" in blob else [None] * len(cols[0])
+    pairs = [TokenizedPair(p, c, r, label=y) for p, c, r, y in zip(*cols, labels, strict=True)]
     return pairs, blob["groups"].tolist(), json.loads(blob["meta"])
 
 

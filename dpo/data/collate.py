@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dpo.data.batch import CHOSEN, IGNORE_INDEX, PAD, REJECTED, PreferenceBatch
+from dpo.data.batch import CHOSEN, IGNORE_INDEX, PAD, REJECTED, PreferenceBatch, ScoredBatch
 from dpo.data.tokenize import TokenizedPair
 
 
@@ -61,6 +61,13 @@ def collate(
     )  # fmt: skip
     if pairs and examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)
+    return with_labels(batch, examples)
+
+
+def with_labels(batch: ScoredBatch, examples: list[TokenizedPair]) -> ScoredBatch:
+    """KTO's rows carry their labels as ``kto_label`` (B,) bool (:mod:`dpo.data.unpaired`)."""
+    if examples[0].label is not None:
+        batch["kto_label"] = torch.tensor([bool(ex.label) for ex in examples])
     return batch
 
 

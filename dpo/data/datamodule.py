@@ -23,6 +23,7 @@ from dpo.data.packing import pack_pairs
 from dpo.data.samplers import GlobalBatchSampler, ShardBatches
 from dpo.data.sources import DataError, SourceSpec, source_fingerprint
 from dpo.data.tokenize import PairTokenizer, TokenizedPair, TruncationSide
+from dpo.data.unpaired import unpaired, with_kl_completions
 from dpo.runtime.checks import refuse
 from dpo.runtime.log import get_logger
 from dpo.runtime.progress import track
@@ -139,11 +140,13 @@ class PreferenceDataModule(LightningDataModule):
         layout: the batch layout (:func:`dpo.models.forward.choose_layout` decides it once, before this is
             built); SFT rows always come in the separate layout.
         seed: seed of the training shuffle.
+        unpaired: serve KTO's rows (:mod:`dpo.data.unpaired`): labelled completions (pairs unpaired),
+            each with a mismatched completion from its chunk of ``batch_size`` rows, laid out as pairs.
     """
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, config: DataConfig, *, pairs: bool, layout: Layout, seed: int = 0,
-        prompts: bool = False,
+        prompts: bool = False, unpaired: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if layout == Layout.auto:
@@ -152,8 +155,8 @@ class PreferenceDataModule(LightningDataModule):
         self.config = config
         self.source = config.source
         self.lengths = (config.max_length, config.max_prompt_length, config.truncation_side)
-        self.pairs = pairs and not prompts
-        self.prompts = prompts
+        self.pairs = (pairs or unpaired) and not prompts
+        self.prompts, self.unpaired = prompts, unpaired
         self.seed = seed
         self.datasets: dict[str, TokenizedDataset] = {}
         self.stats: dict[str, dict[str, Any]] = {}
@@ -187,6 +190,8 @@ class PreferenceDataModule(LightningDataModule):
         for item in self.datasets[split].items:
             for ids in (item.prompt_ids, item.chosen_ids, item.rejected_ids or []):
                 digest.update(len(ids).to_bytes(4, "little") + array("q", ids).tobytes())
+            if item.label is not None:  # KTO's rows: a flipped label is other data
+                digest.update(b"+" if item.label else b"-")
         return f"{len(self.datasets[split])} rows, sha256 {digest.hexdigest()[:16]}"
 
     def cache_key(self, split: str) -> str:
@@ -198,11 +203,15 @@ class PreferenceDataModule(LightningDataModule):
                 "lengths": self.lengths,
                 "pairs": self.pairs,
                 "on_bad_row": self.config.on_bad_row,
+                **({"unpaired_chunk": self.config.batch_size} if self.unpaired else {}),
             }
         )
 
     def _build(self, split: str) -> tuple[list[TokenizedPair], list[int], dict[str, Any]]:
         rows, report = load_rows(self.source, split, on_bad_row=self.config.on_bad_row, tokenizer=self.tokenizer)
+        if self.unpaired:
+            # chunks of a global batch: the same mismatched completions on any number of ranks
+            rows = with_kl_completions(unpaired(rows), self.config.batch_size)
         tokenize = PairTokenizer(self.tokenizer, *self.lengths)
         pairs = [
             tokenize(row if self.pairs else replace(row, rejected=None)) for row in track(rows, f"tokenize {split}")
@@ -251,7 +260,7 @@ class PreferenceDataModule(LightningDataModule):
                 self._distinct_prompts(split)
             origin = "cache hit" if self.cache_hits[split] else "tokenized"
             log.info(f"data/{split} ({origin}): {_fmt(self.stats[split])}")
-        if self.pairs:
+        if self.pairs and not self.unpaired:  # KTO's second completion is another row's, not a rejected one
             for split in SPLITS:
                 self._check_pairs_differ(split)
         if (n := len(self.datasets["train"])) < self.config.batch_size:

@@ -21,6 +21,7 @@ Prompt formats (exactly what the model sees; ``data.source.options`` can change 
 * ``chat``: messages rendered with the tokenizer's chat template (HH-style ``Human:``/``Assistant:``
   text when it has none); the response is the rendered text after the rendered prompt.
 * ``fields``: plain strings from configurable fields, used as they are.
+* ``unpaired``: a prompt, one completion and a boolean label per row (KTO's data).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import re
 import zlib
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from dpo.data.rows import BadRow, Filtered, get_field, new_row, text_field
@@ -55,6 +56,18 @@ def parse_fields(
             where,
         )
     ]
+
+
+def parse_unpaired(
+    record: Any, where: str, *, prompt: str = "prompt", completion: str = "completion", label: str = "label"
+) -> list[PreferenceRow]:
+    """Unpaired rows (TRL's unpaired preference schema): a prompt, one completion and a boolean label
+    (true: desirable, false: undesirable), for KTO."""
+    value = get_field(record, label)
+    if not isinstance(value, bool):
+        raise BadRow("not_a_bool", f"field {label!r} must be true or false, got {value!r}")
+    row = new_row(text_field(record, prompt, allow_empty=True), text_field(record, completion), None, where)
+    return [replace(row, label=value)]
 
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -222,12 +235,14 @@ class Format:
             IMDB's token prefixes); it is then passed as ``tokenizer``.
         corpus_options: options under which it needs none, for reading the corpus a BPE tokenizer
             is trained on (the same texts, cut otherwise); None: no such options (chat templates).
+        labelled: its rows are labelled completions (KTO's), not pairs or SFT targets.
     """
 
     parse: Callable[..., list[PreferenceRow]]
     has_pairs: Callable[[dict[str, Any]], bool]
     needs_tokenizer: Callable[[dict[str, Any]], bool] = lambda options: False
     corpus_options: dict[str, Any] | None = field(default_factory=dict)
+    labelled: bool = False
 
 
 def _always(options: dict[str, Any]) -> bool:
@@ -240,6 +255,7 @@ def _never(options: dict[str, Any]) -> bool:
 
 FORMATS: dict[str, Format] = {
     "fields": Format(parse_fields, lambda o: o.get("rejected", "rejected") is not None),
+    "unpaired": Format(parse_unpaired, _never, labelled=True),
     "hh": Format(parse_hh, _always),
     "tldr": Format(parse_tldr, _always),
     "tldr_flat": Format(parse_tldr_flat, _always),

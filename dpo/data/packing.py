@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 
 from dpo.data.batch import CHOSEN, PAD, REJECTED, PackedBatch
-from dpo.data.collate import rows_of, stack_ref_logps
+from dpo.data.collate import rows_of, stack_ref_logps, with_labels
 from dpo.data.tokenize import TokenizedPair
 
 
@@ -87,4 +87,4 @@ def pack_pairs(examples: list[TokenizedPair], pad_id: int, padding_free: bool = 
         batch["segments"] = torch.tensor(segments, dtype=torch.long)  # (B, 3)
     if examples[0].ref_logps is not None:
         batch["ref_logps"] = stack_ref_logps(examples)
-    return batch
+    return with_labels(batch, examples)

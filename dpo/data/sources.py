@@ -25,19 +25,22 @@ from dpo.runtime.io import DataError, Unreadable, jsonl_records
 
 @dataclass(frozen=True)
 class PreferenceRow:
-    """One preference pair (or, for SFT, a prompt and its target in ``chosen``).
+    """One preference pair (or, for SFT, a prompt and its target in ``chosen``; or, unpaired, a
+    prompt, one completion in ``chosen`` and its ``label``).
 
     Attributes:
         prompt: the conversation or instruction up to where the response starts.
-        chosen: the preferred response (the SFT target).
-        rejected: the dispreferred response; None for SFT data.
+        chosen: the preferred response (the SFT target; an unpaired row's completion).
+        rejected: the dispreferred response; None for SFT and unpaired data.
         where: ``"source:row"`` for error messages.
+        label: an unpaired row's label: True desirable, False undesirable (KTO); None for pairs.
     """
 
     prompt: str
     chosen: str
     rejected: str | None
     where: str
+    label: bool | None = None
 
 
 @dataclass

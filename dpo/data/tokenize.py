@@ -48,7 +48,8 @@ class TokenizedPair:
 
     ``ref_logps`` holds the reference's summed (chosen, rejected) log-probs when they were
     precomputed (``reference=precomputed``), else None. ``index`` is the row's index in its split
-    when a dataset serves it (-1: a stand-in row that counts for nothing).
+    when a dataset serves it (-1: a stand-in row that counts for nothing). ``label``: a KTO row's
+    (desirable or not; :mod:`dpo.data.unpaired`), else None.
     """
 
     prompt_ids: list[int]
@@ -56,6 +57,7 @@ class TokenizedPair:
     rejected_ids: list[int] | None
     ref_logps: tuple[float, float] | None = None
     index: int = -1
+    label: bool | None = None
 
 
 @dataclass
@@ -191,4 +193,4 @@ class PairTokenizer:
         self.stats.rows += 1
         self.stats.prompt_lengths.append(len(prompt))
         self.stats.response_lengths.extend(len(r) for r in responses)
-        return TokenizedPair(prompt, responses[0], responses[1] if len(responses) > 1 else None)
+        return TokenizedPair(prompt, responses[0], responses[1] if len(responses) > 1 else None, label=row.label)

@@ -11,6 +11,7 @@
                                                                 (online DPO; iterative DPO in rounds)
 ``grpo``        :class:`dpo.systems.grpo.GRPOModule`            a policy by GRPO (group baseline, no critic)
 ``rloo``        :class:`dpo.systems.grpo.GRPOModule`            a policy by RLOO (leave-one-out baseline)
+``kto``         :class:`dpo.systems.kto.KTOModule`              a policy by KTO on labelled completions
 ==============  ==============================================  ======================================
 
 :data:`SYSTEMS` holds each system's :class:`~dpo.systems.spec.SystemSpec`: its schema, how it is
@@ -21,11 +22,11 @@ line below and one ``conf/system/<kind>.yaml``.
 
 from __future__ import annotations
 
-from dpo.systems import dpo, grpo, online_dpo, ppo, reward_model, rloo
+from dpo.systems import dpo, grpo, kto, online_dpo, ppo, reward_model, rloo
 from dpo.systems.spec import SystemSpec
 
 SYSTEMS: dict[str, SystemSpec] = {
     "dpo": dpo.SPEC, "reward_model": reward_model.SPEC, "ppo": ppo.SPEC, "online_dpo": online_dpo.SPEC,
-    "grpo": grpo.SPEC, "rloo": rloo.SPEC,
+    "grpo": grpo.SPEC, "rloo": rloo.SPEC, "kto": kto.SPEC,
 }
 """``system.kind`` -> its spec."""

@@ -36,25 +36,83 @@ class DPOSystemConfig:
     kind: str = "dpo"
 
 
-class DPOModule(System):
-    """A policy trained with a registered loss from :mod:`dpo.maths.losses` against a :class:`Reference`.
+class PairSystem(System):
+    """A policy trained on scored batches of pairs (:mod:`dpo.data.batch`) against a :class:`Reference`:
+    the Lightning hooks DPO and KTO share; each defines :meth:`shared_step`.
 
     The reference (:mod:`dpo.systems.reference`) decides where reference log-probs come from, what of it
     a checkpoint holds and how TR-DPO moves it; this module only asks. It is a registered
     submodule, so it follows the policy's device and FSDP sharding, but it is out of the optimizer.
-    A loss that needs no reference (``LossSpec.needs_reference`` False) runs with
+
+    Args:
+        policy: the causal LM to train.
+        reference: where the reference's log-probs come from.
+        optim: optimizer and schedule (``conf/optim``).
+        fsdp_block: class name of the decoder block FSDP shards as one unit (None: the model's
+            ``_no_split_modules``).
+        guard: what a non-finite loss or gradient does (``conf``: ``guard``).
+    """
+
+    bar: tuple[str, ...] = ("loss", "rewards/accuracy")
+    """Metrics shown on the progress bar."""
+
+    def __init__(self, policy: nn.Module, reference: Reference, optim: OptimConfig, fsdp_block: str | None = None,
+                 guard: GuardConfig | None = None) -> None:  # fmt: skip
+        super().__init__(optim, guard)
+        self.policy = policy
+        self.reference = reference
+        self.fsdp_block = fsdp_block
+
+    def shared_step(self, batch: ScoredBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
+        """The batch's mean loss and its metrics named ``{stage}/{group}/{name}``."""
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        return (p for p in self.policy.parameters() if p.requires_grad)
+
+    def training_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "train")
+        self.watch_step(loss, batch["rows"])
+        self.log_metrics(metrics, "train", batch["n_pairs"], bar=self.bar)
+        return loss
+
+    def validation_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
+        loss, metrics = self.shared_step(batch, "val")
+        # A batch of rows -1 only keeps this rank in step with the others (FSDP): it counts zero.
+        counted = 0 if bool((batch["rows"] < 0).all()) else batch["n_pairs"]
+        self.log_metrics(metrics, "val", counted, bar=self.bar)
+        return loss
+
+    def on_predict_start(self) -> None:
+        self.reference.on_predict_start(self.trainer)
+
+    @torch.no_grad()
+    def predict_step(self, batch: ScoredBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The policy's summed log-probs of a batch of pairs, with their rows: the reference pass of
+        ``reference=precomputed``, run before training (so the policy is still the initial model)."""
+        logps, _ = score_pairs(self.policy, batch)
+        return {"rows": batch["rows"].cpu(), "logps": torch.stack([logps.chosen, logps.rejected], 1).float().cpu()}
+
+    def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if optimizer_step_ended(self.trainer, batch_idx):
+            self.reference.after_optimizer_step(self.policy, self.trainer.global_step)
+
+
+class DPOModule(PairSystem):
+    """A policy trained with a registered loss from :mod:`dpo.maths.losses` against a :class:`Reference`.
+
+    A loss that needs no reference (``Loss.needs_reference`` False) runs with
     :class:`~dpo.systems.reference.NoReference`.
 
     Args:
         policy: the causal LM to train.
         reference: where the reference's log-probs come from.
-        loss: registered loss name.
-        loss_params: the loss's hyperparameters (e.g. ``{"beta": 0.1}``).
+        loss: registered loss name (or ``mix``).
+        loss_params: the loss's hyperparameters (e.g. ``{"beta": 0.1}``) and modifiers.
         optim: optimizer and schedule (``conf/optim``).
         nll_weight: weight of the chosen-response NLL added to the loss (RPO); 0 disables it.
-        fsdp_block: class name of the decoder block FSDP shards as one unit (None: the model's
-            ``_no_split_modules``).
-        guard: what a non-finite loss or gradient does (``conf``: ``guard``).
+        fsdp_block, guard: as :class:`PairSystem`.
     """
 
     def __init__(
@@ -68,17 +126,11 @@ class DPOModule(System):
         fsdp_block: str | None = None,
         guard: GuardConfig | None = None,
     ) -> None:
-        super().__init__(optim, guard)
+        super().__init__(policy, reference, optim, fsdp_block, guard)
         self.loss = Loss.of(loss, loss_params, nll_weight)
         if self.loss.needs_reference and isinstance(reference, NoReference):
             raise ValueError(f"loss {loss!r} needs a reference model")
-        self.policy = policy
-        self.reference = reference
         self.loss_name = loss
-        self.fsdp_block = fsdp_block
-
-    def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        return (p for p in self.policy.parameters() if p.requires_grad)
 
     def shared_step(self, batch: ScoredBatch, stage: str) -> tuple[Tensor, dict[str, Tensor]]:
         """Policy forward, reference forward without grad, loss, metrics.
@@ -119,35 +171,6 @@ class DPOModule(System):
             metrics[f"{stage}/kl/chosen"] = kl.mean()
             metrics[f"{stage}/kl/chosen_per_token"] = (kl / policy.chosen_tokens.clamp(min=1)).mean()
         return loss, metrics
-
-    def training_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch, "train")
-        self.watch_step(loss, batch["rows"])
-        self.log_metrics(metrics, "train", batch["n_pairs"], bar=("loss", "rewards/accuracy"))
-        return loss
-
-    def validation_step(self, batch: ScoredBatch, batch_idx: int) -> Tensor:
-        loss, metrics = self.shared_step(batch, "val")
-        # A batch of rows -1 only keeps this rank in step with the others (FSDP): it counts zero.
-        counted = 0 if bool((batch["rows"] < 0).all()) else batch["n_pairs"]
-        self.log_metrics(metrics, "val", counted, bar=("loss", "rewards/accuracy"))
-        return loss
-
-    def on_predict_start(self) -> None:
-        self.reference.on_predict_start(self.trainer)
-
-    @torch.no_grad()
-    def predict_step(self, batch: ScoredBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """The policy's summed log-probs of a batch of pairs, with their rows: the reference pass of
-        ``reference=precomputed``, run before training (so the policy is still the initial model)."""
-        logps, _ = score_pairs(self.policy, batch)
-        return {"rows": batch["rows"].cpu(), "logps": torch.stack([logps.chosen, logps.rejected], 1).float().cpu()}
-
-    def on_train_batch_end(self, outputs: Any, batch: ScoredBatch, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
-        if optimizer_step_ended(self.trainer, batch_idx):
-            self.reference.after_optimizer_step(self.policy, self.trainer.global_step)
-
 
 def loss_params(cfg: DictConfig) -> dict[str, Any]:
     """The loss's hyperparameters: every key of ``cfg.loss`` except ``name`` and ``nll_weight``."""

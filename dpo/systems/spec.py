@@ -20,8 +20,9 @@ class SystemSpec:
         config: its ``conf/system`` schema (range checks in its ``__post_init__``).
         build: ``(cfg, start, tokenizer) -> System``: its LightningModule, weights loaded.
         uses_loss: it trains with the ``conf/loss`` choice (else that group is ignored).
-        data: what its batches hold: ``pairs`` (chosen and rejected), ``chosen`` (SFT rows) or
-            ``prompts`` (prompts only: it samples its own responses); None: the loss decides.
+        data: what its batches hold: ``pairs`` (chosen and rejected), ``chosen`` (SFT rows),
+            ``prompts`` (prompts only: it samples its own responses) or ``unpaired`` (KTO's labelled
+            completions, :mod:`dpo.data.unpaired`); None: the loss decides.
         samples: it has a causal LM that the sampling callbacks can sample from.
         references: the ``reference.kind`` choices it runs with (None: the loss decides).
         check: its own cross-field checks of the composed config, before anything loads (ConfigError).
