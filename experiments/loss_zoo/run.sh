@@ -17,7 +17,7 @@ runs=(  # folder | overrides
   "sft|loss=sft" "sft_token_mean|loss=sft_token_mean" "unlikelihood|loss=unlikelihood" "rpo|loss=rpo"
   "mpo|loss=mpo" "dpo_forward_kl|loss=dpo loss.f_divergence_type=forward_kl"
   "dpo_js|loss=dpo loss.f_divergence_type=js_divergence" "ld_dpo|loss=dpo loss.ld_alpha=0.5"
-  "wpo|loss=dpo loss.use_weighting=true"
+  "wpo|loss=dpo loss.use_weighting=true" "kto|system=kto"
 )
 for run in "${runs[@]}"; do
   name=${run%%|*}

@@ -3,8 +3,9 @@
     python experiments/loss_zoo/table.py outputs/loss_zoo --out experiments/loss_zoo/results.md
 
 Per run: the loss and its settings (``config.yaml``), the held-out preference metrics at the end
-(``run.json``: implicit-reward accuracy and margin, in each loss's own reward units, and the
-teacher-forced KL on the chosen responses), and the held-out generations' ground-truth (VADER)
+(``run.json``: implicit-reward accuracy and margin, in each loss's own reward units; KTO's: the
+completions whose reward sits on their label's side of its KL reference point, and the signed
+distance; and the teacher-forced KL on the chosen responses), and the held-out generations' ground-truth (VADER)
 reward with its standard error over the samples and the exact sequence KL to the reference
 (``eval/``), with the run's wall time.
 """
@@ -35,7 +36,10 @@ def row(run: Path) -> list[str] | None:
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
     if info.get("status") != "finished":
         return None
-    loss = OmegaConf.to_container(OmegaConf.load(run / "config.yaml").loss, resolve=True)
+    config = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+    kto = config.get("system", {}).get("kind") == "kto"  # a system: its settings, its metric names
+    loss = {"name": "kto (system=kto)", **{k: v for k, v in config["system"].items() if k != "kind"}} if kto else (
+        config["loss"])
     after = info["after"]
     final = [json.loads(line) for line in (run / "eval" / "eval.jsonl").read_text().splitlines()][-1]
     samples = [json.loads(line) for line in (run / "eval" / f"step{final['step']:06d}.jsonl").read_text().splitlines()]
@@ -46,7 +50,8 @@ def row(run: Path) -> list[str] | None:
     def metric(key: str) -> str:
         return f"{after[key]:.3f}" if key in after else "-"
 
-    held_out = [metric("val/rewards/accuracy"), metric("val/rewards/margin"), metric("val/kl/chosen")]
+    group = "val/kto" if kto else "val/rewards"
+    held_out = [metric(f"{group}/accuracy"), metric(f"{group}/margin"), metric("val/kl/chosen")]
     generations = [f"{mean:.3f} ± {se:.3f}", f"{final['kl']:.2f}"]
     return [run.name, describe(loss), *held_out, *generations, f"{info['seconds']:.0f}"]
 
