@@ -60,16 +60,17 @@ def row(prompt, chosen, rejected=None, label=None, where="t:1"):
     return PreferenceRow(prompt, chosen, rejected, where, label)
 
 
-def test_pairs_unpair_as_trl_does_and_each_row_gets_a_mismatched_completion():
-    """Pairs: every chosen response desirable, then every rejected one undesirable (TRL's
-    unpair_preference_dataset). Mismatched completions: the row before in the chunk (the first takes
-    the last), skipping back past rows of the same prompt."""
+def test_pairs_unpair_interleaved_and_each_row_gets_a_mismatched_completion():
+    """Pairs: each chosen response desirable, then its rejected one undesirable, pair by pair (both
+    kinds in every chunk). Mismatched completions: the row before in the chunk (the first takes the
+    last), skipping back past rows of the same prompt."""
     rows = unpaired([row("p1", "a", "b"), row("p2", "c", "d")])
-    assert [(r.prompt, r.chosen, r.label) for r in rows] == [("p1", "a", True), ("p2", "c", True),
-                                                             ("p1", "b", False), ("p2", "d", False)]  # fmt: skip
+    assert [(r.prompt, r.chosen, r.label) for r in rows] == [("p1", "a", True), ("p1", "b", False),
+                                                             ("p2", "c", True), ("p2", "d", False)]  # fmt: skip
     kl = with_kl_completions(rows, chunk=4)
-    # p1/a: back 1 is p2/d (chunk's last); p2/c: back 1 is p1/a; p1/b: back 1 is p2/c; p2/d: back 1 is p1/b
-    assert [r.rejected for r in kl] == ["d", "a", "c", "b"]
+    # p1/a: back 1 is p2/d (the chunk's last); p1/b: back 1 is p1/a (same prompt), back 2 p2/d;
+    # p2/c: back 1 is p1/b; p2/d: back 1 is p2/c (same prompt), back 2 p1/b
+    assert [r.rejected for r in kl] == ["d", "d", "b", "b"]
     same = with_kl_completions([row("p", "a", label=True), row("p", "b", label=False), row("q", "c", label=True)], 3)
     assert [r.rejected for r in same] == ["c", "c", "b"]  # p/b skips p/a back to q/c
     with pytest.raises(DataError, match="t:9: KTO trains on labelled completions"):

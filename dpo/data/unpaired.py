@@ -16,23 +16,29 @@ from dpo.runtime.io import DataError
 
 
 def unpaired(rows: list[PreferenceRow]) -> list[PreferenceRow]:
-    """Labelled rows in their order; preference pairs unpaired as TRL 1.16's ``unpair_preference_dataset``
-    does: every chosen response as a desirable row, then every rejected one as an undesirable row.
+    """Labelled rows in their order; each preference pair as a desirable row (its chosen response)
+    followed by an undesirable one (its rejected response).
+
+    TRL 1.16's ``unpair_preference_dataset`` puts every chosen response first, then every rejected
+    one; we interleave them, so every chunk of :func:`with_kl_completions` and every contiguous
+    evaluation batch holds both kinds: in one-kind batches the KL reference point came from that
+    kind's completions alone (a desirable batch's z rose with the desirable completions' likelihood,
+    which showed as a held-out accuracy of 0.06 after 20 steps of the loss zoo's first KTO run).
 
     Raises:
         DataError: a row with one response and no label (SFT data), naming it.
     """
-    labelled, desirable, undesirable = [], [], []
+    out = []
     for row in rows:
         if row.label is not None:
-            labelled.append(row)
+            out.append(row)
         elif row.rejected is not None:
-            desirable.append(replace(row, rejected=None, label=True))
-            undesirable.append(replace(row, chosen=row.rejected, rejected=None, label=False))
+            undesirable = replace(row, chosen=row.rejected, rejected=None, label=False)
+            out += [replace(row, rejected=None, label=True), undesirable]
         else:
             raise DataError(f"{row.where}: KTO trains on labelled completions or on preference pairs; this row has "
                             "one response and no label (an SFT source?)")  # fmt: skip
-    return labelled + desirable + undesirable
+    return out
 
 
 def with_kl_completions(rows: list[PreferenceRow], chunk: int) -> list[PreferenceRow]:
