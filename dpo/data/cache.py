@@ -21,8 +21,10 @@ import torch
 from dpo.data.tokenize import TokenizedPair
 from dpo.runtime.io import locked_cache
 
-CACHE_VERSION = 1
-"""Bump when tokenization or parsing changes in a way the fingerprint can't see."""
+CACHE_VERSION = 2
+"""Bump when tokenization or parsing changes in a way the fingerprint can't see (2: KTO's labels are
+stored and its pairs unpaired interleaved; a version-1 cache served the loss zoo's second KTO run
+the first run's one-kind rows)."""
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
