@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_online_dpo import TINY_CLI, env
+from test_trl_losses import LogpsHead
 from tests_helpers import tiny_data_config
 
 from conftest import FAST, compose_config
@@ -150,24 +151,6 @@ def test_config_mistakes_are_refused_before_any_weights_load(tmp_path):
         with pytest.raises(ConfigError, match=message):
             validate(cfg(*overrides))
     validate(cfg())
-
-
-class LogpsHead(torch.nn.Module):
-    """TRL's fused LM head stand-in (as in tests/test_trl_losses.py): fp64 per-token log-probs."""
-
-    is_gradient_checkpointing = False
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, labels, fused_lm_head=True, use_cache=False):
-        logp = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].log_softmax(-1)
-        targets = labels[:, 1:]
-        mask = targets != -100
-        log_probs = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0] * mask
-        zeros = torch.zeros_like(log_probs)
-        return SimpleNamespace(log_probs=log_probs, entropy=zeros, mean_logits=zeros, is_top1=mask & False)
 
 
 def test_loss_kl_and_rewards_equal_trls_kto_trainer(tiny_model, bpe_tokenizer):
